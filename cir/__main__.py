@@ -1,0 +1,3 @@
+from cir.cli import main
+
+raise SystemExit(main())
