@@ -13,7 +13,7 @@ import sys
 
 # (command path, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("train",), "cir.trainer_cli", "train a policy with code-integrated RL (no arguments: the built-in CPU demo)"),
+    (("train",), "cir.trainer", "train a policy with code-integrated RL (no arguments: the built-in CPU demo)"),
     (("eval",), "cir.evaluate", "evaluate a model on math benchmarks with the code interpreter"),
     (("sandbox", "run"), "cir.sandbox_cli", "run Python snippets from a JSONL file in the sandbox"),
     (("bench", "sandbox"), "cir.bench.sandbox", "sandbox throughput/latency/fidelity vs a process-pool baseline"),

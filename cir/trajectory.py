@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Status of a ToolCall that was not executed because the tool budget was spent (the model
+# was shown a short notice instead of output; see RolloutConfig.on_budget_exhausted).
+BUDGET_EXHAUSTED = "budget_exhausted"
+
 
 @dataclass
 class ToolCall:
@@ -20,6 +24,12 @@ class ToolCall:
     code_span: tuple[int, int]  # [start, end) in response_ids of the sampled segment holding the block
     feedback_span: tuple[int, int]  # [start, end) in response_ids of the appended feedback
     wall_ms: float = 0.0
+    truncated: bool = False  # the output was cut to fit max_feedback_tokens (marker appended)
+
+    @property
+    def executed(self) -> bool:
+        """True when the block actually ran in the sandbox (not a budget notice)."""
+        return self.status != BUDGET_EXHAUSTED
 
 
 @dataclass
@@ -29,7 +39,7 @@ class Trajectory:
     loss_mask: list[int] = field(default_factory=list)  # same length as response_ids
     sampler_logprobs: list[float] = field(default_factory=list)  # 0.0 on feedback tokens
     tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str = ""  # "eos" | "length" | "budget" | "no_code" ...
+    finish_reason: str = ""  # "eos" | "length" | "budget" (stopped at a fence once the budget was spent)
     # Filled in later stages of a step.
     problem: dict[str, Any] = field(default_factory=dict)  # the dataset row (answer, id, ...)
     group: int = -1  # index of the prompt this trajectory samples (for group baselines)
@@ -38,13 +48,13 @@ class Trajectory:
 
     def append(self, token_ids: list[int], logprobs: list[float] | None, trainable: bool) -> tuple[int, int]:
         """Append tokens; returns their [start, end) span in response_ids."""
-        start = len(self.response_ids)
-        self.response_ids.extend(token_ids)
-        self.loss_mask.extend([1 if trainable else 0] * len(token_ids))
         if logprobs is None:
             logprobs = [0.0] * len(token_ids)
         if len(logprobs) != len(token_ids):
             raise ValueError(f"{len(logprobs)} logprobs for {len(token_ids)} tokens")
+        start = len(self.response_ids)
+        self.response_ids.extend(token_ids)
+        self.loss_mask.extend([1 if trainable else 0] * len(token_ids))
         self.sampler_logprobs.extend(logprobs)
         return start, len(self.response_ids)
 
@@ -55,6 +65,52 @@ class Trajectory:
     @property
     def num_feedback_tokens(self) -> int:
         return len(self.loss_mask) - sum(self.loss_mask)
+
+    @property
+    def num_tool_calls(self) -> int:
+        """Blocks executed in the sandbox (budget notices are not counted)."""
+        return sum(1 for call in self.tool_calls if call.executed)
+
+    @property
+    def num_exec_errors(self) -> int:
+        """Executions that did not end "ok" (errors, timeouts, memory or output limits, ...)."""
+        return sum(1 for call in self.tool_calls if call.executed and call.status != "ok")
+
+    @property
+    def num_timeouts(self) -> int:
+        return sum(1 for call in self.tool_calls if call.status == "timeout")
+
+    def stats(self) -> dict[str, Any]:
+        """Per-trajectory numbers for metrics (plain values, JSON-serialisable)."""
+        return {
+            "tool_calls": self.num_tool_calls,
+            "budget_notices": len(self.tool_calls) - self.num_tool_calls,
+            "exec_errors": self.num_exec_errors,
+            "timeouts": self.num_timeouts,
+            "model_tokens": self.num_model_tokens,
+            "feedback_tokens": self.num_feedback_tokens,
+            "response_tokens": len(self.response_ids),
+            "finish_reason": self.finish_reason,
+        }
+
+    def check(self) -> None:
+        """Raise ValueError if the token-level invariants do not hold.
+
+        Lengths of ids, mask and log-probs agree; every feedback span is masked 0 and lies
+        inside the response; every code span is masked 1 (sampled tokens).
+        """
+        n = len(self.response_ids)
+        if len(self.loss_mask) != n or len(self.sampler_logprobs) != n:
+            raise ValueError(
+                f"trajectory lengths disagree: response_ids {n}, loss_mask {len(self.loss_mask)}, "
+                f"sampler_logprobs {len(self.sampler_logprobs)}"
+            )
+        for i, call in enumerate(self.tool_calls):
+            for name, (start, end), want in (("code_span", call.code_span, 1), ("feedback_span", call.feedback_span, 0)):
+                if not 0 <= start <= end <= n:
+                    raise ValueError(f"tool call {i}: {name} {start, end} outside response of {n} tokens")
+                if any(m != want for m in self.loss_mask[start:end]):
+                    raise ValueError(f"tool call {i}: loss_mask is not {want} over {name} {start, end}")
 
     def text(self, tokenizer) -> str:
         """The response as text, for display and logging only."""

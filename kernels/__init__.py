@@ -9,3 +9,12 @@ Each has a Triton implementation (CUDA), a plain torch reference (the ground tru
 and a dispatch function that picks Triton on CUDA and the torch path elsewhere; `impl=` forces
 either.
 """
+
+# This folder is only a package as `cir.kernels`. When the repository root is on sys.path
+# (running from a checkout), the name `kernels` resolves here too, and libraries that probe
+# for the unrelated PyPI package of that name import it: stay empty and cheap then.
+if __name__ == "cir.kernels":
+    from .linear_logprob import linear_logprob
+    from .policy_loss import policy_loss
+
+    __all__ = ["linear_logprob", "policy_loss"]

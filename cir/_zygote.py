@@ -1,0 +1,470 @@
+"""The warm interpreter ("zygote") that cir's sandbox forks once per snippet.
+
+Started by the supervisor (``cir._sandbox.Supervisor``) with a minimal environment, possibly
+as pid 1 of fresh pid/net/mount/ipc namespaces. It
+
+1. reads the supervisor's hello (namespaces in effect, options),
+2. sets up the filesystem view (read-only everything, private /tmp, Python re-exposed),
+3. imports the preload modules and runs a short warm-up, so that first-use costs (sympy's
+   caches and lazily imported submodules, numpy's linalg) are paid once, not per snippet,
+4. then forks one child per request. The child locks itself down (C++: ``enter_child``),
+   resets the interpreter state a fresh ``python -c`` would have, runs the code and exits
+   the way ``python -c`` exits.
+
+Only imported by the zygote process itself; nothing here runs in the training process.
+"""
+
+import os
+import sys
+
+
+def main() -> None:
+    import json
+
+    from cir import _sandbox
+
+    vm_at_start = _sandbox.self_vm_size()
+    server = _sandbox.ZygoteServer(3)
+    hello = json.loads(server.read_hello())
+    config = hello["config"]
+    ns = hello["namespaces"]
+    facts: dict = {"namespaces": ns, "zygote_pid_in_namespace": os.getpid()}
+
+    # -- filesystem ------------------------------------------------------------------------
+    work_root = hello["host_work_root"]
+    mounts = None
+    if ns["mount"]:
+        mounts = _sandbox.setup_mounts(_readable_paths(), int(config["tmp_bytes"]), "/tmp/cir-work", bool(ns["pid"]))
+        if mounts["private_tmp"]:
+            work_root = "/tmp/cir-work"
+    facts["mounts"] = mounts
+    facts["work_root"] = work_root
+    facts["host_work_root"] = hello["host_work_root"]
+    if not work_root:
+        raise SystemExit("cir-sandbox zygote: no work directory available")
+
+    # -- process containment -----------------------------------------------------------------
+    if not ns["pid"]:
+        # Orphans of snippets come to us instead of the host's init: we reap and kill them.
+        facts["subreaper"] = _sandbox.set_child_subreaper()
+    drop_uid = bool(hello["drop_uid"])
+    shared_uid_tasks = 0
+    if not drop_uid:
+        # Snippets share our uid, and RLIMIT_NPROC counts all its tasks.
+        shared_uid_tasks = _sandbox.count_tasks_of_uid(os.getuid()) + 8
+    seccomp = _sandbox.seccomp_supported()
+    block_inet = not ns["net"] and not config["network"]
+
+    # -- warm-up -----------------------------------------------------------------------------
+    timings = _preload(config["preload"], bool(config["warmup"]))
+    facts["preload_seconds"] = timings
+    vm_extra = max(0, _sandbox.self_vm_size() - vm_at_start)
+    facts["vm_baseline_bytes"] = vm_at_start
+    facts["vm_preloaded_extra_bytes"] = vm_extra
+
+    sweeping = server.configure(
+        work_root=work_root,
+        drop_uid=drop_uid,
+        uid_base=int(hello["uid_base"]),
+        drop_capabilities=bool(ns["user"]) or (os.geteuid() == 0 and not drop_uid),
+        seccomp=seccomp,
+        block_inet_sockets=block_inet,
+        as_extra_bytes=vm_extra,
+        nproc_extra=shared_uid_tasks,
+        sweep_orphans=not drop_uid,
+    )
+    facts.update(
+        drop_uid=drop_uid,
+        uid_base=int(hello["uid_base"]),
+        seccomp=seccomp,
+        seccomp_blocks_inet=block_inet and seccomp,
+        orphan_sweep=sweeping,
+        nproc_shared_extra=shared_uid_tasks,
+        python=sys.version.split()[0],
+    )
+
+    child = _ChildContext(config)
+    # Objects alive now are never freed in a child: keep the collector off them, so that
+    # children do not write to (and copy) the zygote's pages when they collect.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    server.send_ready(json.dumps(facts))
+
+    while True:
+        if server.wants_spare:
+            # Fork the next child now, while nothing waits for it: a request then starts
+            # without paying for fork.
+            server.prepare_spare()
+            try:
+                pid = os.fork()
+            except OSError:
+                server.spare_fork_failed()
+            else:
+                if pid == 0:
+                    _child_main(child, server, server.become_spare)
+                server.spare_forked(pid)
+        request = server.next_request()
+        if request is None:
+            return
+        if request.handed_to_spare:
+            continue
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            server.start_failed(request, exc.errno or 12)
+            continue
+        if pid == 0:
+            _child_main(child, server, lambda: request)
+        server.started(request, pid)
+
+
+def _child_main(child: "_ChildContext", server, get_request) -> None:
+    """The life of a forked child; never returns into the zygote's loop."""
+    status = 70
+    try:
+        status = child.run(server, get_request())
+    except BaseException:  # noqa: BLE001 - the child must never return into the loop
+        try:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(status)
+
+
+def _readable_paths() -> list[str]:
+    """Directories the sandbox uid must be able to read: the interpreter and sys.path."""
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    paths.append(os.path.dirname(os.path.realpath(sys.executable)))
+    paths.extend(p for p in sys.path if p)
+    return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
+
+
+_WARMUP_SYMPY = """
+x, y, z, n, k = sympy.symbols("x y z n k")
+sympy.solve(x**2 - 5*x + 6, x)
+sympy.solve([x + y - 3, x - y - 1], [x, y])
+sympy.solveset(x**2 - 4, x, domain=sympy.S.Reals)
+sympy.linsolve([x + y - 2, x - y], [x, y])
+sympy.simplify(sympy.sin(x)**2 + sympy.cos(x)**2)
+sympy.simplify((x**2 - 1) / (x - 1))
+sympy.factor(x**4 - 1)
+sympy.expand((x + 1)**5)
+sympy.summation(k**2, (k, 1, n))
+sympy.summation(1 / k**2, (k, 1, sympy.oo))
+sympy.factorint(360)
+sympy.divisors(60)
+sympy.totient(36)
+sympy.isprime(97)
+list(sympy.primerange(1, 50))
+sympy.nextprime(100)
+sympy.Rational(1, 3) + sympy.Rational(1, 6)
+sympy.sqrt(8)
+sympy.nsimplify(0.5)
+sympy.limit(sympy.sin(x) / x, x, 0)
+sympy.integrate(x**2, (x, 0, 1))
+sympy.integrate(sympy.exp(-x), (x, 0, sympy.oo))
+sympy.diff(sympy.sin(x) * x, x)
+sympy.series(sympy.exp(x), x, 0, 4)
+M = sympy.Matrix([[1, 2], [3, 4]])
+M.det(); M.inv(); M.eigenvals()
+sympy.binomial(10, 3); sympy.factorial(10)
+sympy.gcd(12, 18); sympy.lcm(4, 6)
+sympy.mod_inverse(3, 7)
+sympy.N(sympy.pi, 30)
+sympy.roots(x**3 - 1, x)
+sympy.Poly(x**3 - 2*x + 1, x).all_coeffs()
+sympy.Eq(x + 1, 2)
+sympy.nsolve(x**2 - 2, x, 1)
+sympy.trigsimp(sympy.sin(x) * sympy.cos(x))
+sympy.apart(1 / (x**2 - 1))
+sympy.cancel((x**2 - 1) / (x + 1))
+sympy.floor(sympy.Rational(7, 2)); sympy.ceiling(sympy.Rational(7, 2))
+str(sympy.sqrt(2) * x**2 + sympy.Rational(1, 3))
+repr(sympy.Matrix([[x, 1], [0, 1]]))
+sympy.latex(x**2 / 3)
+sympy.pretty(x**2)
+sympy.Integer(10) ** 20 % 7
+sympy.continued_fraction(sympy.sqrt(2))
+sympy.ntheory.modular.crt([3, 5], [2, 3])
+sympy.Sum(k, (k, 1, 10)).doit()
+sympy.Product(k, (k, 1, 5)).doit()
+sympy.solve(sympy.Abs(x - 1) - 2, x)
+sympy.diophantine(x**2 - y**2 - 1)
+sympy.expand_log(sympy.log(x * y), force=True)
+sympy.fibonacci(20); sympy.catalan(5)
+sympy.Float(1) / 3
+"""
+
+_WARMUP_NUMPY = """
+a = numpy.array([[3.0, 1.0], [1.0, 2.0]])
+numpy.linalg.solve(a, numpy.array([9.0, 8.0]))
+numpy.linalg.det(a); numpy.linalg.inv(a); numpy.linalg.eig(a); numpy.linalg.norm(a)
+numpy.arange(10).sum(); numpy.prod(numpy.arange(1, 6)); numpy.cumsum(numpy.arange(5))
+numpy.roots([1, -3, 2]); numpy.polyfit([0, 1, 2], [1, 3, 5], 1)
+numpy.random.default_rng(0).integers(0, 10, 5); numpy.random.randint(0, 10, 3)
+numpy.mean([1, 2, 3]); numpy.std([1, 2, 3]); numpy.sqrt(2.0)
+numpy.linspace(0, 1, 5); numpy.zeros((3, 3)); numpy.eye(3) @ numpy.ones(3)
+numpy.unique([1, 1, 2]); numpy.sort([3, 1, 2]); numpy.gcd(12, 18)
+str(numpy.array([1.5, 2.5])); repr(numpy.float64(1.0)); numpy.set_printoptions()
+"""
+
+_WARMUP_STDLIB = """
+import math, cmath, fractions, decimal, itertools, functools, collections, statistics
+import random, re, heapq, bisect, string, operator, copy, json, datetime, time, typing
+import dataclasses, textwrap, numbers, array, struct, io, traceback, linecache
+from fractions import Fraction
+from decimal import Decimal, getcontext
+Fraction(1, 3) + Fraction(1, 6); Decimal(1) / Decimal(3)
+math.comb(10, 3); math.gcd(12, 18); math.isqrt(10**12); math.factorial(20)
+list(itertools.permutations(range(4))); list(itertools.combinations(range(5), 2))
+collections.Counter("hello").most_common(1); statistics.mean([1, 2, 3]); statistics.median([1, 2, 3])
+re.findall(r"\\d+", "a1b22"); sorted({3: 1, 1: 2}.items()); "{:.3f}".format(math.pi)
+try:
+    1 / 0
+except ZeroDivisionError:
+    traceback.format_exc()
+compile("x = 1\\nprint(x)", "<string>", "exec", dont_inherit=True)
+"""
+
+
+def _preload(modules: list[str], warmup: bool) -> dict[str, float]:
+    """Imports `modules` and (with `warmup`) exercises them; returns seconds per step.
+
+    Runs with warnings caught so the zygote's warnings registry does not swallow a warning
+    a snippet should see, and with output discarded.
+    """
+    import ast
+    import contextlib
+    import importlib
+    import io
+    import time
+    import warnings
+
+    timings: dict[str, float] = {}
+    failures: list[str] = []
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for name in modules:
+            t = time.perf_counter()
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - a missing optional module is reported, not fatal
+                print(f"cir-sandbox zygote: cannot preload {name!r}: {exc}", file=sys.stderr)
+            timings[f"import {name}"] = round(time.perf_counter() - t, 4)
+        if warmup:
+            scripts = [("stdlib", _WARMUP_STDLIB, None)]
+            if "sympy" in sys.modules:
+                scripts.append(("sympy", _WARMUP_SYMPY, "sympy"))
+            if "numpy" in sys.modules:
+                scripts.append(("numpy", _WARMUP_NUMPY, "numpy"))
+            for label, script, module in scripts:
+                t = time.perf_counter()
+                scope: dict = {"__name__": "cir_warmup"}
+                if module:
+                    scope[module] = sys.modules[module]
+                # One statement at a time: a failing step (e.g. an API this version lacks)
+                # must not skip the rest.
+                for statement in ast.parse(script).body:
+                    module_ast = ast.Module(body=[statement], type_ignores=[])
+                    try:
+                        exec(compile(module_ast, f"<warmup {label}>", "exec", dont_inherit=True), scope)
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append(f"{label} line {statement.lineno}: {exc!r}")
+                timings[f"warmup {label}"] = round(time.perf_counter() - t, 4)
+            if failures:
+                print("cir-sandbox zygote: warm-up steps failed: " + "; ".join(failures), file=sys.stderr)
+    return timings
+
+
+class _ChildContext:
+    """Everything the child needs to look like a fresh ``python -c`` process."""
+
+    def __init__(self, config: dict):
+        self.env_template: dict[str, str] = dict(config["child_env"])
+        self.sys_path: list[str] = [""] + [p for p in config["sys_path"][1:]]
+        out, err = sys.__stdout__, sys.__stderr__
+        self.stdout_encoding = getattr(out, "encoding", None) or "utf-8"
+        self.stdout_errors = getattr(out, "errors", None) or "strict"
+        self.stderr_encoding = getattr(err, "encoding", None) or "utf-8"
+        self.own_code = {_ChildContext.run.__code__, _ChildContext.execute.__code__}
+
+    # -- the child's life -------------------------------------------------------------------
+    def run(self, server, request) -> int:
+        from cir import _sandbox
+
+        cells, code, status_fd = server.enter_child(request)
+        main_globals = self.reset_interpreter(request.workdir)
+        if cells:
+            self.replay(cells, main_globals)
+            _sandbox.write_status(status_fd, 1)
+        status = self.execute(code, main_globals)
+        return self.finish(status, lambda final: _sandbox.write_status(status_fd, 2, final))
+
+    def reset_interpreter(self, workdir: str) -> dict:
+        import builtins
+        import importlib.machinery
+        import io
+        import types
+
+        env = dict(self.env_template)
+        env["HOME"] = workdir
+        env["TMPDIR"] = workdir
+        os.environ.clear()
+        os.environ.update(env)
+
+        sys.argv = ["-c"]
+        sys.path[:] = self.sys_path
+        sys.excepthook = sys.__excepthook__
+        sys.displayhook = sys.__displayhook__
+        sys.unraisablehook = sys.__unraisablehook__
+
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        # Fresh standard streams on the new descriptors, buffered as python -c buffers them
+        # for pipes: stdout block-buffered, stderr line-buffered.
+        stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors)
+        stdout = io.TextIOWrapper(
+            io.open(1, "wb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors, newline="\n"
+        )
+        stderr = io.TextIOWrapper(
+            io.open(2, "wb", closefd=False),
+            encoding=self.stderr_encoding,
+            errors="backslashreplace",
+            newline="\n",
+            line_buffering=True,
+        )
+        self._old_streams = (sys.stdin, sys.stdout, sys.stderr)  # never closed
+        sys.stdin = sys.__stdin__ = stdin
+        sys.stdout = sys.__stdout__ = stdout
+        sys.stderr = sys.__stderr__ = stderr
+
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            # `random` reseeds itself after fork; numpy's global generator does not.
+            numpy.random.seed()
+
+        main = types.ModuleType("__main__")
+        main.__loader__ = importlib.machinery.BuiltinImporter
+        main.__dict__["__annotations__"] = {}
+        main.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main
+        return main.__dict__
+
+    def replay(self, cells: list[bytes], main_globals: dict) -> None:
+        """Runs earlier session cells with their output going nowhere."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        try:
+            for cell in cells:
+                try:
+                    exec(compile(cell.decode("utf-8", "surrogateescape"), "<string>", "exec", dont_inherit=True), main_globals)
+                except BaseException:  # noqa: BLE001 - a cell that failed on replay is skipped
+                    pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+    def execute(self, code: bytes, main_globals: dict) -> int:
+        """Runs `code` as ``python -c`` would; returns the exit status (or -SIGINT)."""
+        try:
+            compiled = compile(code.decode("utf-8", "surrogateescape"), "<string>", "exec", dont_inherit=True)
+            exec(compiled, main_globals)
+            return 0
+        except SystemExit as exc:
+            return self._system_exit_status(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported like the interpreter reports it
+            self._print_uncaught(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                import signal
+
+                return -signal.SIGINT
+            return 1
+
+    def _print_uncaught(self, exc: BaseException) -> None:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code in self.own_code:
+            tb = tb.tb_next
+        exc.__traceback__ = tb
+        try:
+            sys.excepthook(type(exc), exc, tb)
+        except BaseException:  # noqa: BLE001
+            sys.__excepthook__(type(exc), exc, tb)
+
+    @staticmethod
+    def _system_exit_status(exc: SystemExit) -> int:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code & 0xFF
+        try:
+            sys.stderr.write(f"{code}\n")
+        except BaseException:  # noqa: BLE001
+            pass
+        return 1
+
+    @staticmethod
+    def finish(status: int, report_done) -> int:
+        """The interpreter's shutdown as far as it is visible: join non-daemon threads, run
+        atexit handlers, flush stdout/stderr (a failed flush makes the status 120). Then
+        `report_done(status)` tells the supervisor the result is complete, before the
+        (slow) teardown of the process."""
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            try:
+                threading._shutdown()
+            except BaseException:  # noqa: BLE001
+                pass
+        import atexit
+
+        atexit._run_exitfuncs()
+        flush_failed = False
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+        except BaseException as exc:  # noqa: BLE001
+            flush_failed = True
+            try:
+                sys.stderr.write(f"Exception ignored in: {sys.stdout!r}\n{type(exc).__name__}: {exc}\n")
+            except BaseException:  # noqa: BLE001
+                pass
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            flush_failed = True
+        if flush_failed and status >= 0:
+            status = 120
+        report_done(status)
+        if status < 0:
+            import signal
+
+            signal.signal(-status, signal.SIG_DFL)
+            os.kill(os.getpid(), -status)
+        return status
+
+
+if __name__ == "__main__":
+    main()

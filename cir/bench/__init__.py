@@ -1,0 +1,1 @@
+"""Benchmarks behind ``cir bench ...``: each subcommand is one module with ``register``/``run``."""

@@ -1,0 +1,122 @@
+"""Per-step metrics: JSONL (always), TensorBoard (default on), wandb (when asked), and a PNG
+of the main curves at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``<out_dir>/metrics.jsonl`` (flushed each step, so
+    nothing is lost on a crash) and mirrors scalars to TensorBoard and wandb."""
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "cir", run_name: str | None = None, config: dict | None = None, resume: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        self._file = open(self.path, "a" if resume else "w", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            except Exception as e:  # tensorboard is a dependency; if it breaks, keep training
+                print(f"[cir] TensorBoard logging disabled: {e}")
+        self._wandb = None
+        if wandb:
+            import wandb as _wandb  # optional dependency: pip install wandb
+
+            self._wandb = _wandb.init(project=wandb_project, name=run_name, config=config, resume="allow" if resume else None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k == "step" or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if self._tb is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        if self._tb is not None:
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+DEFAULT_CURVES = (
+    ("reward/mean", "reward"),
+    ("reward/accuracy", "accuracy (train samples)"),
+    ("tool/calls_per_traj", "tool calls / trajectory"),
+    ("tool/error_rate", "execution error rate"),
+    ("response/model_tokens_mean", "response length (model tokens)"),
+    ("actor/entropy", "entropy"),
+)
+
+
+def plot_curves(rows: list[dict], png_path: str | Path, curves: Iterable[tuple[str, str]] = DEFAULT_CURVES, title: str = "cir training") -> Path | None:
+    """Plot the curves that exist in `rows`; eval points (keys starting with "eval/") are
+    drawn as markers on the matching panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(k, label) for k, label in curves if any(k in r for r in rows)]
+    if not curves:
+        return None
+    cols = 3
+    nrows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, curves):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, lw=1.2, label="train")
+            if len(ys) >= 8:
+                w = max(2, len(ys) // 10)
+                smooth = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+                ax.plot(xs, smooth, lw=2.0, alpha=0.8, label=f"mean of {w}")
+        ekey = "eval/" + key.split("/", 1)[-1]
+        epts = [(r["step"], r[ekey]) for r in rows if isinstance(r.get(ekey), (int, float))]
+        if epts:
+            xs, ys = zip(*epts)
+            ax.plot(xs, ys, "o--", color="black", label="held-out")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,79 @@
+"""Tiny causal language models built from a config, for tests and the built-in CPU demo.
+
+They use the Qwen2 architecture, so a checkpoint saved from one loads unchanged in
+`transformers` and in vLLM, the same as a real Qwen2.5 model.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+
+def padded_vocab_size(num_tokens: int, multiple: int = 64) -> int:
+    """`num_tokens` rounded up to a multiple of `multiple` (friendlier matmul shapes)."""
+    return -(-num_tokens // multiple) * multiple
+
+
+def tiny_causal_lm(
+    tokenizer,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised `Qwen2ForCausalLM` whose vocabulary fits `tokenizer`.
+
+    The embedding has `len(tokenizer)` rows rounded up to a multiple of 64 (the extra rows are
+    never produced by the tokenizer), or `vocab_size` rows when given. EOS, pad and BOS ids come
+    from the tokenizer and are set in both `model.config` and `model.generation_config`. `intermediate_size` defaults to
+    4 x `hidden_size`. Initialisation uses its own RNG seeded with `seed`; the global torch RNG is
+    left untouched.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
+    eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise ValueError("tiny_causal_lm: the tokenizer has no EOS token")
+    if vocab_size is None:
+        vocab_size = padded_vocab_size(len(tokenizer))
+    if vocab_size <= max(i for i in (eos, pad, bos) if i is not None):
+        raise ValueError(f"tiny_causal_lm: vocab_size {vocab_size} does not cover the special token ids")
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=tie_word_embeddings,
+        use_sliding_window=False,
+        eos_token_id=eos,
+        pad_token_id=pad if pad is not None else eos,
+        bos_token_id=bos,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.to(dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+    )
+    model.eval()
+    return model

@@ -1,0 +1,830 @@
+#include "sandbox/supervisor.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "sandbox/protocol.h"
+#include "sandbox/zygote.h"
+
+namespace cir::sandbox {
+
+namespace {
+
+constexpr size_t kLogTail = 16 * 1024;
+constexpr int64_t kExitGraceNs = 2'000'000'000;  // after the exit report, wait this long for EOF
+constexpr int kMaxStartFailures = 3;
+
+std::string json_string(const std::string& s) {
+  std::string o = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      o += '\\';
+      o += char(c);
+    } else if (c < 0x20) {
+      char b[8];
+      std::snprintf(b, sizeof b, "\\u%04x", c);
+      o += b;
+    } else {
+      o += char(c);
+    }
+  }
+  return o + "\"";
+}
+
+const char* json_bool(bool b) { return b ? "true" : "false"; }
+
+uint32_t choose_uid_base() {
+  static std::atomic<uint32_t> counter{0};
+  uint64_t h = uint64_t(getpid()) * 0x9E3779B97F4A7C15ULL ^ (uint64_t(counter++) << 32) ^ uint64_t(monotonic_ns());
+  h ^= h >> 29;
+  h *= 0xBF58476D1CE4E5B9ULL;
+  h ^= h >> 32;
+  // 2,000,000,000 + k * 1024: far above any real account or subuid range.
+  return 2000000000U + uint32_t(h % 1000000ULL) * 1024U;
+}
+
+void wake(int fd) {
+  uint64_t one = 1;
+  ssize_t n = ::write(fd, &one, sizeof one);
+  (void)n;
+}
+
+void drain_eventfd(int fd) {
+  uint64_t v;
+  while (::read(fd, &v, sizeof v) > 0) {
+  }
+}
+
+}  // namespace
+
+Supervisor::Supervisor(SupervisorOptions options) : opt_(std::move(options)) {
+  if (opt_.workers < 1) throw std::invalid_argument("workers must be >= 1");
+  if (opt_.workers > 512) throw std::invalid_argument("workers must be <= 512");
+  if (opt_.zygote_argv.empty()) throw std::invalid_argument("zygote_argv is empty");
+  if (opt_.uid_base == 0) opt_.uid_base = choose_uid_base();
+  slots_.assign(size_t(opt_.workers) * 2, nullptr);
+  epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
+  wake_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  notify_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!epoll_.valid() || !wake_fd_.valid() || !notify_fd_.valid()) throw_errno("epoll/eventfd");
+  epoll_add(wake_fd_.get(), &w_wake_);
+  // The zygote is spawned from the I/O thread: PR_SET_PDEATHSIG is tied to the thread that
+  // created it, and this thread lives exactly as long as the sandbox.
+  thread_ = std::thread([this] { io_loop(); });
+}
+
+Supervisor::~Supervisor() { close(); }
+
+void Supervisor::epoll_add(int fd, Watch* w) {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = w;
+  epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev);
+}
+
+void Supervisor::epoll_del(int fd) {
+  if (fd >= 0) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+}
+
+bool Supervisor::wait_ready(double timeout_s, std::string* error) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  bool ok = ready_cv_.wait_until(lk, until, [&] { return ever_ready_ || zstate_ == ZState::Failed || closed_; });
+  if (ok && ever_ready_) return true;
+  if (error) {
+    if (!failure_.empty())
+      *error = failure_;
+    else if (closed_)
+      *error = "sandbox closed";
+    else
+      *error = "the sandbox interpreter did not become ready within " + std::to_string(timeout_s) + " s";
+    if (!log_tail_.empty()) *error += "\n--- zygote stderr ---\n" + log_tail_;
+  }
+  return false;
+}
+
+uint64_t Supervisor::submit(Job job) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (closing_ || closed_) throw std::runtime_error("sandbox is closed");
+  if (zstate_ == ZState::Failed) throw std::runtime_error("sandbox failed: " + failure_);
+  auto r = std::make_shared<Request>();
+  r->id = next_id_++;
+  r->job = std::move(job);
+  r->w_out.req = r->w_err.req = r->w_status.req = r.get();
+  incoming_.push_back(r);
+  requests_.emplace(r->id, r);
+  stats_.submitted++;
+  wake(wake_fd_.get());
+  return r->id;
+}
+
+Outcome Supervisor::wait(uint64_t id) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end()) throw std::invalid_argument("unknown or already collected request id");
+  RequestPtr r = it->second;
+  done_cv_.wait(lk, [&] { return r->delivered; });
+  requests_.erase(id);
+  return std::move(r->out);
+}
+
+std::vector<std::pair<uint64_t, Outcome>> Supervisor::take_notified() {
+  std::lock_guard<std::mutex> lk(mu_);
+  drain_eventfd(notify_fd_.get());
+  std::vector<std::pair<uint64_t, Outcome>> out;
+  for (uint64_t id : notified_) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;
+    out.emplace_back(id, std::move(it->second->out));
+    requests_.erase(it);
+  }
+  notified_.clear();
+  return out;
+}
+
+void Supervisor::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  cancels_.push_back(id);
+  wake(wake_fd_.get());
+}
+
+void Supervisor::close() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closed_ && !thread_.joinable()) return;
+    closing_ = true;
+  }
+  wake(wake_fd_.get());
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+size_t Supervisor::active() const {
+  size_t n = 0;
+  for (const auto& r : slots_)
+    if (r && !r->delivered) ++n;
+  return n;
+}
+
+SupervisorStats Supervisor::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  SupervisorStats s = stats_;
+  s.queued = queue_.size() + incoming_.size();
+  s.inflight = active();
+  s.occupied_slots = size_t(std::count_if(slots_.begin(), slots_.end(), [](const RequestPtr& r) { return bool(r); }));
+  s.zygote_pid = zygote_pid_;
+  s.ready = zstate_ == ZState::Ready;
+  return s;
+}
+
+std::string Supervisor::ready_json() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return ready_json_;
+}
+
+std::string Supervisor::zygote_log() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return log_tail_;
+}
+
+NamespaceSet Supervisor::namespaces() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return ns_;
+}
+
+bool Supervisor::drop_uid_effective() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return drop_uid_;
+}
+
+// ---- the I/O thread ------------------------------------------------------------------------
+
+void Supervisor::io_loop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    spawn_zygote();
+  }
+  epoll_event events[64];
+  for (;;) {
+    int64_t deadline;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      deadline = next_deadline();
+    }
+    int timeout_ms = -1;
+    if (deadline != INT64_MAX) {
+      int64_t left = deadline - monotonic_ns();
+      timeout_ms = left <= 0 ? 0 : int(std::min<int64_t>((left + 999999) / 1000000, 60000));
+    }
+    int n = epoll_wait(epoll_.get(), events, 64, timeout_ms);
+    if (n < 0 && errno != EINTR) n = 0;
+    std::lock_guard<std::mutex> lk(mu_);
+    for (int i = 0; i < std::max(n, 0); ++i) {
+      auto* w = static_cast<Watch*>(events[i].data.ptr);
+      switch (w->kind) {
+        case WatchKind::Wake:
+          drain_eventfd(wake_fd_.get());
+          break;
+        case WatchKind::Ctrl:
+          if (ctrl_.valid()) handle_ctrl();
+          break;
+        case WatchKind::Log:
+          handle_log();
+          break;
+        case WatchKind::Out:
+        case WatchKind::Err:
+        case WatchKind::Status:
+          handle_stream(w->req, w->kind);
+          break;
+      }
+    }
+    if (closing_) {
+      shutdown_all("sandbox closed");
+      closed_ = true;
+      ready_cv_.notify_all();
+      done_cv_.notify_all();
+      return;
+    }
+    process_incoming();
+    check_deadlines(monotonic_ns());
+    dispatch();
+  }
+}
+
+void Supervisor::spawn_zygote() {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    failure_ = errno_message("socketpair");
+    zstate_ = ZState::Failed;
+    fail_queued(failure_);
+    ready_cv_.notify_all();
+    return;
+  }
+  Fd mine(sv[0]), theirs(sv[1]);
+  int lp[2];
+  if (pipe2(lp, O_CLOEXEC) != 0) {
+    failure_ = errno_message("pipe2");
+    zstate_ = ZState::Failed;
+    fail_queued(failure_);
+    ready_cv_.notify_all();
+    return;
+  }
+  Fd log_r(lp[0]), log_w(lp[1]);
+
+  std::vector<NamespaceSet> candidates;
+  if (opt_.use_namespaces) {
+    bool root = geteuid() == 0;
+    // {user, pid, net, mount, ipc}, best first.
+    std::vector<NamespaceSet> base = {
+        {false, true, true, true, true}, {false, false, true, true, true}, {false, true, false, true, false},
+        {false, false, true, false, false}, {false, false, false, true, false},
+    };
+    for (auto ns : base) {
+      if (!opt_.net_namespace) ns.net = false;
+      if (!root && opt_.allow_user_namespace) {
+        ns.user = true;
+        candidates.push_back(ns);
+      } else if (root) {
+        candidates.push_back(ns);
+      }
+    }
+  }
+  candidates.push_back(NamespaceSet{});
+  const std::string& path = opt_.executable.empty() ? opt_.zygote_argv[0] : opt_.executable;
+  SpawnResult sp = spawn_process(path, opt_.zygote_argv, opt_.zygote_env, theirs.get(), log_w.get(), candidates);
+  if (sp.pid < 0) {
+    failure_ = "could not start the sandbox interpreter: " + sp.error;
+    zstate_ = ZState::Failed;
+    fail_queued(failure_);
+    ready_cv_.notify_all();
+    return;
+  }
+  zygote_pid_ = sp.pid;
+  ns_ = sp.ns;
+  drop_uid_ = opt_.drop_uid && geteuid() == 0 && !ns_.user;
+  ctrl_ = std::move(mine);
+  log_ = std::move(log_r);
+  set_nonblocking(log_.get(), true);
+  epoll_add(ctrl_.get(), &w_ctrl_);
+  epoll_add(log_.get(), &w_log_);
+
+  // A host directory for the work dirs, used when the zygote cannot mount a private /tmp.
+  std::string tmpl = opt_.host_tmp_dir + "/cir-sandbox-XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (mkdtemp(buf.data()) != nullptr) {
+    host_work_root_ = buf.data();
+    chmod(host_work_root_.c_str(), 0711);
+  } else {
+    host_work_root_.clear();
+  }
+
+  std::string hello = "{\"namespaces\":{";
+  hello += "\"user\":" + std::string(json_bool(ns_.user)) + ",\"pid\":" + json_bool(ns_.pid) +
+           ",\"net\":" + json_bool(ns_.net) + ",\"mount\":" + json_bool(ns_.mount) + ",\"ipc\":" + json_bool(ns_.ipc);
+  hello += "},\"host_work_root\":" + json_string(host_work_root_);
+  hello += ",\"drop_uid\":" + std::string(json_bool(drop_uid_));
+  hello += ",\"uid_base\":" + std::to_string(opt_.uid_base);
+  hello += ",\"uid_slots\":" + std::to_string(slots_.size());
+  hello += ",\"config\":" + opt_.zygote_config_json + "}";
+  proto::Header h{proto::Type::Hello, uint32_t(hello.size())};
+  std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
+  msg += hello;
+  send_packet(ctrl_.get(), msg.data(), msg.size(), nullptr, 0);
+  zstate_ = ZState::Starting;
+  startup_deadline_ns_ = monotonic_ns() + int64_t(opt_.startup_timeout_s * 1e9);
+}
+
+// Processes snippets left behind when there is no pid namespace to take them down with the
+// zygote: everything of the slot uids, or the snippets' process groups.
+void Supervisor::kill_slot_processes() {
+  if (ns_.pid) return;
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    Request* r = slots_[s].get();
+    if (r == nullptr) continue;
+    if (drop_uid_) {
+      kill_all_of_uid(opt_.uid_base + uint32_t(s), opt_.uid_base + uint32_t(s));
+    } else if (r->pid > 0) {
+      kill(-r->pid, SIGKILL);
+    }
+  }
+}
+
+void Supervisor::zygote_died(const std::string& why) {
+  bool was_ready = zstate_ == ZState::Ready;
+  if (zygote_pid_ > 0) {
+    kill(zygote_pid_, SIGKILL);
+    int st;
+    while (waitpid(zygote_pid_, &st, 0) < 0 && errno == EINTR) {
+    }
+  }
+  handle_log();
+  epoll_del(ctrl_.get());
+  epoll_del(log_.get());
+  ctrl_.reset();
+  log_.reset();
+  kill_slot_processes();
+  zygote_pid_ = -1;
+  zstate_ = ZState::Dead;
+  // In-flight snippets: those already answered or being killed are finished; the others get
+  // one retry on the next zygote.
+  std::vector<RequestPtr> retry;
+  for (auto& slot : slots_) {
+    RequestPtr r = slot;
+    if (!r) continue;
+    r->gone = true;
+    if (r->delivered) {
+      release_slot(r.get());
+      continue;
+    }
+    if (r->kill_requested) {
+      if (!r->out.has_status) {
+        r->out.has_status = true;
+        r->out.wait_status = SIGKILL;  // as from a process killed by SIGKILL
+        r->out.exit_code = -SIGKILL;
+        if (r->t_cell_ns) r->out.wall_ms = double(monotonic_ns() - r->t_cell_ns) / 1e6;
+      }
+      deliver(r.get());
+      continue;
+    }
+    close_streams(r.get());
+    release_slot(r.get());
+    if (r->out.attempts >= 2) {
+      r->out.lost = true;
+      r->out.has_status = true;
+      r->out.wait_status = SIGKILL;
+      r->out.exit_code = -SIGKILL;
+      r->out.err = "cir-sandbox: the interpreter serving this snippet died twice while running it (" + why + ")\n";
+      stats_.lost++;
+      deliver(r.get());
+      continue;
+    }
+    Outcome fresh;
+    fresh.attempts = r->out.attempts;
+    r->out = std::move(fresh);
+    r->state = RState::Queued;
+    r->gone = false;
+    r->pid = -1;
+    r->kill_sent = r->kill_requested = false;
+    r->t_start_ns = r->t_cell_ns = r->deadline_ns = r->grace_ns = r->kill_ns = r->linger_ns = 0;
+    r->in_replay = false;
+    r->status_buf.clear();
+    retry.push_back(r);
+    stats_.retries++;
+  }
+  for (auto it = retry.rbegin(); it != retry.rend(); ++it) queue_.push_front(*it);
+  if (!host_work_root_.empty()) remove_tree(host_work_root_);
+  host_work_root_.clear();
+  if (was_ready) {
+    stats_.restarts++;
+    start_failures_ = 0;
+  } else {
+    start_failures_++;
+  }
+  if (closing_) return;
+  if (start_failures_ >= kMaxStartFailures) {
+    zstate_ = ZState::Failed;
+    failure_ = "the sandbox interpreter failed to start " + std::to_string(start_failures_) + " times (" + why + ")";
+    fail_queued(failure_);
+    ready_cv_.notify_all();
+    return;
+  }
+  spawn_zygote();
+}
+
+void Supervisor::handle_log() {
+  if (!log_.valid()) return;
+  char buf[8192];
+  for (;;) {
+    ssize_t n = ::read(log_.get(), buf, sizeof buf);
+    if (n == 0) {
+      epoll_del(log_.get());
+      log_.reset();
+      return;
+    }
+    if (n < 0) break;
+    log_tail_.append(buf, size_t(n));
+    if (log_tail_.size() > kLogTail) log_tail_.erase(0, log_tail_.size() - kLogTail);
+  }
+}
+
+Supervisor::Request* Supervisor::in_slot(uint64_t id) {
+  for (auto& r : slots_)
+    if (r && r->id == id) return r.get();
+  return nullptr;
+}
+
+void Supervisor::handle_ctrl() {
+  alignas(8) char buf[1 << 16];
+  for (;;) {
+    ssize_t n;
+    {
+      iovec iov{buf, sizeof buf};
+      msghdr msg{};
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      do {
+        n = ::recvmsg(ctrl_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      } while (n < 0 && errno == EINTR);
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n <= 0) {
+      zygote_died(n == 0 ? "it exited" : errno_message("read"));
+      return;
+    }
+    proto::Type type;
+    std::memcpy(&type, buf, sizeof type);
+    if (type == proto::Type::Ready && size_t(n) >= sizeof(proto::Header)) {
+      proto::Header h;
+      std::memcpy(&h, buf, sizeof h);
+      ready_json_.assign(buf + sizeof h, std::min<size_t>(h.length, size_t(n) - sizeof h));
+      zstate_ = ZState::Ready;
+      ever_ready_ = true;
+      start_failures_ = 0;
+      ready_cv_.notify_all();
+    } else if (type == proto::Type::Started && size_t(n) >= sizeof(proto::StartedReport)) {
+      proto::StartedReport s;
+      std::memcpy(&s, buf, sizeof s);
+      Request* r = in_slot(s.req_id);
+      if (r == nullptr || r->state != RState::Sent) continue;
+      r->state = RState::Running;
+      r->pid = s.pid;
+      r->t_start_ns = s.t_start_ns;
+      r->t_cell_ns = s.t_start_ns;
+      r->in_replay = !r->job.cells.empty();
+      double limit = r->in_replay ? r->job.replay_timeout_s : r->job.timeout_s;
+      r->deadline_ns = s.t_start_ns + int64_t(limit * 1e9);
+      if (r->kill_requested) request_kill(r);
+      // Records written before this report was read (a very short snippet) are applied now.
+      handle_status_records(r);
+    } else if (type == proto::Type::Exited && size_t(n) >= sizeof(proto::ExitedReport)) {
+      proto::ExitedReport e;
+      std::memcpy(&e, buf, sizeof e);
+      Request* r = in_slot(e.req_id);
+      if (r == nullptr) continue;
+      r->gone = true;
+      if (r->delivered) {
+        release_slot(r);
+        continue;
+      }
+      if (!r->out.has_status) {
+        r->out.has_status = true;
+        r->out.wait_status = e.wait_status;
+        r->out.exit_code = WIFEXITED(e.wait_status) ? WEXITSTATUS(e.wait_status) : -WTERMSIG(e.wait_status);
+        r->out.wall_ms = double(e.t_end_ns - r->t_cell_ns) / 1e6;
+        double cpu = double(e.utime_us + e.stime_us) / 1e3 - double(r->replay_cpu_ns) / 1e6;
+        r->out.cpu_ms = std::max(cpu, 0.0);
+        r->out.maxrss_kb = e.maxrss_kb;
+      }
+      r->grace_ns = monotonic_ns() + kExitGraceNs;
+      maybe_deliver_after_exit(r);
+    } else if (type == proto::Type::Failed && size_t(n) >= sizeof(proto::FailedReport)) {
+      proto::FailedReport f;
+      std::memcpy(&f, buf, sizeof f);
+      Request* r = in_slot(f.req_id);
+      if (r == nullptr) continue;
+      r->gone = true;
+      r->out.infra_error = true;
+      r->out.infra_message = std::string("the sandbox could not start the snippet: ") + std::strerror(f.error);
+      deliver(r);
+    }
+  }
+}
+
+void Supervisor::handle_stream(Request* r, WatchKind kind) {
+  if (r == nullptr || r->delivered) return;
+  Fd& fd = kind == WatchKind::Out ? r->out_r : kind == WatchKind::Err ? r->err_r : r->status_r;
+  if (!fd.valid()) return;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      n = 0;  // treat errors as end of stream
+    }
+    if (n == 0) {
+      epoll_del(fd.get());
+      fd.reset();
+      break;
+    }
+    if (kind == WatchKind::Status) {
+      r->status_buf.append(buf, size_t(n));
+      continue;
+    }
+    if (r->out.truncated) continue;  // past the limit: drain and drop
+    size_t used = r->out.out.size() + r->out.err.size();
+    size_t room = opt_.max_output_bytes > used ? opt_.max_output_bytes - used : 0;
+    std::string& dst = kind == WatchKind::Out ? r->out.out : r->out.err;
+    if (size_t(n) <= room) {
+      dst.append(buf, size_t(n));
+    } else {
+      dst.append(buf, room);
+      r->out.truncated = true;
+      r->out.truncated_stream = kind == WatchKind::Out ? 1 : 2;
+      stats_.output_limits++;
+      request_kill(r);
+    }
+  }
+  if (kind == WatchKind::Status) handle_status_records(r);
+  if (!r->delivered) maybe_deliver_after_exit(r);
+}
+
+void Supervisor::handle_status_records(Request* r) {
+  if (r->state != RState::Running) return;  // applied once the start report is in
+  while (!r->delivered && r->status_buf.size() >= sizeof(proto::StatusRecord)) {
+    proto::StatusRecord rec;
+    std::memcpy(&rec, r->status_buf.data(), sizeof rec);
+    r->status_buf.erase(0, sizeof rec);
+    if (rec.kind == proto::StatusKind::ReplayDone && r->in_replay) {
+      r->in_replay = false;
+      r->replay_cpu_ns = rec.cpu_ns;
+      r->t_cell_ns = rec.t_ns;
+      r->deadline_ns = r->t_cell_ns + int64_t(r->job.timeout_s * 1e9);
+    } else if (rec.kind == proto::StatusKind::Done && !r->in_replay && !r->out.timed_out && !r->kill_requested) {
+      // The code has run and flushed its output: answer now, without waiting for the
+      // process to be torn down. Everything it wrote before is already in the pipes.
+      for (WatchKind k : {WatchKind::Out, WatchKind::Err}) {
+        Fd& f = k == WatchKind::Out ? r->out_r : r->err_r;
+        if (f.valid()) handle_stream(r, k);
+        if (r->delivered) return;
+      }
+      if (r->out.truncated) return;  // killed for its output: finished through the exit path
+      r->out.has_status = true;
+      r->out.exit_code = rec.status;
+      r->out.wait_status = rec.status >= 0 ? (rec.status & 0xff) << 8 : (-rec.status & 0x7f);
+      r->out.wall_ms = double(rec.t_ns - r->t_cell_ns) / 1e6;
+      r->out.cpu_ms = std::max(0.0, double(rec.cpu_ns - r->replay_cpu_ns) / 1e6);
+      r->out.maxrss_kb = rec.maxrss_kb;
+      deliver(r);
+      return;
+    }
+  }
+}
+
+void Supervisor::process_incoming() {
+  while (!incoming_.empty()) {
+    queue_.push_back(std::move(incoming_.front()));
+    incoming_.pop_front();
+  }
+  for (uint64_t id : cancels_) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;
+    RequestPtr r = it->second;
+    if (r->delivered) continue;
+    r->out.cancelled = true;
+    if (r->state == RState::Queued) {
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), r), queue_.end());
+      deliver(r.get());
+    } else {
+      request_kill(r.get());
+    }
+  }
+  cancels_.clear();
+}
+
+void Supervisor::dispatch() {
+  if (zstate_ != ZState::Ready) return;
+  while (!queue_.empty() && active() < size_t(opt_.workers)) {
+    auto free_slot = std::find(slots_.begin(), slots_.end(), nullptr);
+    if (free_slot == slots_.end()) return;
+    RequestPtr r = queue_.front();
+    queue_.pop_front();
+    const Job& j = r->job;
+    Fd code(make_memfd("cir-snippet", pack_program(j.cells, j.code)));
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, ps[2] = {-1, -1};
+    if (!code.valid() || pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0 || pipe2(ps, O_CLOEXEC) != 0) {
+      for (int fd : {po[0], po[1], pe[0], pe[1], ps[0], ps[1]})
+        if (fd >= 0) ::close(fd);
+      r->out.infra_error = true;
+      r->out.infra_message = errno_message("sandbox: memfd/pipe");
+      deliver(r.get());
+      continue;
+    }
+    Fd out_w(po[1]), err_w(pe[1]), status_w(ps[1]);
+    r->out_r.reset(po[0]);
+    r->err_r.reset(pe[0]);
+    r->status_r.reset(ps[0]);
+    proto::RunRequest m{};
+    m.type = proto::Type::Run;
+    m.slot = uint32_t(free_slot - slots_.begin());
+    m.req_id = r->id;
+    m.as_bytes = j.as_bytes;
+    m.cpu_seconds = j.cpu_seconds;
+    m.fsize_bytes = j.fsize_bytes;
+    m.nproc = j.nproc;
+    m.nofile = j.nofile;
+    int fds[4] = {code.get(), out_w.get(), err_w.get(), status_w.get()};
+    if (!send_packet(ctrl_.get(), &m, sizeof m, fds, 4)) {
+      // The zygote is gone; its hang-up event will requeue everything.
+      close_streams(r.get());
+      queue_.push_front(r);
+      return;
+    }
+    for (Fd* f : {&r->out_r, &r->err_r, &r->status_r}) set_nonblocking(f->get(), true);
+    epoll_add(r->out_r.get(), &r->w_out);
+    epoll_add(r->err_r.get(), &r->w_err);
+    epoll_add(r->status_r.get(), &r->w_status);
+    r->state = RState::Sent;
+    r->slot = int(m.slot);
+    r->out.attempts++;
+    *free_slot = r;
+  }
+}
+
+void Supervisor::request_kill(Request* r) {
+  r->kill_requested = true;
+  if (r->state != RState::Running || r->kill_sent || r->gone || !ctrl_.valid()) return;
+  proto::KillRequest k{proto::Type::Kill, uint32_t(r->slot), r->id};
+  send_packet(ctrl_.get(), &k, sizeof k, nullptr, 0);
+  r->kill_sent = true;
+  r->kill_ns = monotonic_ns();
+}
+
+int64_t Supervisor::next_deadline() const {
+  int64_t d = INT64_MAX;
+  if (zstate_ == ZState::Starting) d = std::min(d, startup_deadline_ns_);
+  const int64_t grace = int64_t(opt_.kill_grace_s * 1e9);
+  for (const auto& r : slots_) {
+    if (!r) continue;
+    if (r->state != RState::Running) continue;
+    if (r->gone) {
+      if (!r->delivered) d = std::min(d, r->grace_ns);
+    } else if (r->kill_sent) {
+      d = std::min(d, r->kill_ns + grace);
+    } else if (r->delivered) {
+      d = std::min(d, r->linger_ns);
+    } else {
+      d = std::min(d, r->deadline_ns);
+    }
+  }
+  return d;
+}
+
+void Supervisor::check_deadlines(int64_t now) {
+  if (zstate_ == ZState::Starting && now >= startup_deadline_ns_) {
+    zygote_died("no ready report within the start-up timeout");
+    return;
+  }
+  const int64_t grace = int64_t(opt_.kill_grace_s * 1e9);
+  std::vector<RequestPtr> snapshot(slots_.begin(), slots_.end());
+  for (auto& r : snapshot) {
+    if (!r || r->state != RState::Running || r->gone || r->kill_sent) continue;
+    if (!r->delivered && now >= r->deadline_ns) {
+      r->out.timed_out = true;
+      stats_.timeouts++;
+      request_kill(r.get());
+    } else if (r->delivered && now >= r->linger_ns) {
+      request_kill(r.get());  // answered, but the process does not go away
+    }
+  }
+  for (auto& r : snapshot) {
+    if (!r || r->state != RState::Running || r->gone) continue;
+    if (r->kill_sent && now >= r->kill_ns + grace) {
+      // The zygote did not report the killed snippet gone: it is wedged. Start over.
+      zygote_died("a killed snippet was not reported gone");
+      return;
+    }
+  }
+  for (auto& r : snapshot) {
+    if (r && r->gone && !r->delivered && now >= r->grace_ns) {
+      close_streams(r.get());  // descendants we could not see still hold the pipes
+      maybe_deliver_after_exit(r.get());
+    }
+  }
+}
+
+void Supervisor::maybe_deliver_after_exit(Request* r) {
+  if (r->gone && !r->delivered && !r->out_r.valid() && !r->err_r.valid() && !r->status_r.valid()) {
+    deliver(r);
+    release_slot(r);
+  }
+}
+
+void Supervisor::close_streams(Request* r) {
+  for (Fd* f : {&r->out_r, &r->err_r, &r->status_r}) {
+    if (!f->valid()) continue;
+    epoll_del(f->get());
+    f->reset();
+  }
+}
+
+void Supervisor::release_slot(Request* r) {
+  close_streams(r);
+  if (r->slot >= 0 && size_t(r->slot) < slots_.size() && slots_[size_t(r->slot)].get() == r)
+    slots_[size_t(r->slot)].reset();
+  r->slot = -1;
+}
+
+void Supervisor::deliver(Request* r) {
+  if (r->delivered) return;
+  close_streams(r);
+  r->delivered = true;
+  r->linger_ns = monotonic_ns() + int64_t(opt_.kill_grace_s * 1e9);
+  if (r->gone || r->state == RState::Queued) release_slot(r);
+  if (!r->out.infra_error && !r->out.cancelled) stats_.executed++;
+  if (r->job.notify) {
+    notified_.push_back(r->id);
+    wake(notify_fd_.get());
+  }
+  done_cv_.notify_all();
+}
+
+void Supervisor::fail_queued(const std::string& why) {
+  std::deque<RequestPtr> q;
+  q.swap(queue_);
+  for (auto& r : incoming_) q.push_back(r);
+  incoming_.clear();
+  for (auto& r : q) {
+    r->out.infra_error = true;
+    r->out.infra_message = why;
+    deliver(r.get());
+  }
+}
+
+void Supervisor::shutdown_all(const std::string& why) {
+  if (zygote_pid_ > 0) {
+    kill(zygote_pid_, SIGKILL);
+    int st;
+    while (waitpid(zygote_pid_, &st, 0) < 0 && errno == EINTR) {
+    }
+    zygote_pid_ = -1;
+  }
+  kill_slot_processes();
+  epoll_del(ctrl_.get());
+  epoll_del(log_.get());
+  ctrl_.reset();
+  log_.reset();
+  zstate_ = ZState::Dead;
+  std::vector<RequestPtr> snapshot(slots_.begin(), slots_.end());
+  for (auto& r : snapshot) {
+    if (!r) continue;
+    r->gone = true;
+    if (!r->delivered) {
+      r->out.infra_error = true;
+      r->out.infra_message = why;
+      deliver(r.get());
+    }
+    release_slot(r.get());
+  }
+  fail_queued(why);
+  if (!host_work_root_.empty()) remove_tree(host_work_root_);
+  host_work_root_.clear();
+}
+
+}  // namespace cir::sandbox

@@ -1,0 +1,51 @@
+import pytest
+
+from cir.config import TrainConfig, load_train_config, preset_path
+from cir.configuration import ConfigError, dump_yaml, load, parse_override
+
+
+def test_presets_load_and_differ():
+    demo = load_train_config(None)
+    paper = load_train_config("paper")
+    assert demo.model.path == "demo" and demo.run.steps > 0
+    # The paper's recipe.
+    assert paper.algo.advantage == "reinforce_pp_baseline"
+    assert (paper.algo.clip_low, paper.algo.clip_high) == (0.2, 0.28)
+    assert paper.algo.group_size == 16 and paper.algo.prompts_per_step == 128
+    assert paper.optim.lr == 1e-6 and paper.algo.kl_coef == 0.0 and paper.algo.entropy_coef == 0.0
+    assert [s["tool_budget"] for s in paper.schedule] == [1, 2, 4]
+    assert preset_path("demo").is_file()
+
+
+def test_overrides_types_and_nesting(tmp_path):
+    cfg = load_train_config("paper", ["optim.lr=2e-6", "algo.group_size=8", "algo.dual_clip=3", "run.wandb=true", "data.eval=[aime24, math500]", "algo.dual_clip=null", "model.path=/models/x"])
+    assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.algo.group_size == 8
+    assert cfg.algo.dual_clip is None
+    assert cfg.run.wandb is True
+    assert cfg.data.eval == ["aime24", "math500"]
+    assert cfg.model.path == "/models/x"
+    # A saved config loads back to the same thing.
+    p = tmp_path / "run.yaml"
+    p.write_text(dump_yaml(cfg))
+    assert load(TrainConfig, p) == cfg
+
+
+def test_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"algo\.group_sise"):
+        load_train_config(None, ["algo.group_sise=4"])
+    with pytest.raises(ConfigError, match=r"algo\.group_size: expected an integer"):
+        load_train_config(None, ["algo.group_size=four"])
+    with pytest.raises(ConfigError, match=r"run\.wandb: expected true/false"):
+        load_train_config(None, ["run.wandb=maybe"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_override("optim.lr")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_train_config(str(bad))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_train_config(str(tmp_path / "missing.yaml"))
+    # Section-level checks come from the sections' own validation (rollout).
+    with pytest.raises((ConfigError, ValueError), match="on_budget_exhausted"):
+        load_train_config(None, ["rollout.on_budget_exhausted=explode"])
