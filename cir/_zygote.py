@@ -38,8 +38,12 @@ def main() -> None:
         if mounts["private_tmp"]:
             work_root = "/tmp/cir-work"
     facts["mounts"] = mounts
+    # Can a snippet (another uid) import modules that are not preloaded? Not if the Python
+    # installation sits behind a directory only its owner may enter, and no mount namespace
+    # was available to re-expose it.
+    facts["python_readable_by_snippets"] = not hello["drop_uid"] or _readable_by_others(_readable_paths())
     facts["work_root"] = work_root
-    facts["host_work_root"] = hello["host_work_root"]
+    facts["host_work_root"] = hello["host_work_root"] if work_root == hello["host_work_root"] else None
     if not work_root:
         raise SystemExit("cir-sandbox zygote: no work directory available")
 
@@ -56,6 +60,8 @@ def main() -> None:
     block_inet = not ns["net"] and not config["network"]
 
     # -- warm-up -----------------------------------------------------------------------------
+    for name in _RUNTIME_MODULES:  # what the child's own code uses, whatever the snippet can read
+        __import__(name)
     timings = _preload(config["preload"], bool(config["warmup"]))
     facts["preload_seconds"] = timings
     vm_extra = max(0, _sandbox.self_vm_size() - vm_at_start)
@@ -83,6 +89,16 @@ def main() -> None:
         python=sys.version.split()[0],
     )
 
+    # Exit handlers registered so far (by the warm-up, e.g. sympy's lambdify through
+    # weakref.finalize, and by our own extension module) would otherwise run in every child at
+    # exit, where a fresh interpreter has none: run the finalizers now, drop the handlers.
+    import atexit
+    import weakref
+
+    for finalizer in list(weakref.finalize._registry):
+        finalizer()
+    atexit._clear()
+    weakref.finalize._registered_with_atexit = False  # a snippet's own finalizers register again
     child = _ChildContext(config)
     # Objects alive now are never freed in a child: keep the collector off them, so that
     # children do not write to (and copy) the zygote's pages when they collect.
@@ -90,9 +106,11 @@ def main() -> None:
 
     gc.collect()
     gc.freeze()
+    # Fewer page-table entries to copy per fork and to tear down per exit.
+    facts["huge_page_bytes"] = _sandbox.collapse_into_huge_pages()
     sys.stdout.flush()
     sys.stderr.flush()
-    server.send_ready(json.dumps(facts))
+    server.send_ready(json.dumps(facts), work_root == hello["host_work_root"])
 
     while True:
         if server.wants_spare:
@@ -137,6 +155,31 @@ def _child_main(child: "_ChildContext", server, get_request) -> None:
             pass
     finally:
         os._exit(status)
+
+
+# Modules the child-side code below needs; imported in the zygote so a child never has to
+# read them from disk (it may not be allowed to).
+_RUNTIME_MODULES = ("atexit", "builtins", "importlib.machinery", "io", "linecache", "resource", "signal",
+                    "threading", "traceback", "types", "warnings")
+
+
+def _readable_by_others(paths: list[str]) -> bool:
+    """True if users other than the owner can reach and read every path."""
+    for path in paths:
+        current = "/"
+        for part in [p for p in os.path.realpath(path).split("/") if p]:
+            try:
+                if not os.stat(current).st_mode & 0o001:
+                    return False
+            except OSError:
+                return False
+            current = os.path.join(current, part)
+        try:
+            if not os.stat(current).st_mode & 0o004:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _readable_paths() -> list[str]:
@@ -288,6 +331,9 @@ class _ChildContext:
     """Everything the child needs to look like a fresh ``python -c`` process."""
 
     def __init__(self, config: dict):
+        import signal
+        import stat
+
         self.env_template: dict[str, str] = dict(config["child_env"])
         self.sys_path: list[str] = [""] + [p for p in config["sys_path"][1:]]
         out, err = sys.__stdout__, sys.__stderr__
@@ -295,6 +341,22 @@ class _ChildContext:
         self.stdout_errors = getattr(out, "errors", None) or "strict"
         self.stderr_encoding = getattr(err, "encoding", None) or "utf-8"
         self.own_code = {_ChildContext.run.__code__, _ChildContext.execute.__code__}
+        # Every page a child touches is copied, so it reuses what the zygote already has when
+        # that is exactly what a fresh interpreter would have:
+        # - the standard streams, created at start-up over pipes as for a captured python -c,
+        #   and never used by the zygote;
+        self.reuse_streams = all(
+            stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (0, 1, 2)
+        ) and all(s is not None for s in (sys.stdin, sys.stdout, sys.stderr))
+        # - the environment, when it already equals the snippet environment but for HOME and
+        #   TMPDIR;
+        current = dict(os.environ)
+        current.pop("HOME", None)
+        current.pop("TMPDIR", None)
+        template = {k: v for k, v in self.env_template.items() if k not in ("HOME", "TMPDIR")}
+        self.env_in_place = current == template
+        # - the SIGINT handler, unless something changed it.
+        self.sigint_changed = signal.getsignal(signal.SIGINT) is not signal.default_int_handler
 
     # -- the child's life -------------------------------------------------------------------
     def run(self, server, request) -> int:
@@ -311,14 +373,17 @@ class _ChildContext:
     def reset_interpreter(self, workdir: str) -> dict:
         import builtins
         import importlib.machinery
-        import io
         import types
 
-        env = dict(self.env_template)
-        env["HOME"] = workdir
-        env["TMPDIR"] = workdir
-        os.environ.clear()
-        os.environ.update(env)
+        if self.env_in_place:
+            os.environ["HOME"] = workdir
+            os.environ["TMPDIR"] = workdir
+        else:
+            env = dict(self.env_template)
+            env["HOME"] = workdir
+            env["TMPDIR"] = workdir
+            os.environ.clear()
+            os.environ.update(env)
 
         sys.argv = ["-c"]
         sys.path[:] = self.sys_path
@@ -326,12 +391,32 @@ class _ChildContext:
         sys.displayhook = sys.__displayhook__
         sys.unraisablehook = sys.__unraisablehook__
 
-        import signal
+        if self.sigint_changed:
+            import signal
 
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        # Fresh standard streams on the new descriptors, buffered as python -c buffers them
-        # for pipes: stdout block-buffered, stderr line-buffered.
+        if not self.reuse_streams:
+            self.new_streams()
+
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            # `random` reseeds itself after fork; numpy's global generator does not. (A 32-bit
+            # seed from the OS: full-entropy seeding costs 100x more, a third of a print(1).)
+            numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+
+        main = types.ModuleType("__main__")
+        main.__loader__ = importlib.machinery.BuiltinImporter
+        main.__dict__["__annotations__"] = {}
+        main.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main
+        return main.__dict__
+
+    def new_streams(self) -> None:
+        """Fresh standard streams on the new descriptors, buffered as python -c buffers them
+        for pipes: stdout block-buffered, stderr line-buffered."""
+        import io
+
         stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors)
         stdout = io.TextIOWrapper(
             io.open(1, "wb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors, newline="\n"
@@ -347,18 +432,6 @@ class _ChildContext:
         sys.stdin = sys.__stdin__ = stdin
         sys.stdout = sys.__stdout__ = stdout
         sys.stderr = sys.__stderr__ = stderr
-
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            # `random` reseeds itself after fork; numpy's global generator does not.
-            numpy.random.seed()
-
-        main = types.ModuleType("__main__")
-        main.__loader__ = importlib.machinery.BuiltinImporter
-        main.__dict__["__annotations__"] = {}
-        main.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = main
-        return main.__dict__
 
     def replay(self, cells: list[bytes], main_globals: dict) -> None:
         """Runs earlier session cells with their output going nowhere."""
@@ -389,7 +462,9 @@ class _ChildContext:
     def execute(self, code: bytes, main_globals: dict) -> int:
         """Runs `code` as ``python -c`` would; returns the exit status (or -SIGINT)."""
         try:
-            compiled = compile(code.decode("utf-8", "surrogateescape"), "<string>", "exec", dont_inherit=True)
+            text = code.decode("utf-8", "surrogateescape")
+            sys.orig_argv = [sys.executable, "-c", text]
+            compiled = compile(text, "<string>", "exec", dont_inherit=True)
             exec(compiled, main_globals)
             return 0
         except SystemExit as exc:
@@ -432,7 +507,8 @@ class _ChildContext:
         `report_done(status)` tells the supervisor the result is complete, before the
         (slow) teardown of the process."""
         threading = sys.modules.get("threading")
-        if threading is not None:
+        # Only non-daemon threads other than the main one make shutdown wait.
+        if threading is not None and getattr(threading, "_shutdown_locks", True):
             try:
                 threading._shutdown()
             except BaseException:  # noqa: BLE001

@@ -213,6 +213,16 @@ class Sandbox:
         network: allow network access (default: none).
         namespaces: use pid/net/mount/ipc namespaces where the kernel allows them.
         startup_timeout_s: how long to wait for the warm interpreter to become ready.
+
+    Attributes:
+        isolation: what is isolated on this machine, one mechanism per line.
+        isolation_facts: the same as data (namespaces, uid range, mounts, seccomp, ...).
+
+    Sessions: ``run(code, session="traj-17")`` first replays the earlier *successful* cells
+    of that session in the same fresh process, with their output discarded, then runs
+    `code`; only its output is reported. The time limit applies to `code` alone (the replay
+    gets twice the time the cells took originally, plus the limit). A cell that fails on
+    replay (e.g. it depends on randomness) is skipped. ``close_session`` forgets it all.
     """
 
     def __init__(
@@ -246,7 +256,14 @@ class Sandbox:
             raise TypeError("preload must be a sequence of module names, not a string")
         self.workers = workers
         self.max_output_bytes = int(max_output_bytes)
-        self._limits = _Limits(float(timeout_s), int(memory_mb), cpu_time_s, int(max_processes), int(max_open_files), int(max_file_bytes))
+        self._limits = _Limits(
+            timeout_s=float(timeout_s),
+            memory_mb=int(memory_mb),
+            cpu_time_s=cpu_time_s,
+            max_processes=int(max_processes),
+            max_open_files=int(max_open_files),
+            max_file_bytes=int(max_file_bytes),
+        )
         self._sessions: dict[str, list[_Cell]] = {}
         self._sessions_lock = threading.Lock()
         self._bridge = _AsyncBridge()
@@ -340,8 +357,15 @@ class Sandbox:
                     submitted.append((j, self._core.submit(**self._job(codes[j], timeout_s, session))))
         finally:
             bar.close()
-            for _, rid in submitted:  # only left on error (e.g. KeyboardInterrupt)
+            # Only left on error (e.g. KeyboardInterrupt): kill them and collect the outcomes,
+            # so nothing stays behind in the core.
+            for _, rid in submitted:
                 self._core.cancel(rid)
+            for _, rid in submitted:
+                try:
+                    self._core.wait(rid)
+                except Exception:  # noqa: BLE001 - already failing; the first error wins
+                    pass
         return results  # type: ignore[return-value]
 
     async def arun(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
@@ -432,6 +456,8 @@ class Sandbox:
             return
         self._closed = True
         self._core.close()
+        # Pending arun() calls get their "sandbox closed" outcome (raised as SandboxError).
+        self._drain_notified()
         with self._bridge.lock:
             for loop in list(self._bridge.pending_per_loop):
                 if not loop.is_closed():
@@ -608,6 +634,11 @@ def isolation_warnings(facts: dict, *, network: bool = False) -> list[str]:
         out.append("detached descendants of snippets may survive them (no pid namespace, uid or orphan sweep)")
     if not mounts.get("readonly_root"):
         out.append("the filesystem is not read-only for snippets; only file permissions protect it")
+    if facts.get("python_readable_by_snippets") is False:
+        out.append(
+            "the Python installation is not readable by the sandbox uid (a parent directory is "
+            "private) and no mount namespace can re-expose it: snippets can only import preloaded modules"
+        )
     for w in mounts.get("warnings", []):
         out.append(f"mount set-up: {w}")
     return out

@@ -198,7 +198,7 @@ NB_MODULE(_sandbox, m) {
           },
           "work_root"_a, "drop_uid"_a, "uid_base"_a, "drop_capabilities"_a, "seccomp"_a, "block_inet_sockets"_a,
           "as_extra_bytes"_a, "nproc_extra"_a, "sweep_orphans"_a, "spares"_a = true)
-      .def("send_ready", &sb::ZygoteServer::send_ready, "json"_a)
+      .def("send_ready", &sb::ZygoteServer::send_ready, "json"_a, "uses_host_work_root"_a)
       .def("next_request",
            [](sb::ZygoteServer& z) -> std::optional<sb::ChildRequest> {
              sb::ChildRequest r;
@@ -238,6 +238,7 @@ NB_MODULE(_sandbox, m) {
       },
       "readable"_a, "tmp_bytes"_a, "work_root"_a, "new_proc"_a);
   m.def("self_vm_size", &sb::self_vm_size_bytes);
+  m.def("collapse_into_huge_pages", &sb::collapse_into_huge_pages);
   m.def("count_tasks_of_uid", [](uint32_t uid) { return sb::count_tasks_of_uid(uid_t(uid)); }, "uid"_a);
   m.def("seccomp_supported", &sb::seccomp_supported);
   m.def("set_child_subreaper", [] { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0; });

@@ -17,6 +17,9 @@ except Exception:  # torch missing is a hard error elsewhere; here only decide t
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The suite's models are tiny: one intra-op thread is as fast as two and does not fight
+    # the sandbox's worker processes (or other jobs) for the cores.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,7 +35,7 @@ def test_corpus_size_ids_and_mix():
     assert len({s.code for s in corpus}) == len(corpus)
     expect = Counter(s.expect for s in corpus)
     assert expect["error"] / len(corpus) >= 0.10
-    assert expect["timeout"] >= 3
+    assert sum(s.category == "infinite_loop" for s in corpus) >= 3
     assert expect["output_limit"] >= 3
     assert expect["memory"] >= 1
     assert expect["ok"] / len(corpus) >= 0.6
@@ -102,7 +102,7 @@ KNOWN = {
     "numpy_memory": ("import numpy as np\nnp.zeros((10**5, 10**6))", "memory", ""),
     "output": ("print('x' * 5000)", "output_limit", "x" * 1000),
     "killed": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed", ""),
-    "stdin": ("print(input())", "error", ""),
+    "stdin": ("print(input('n? '))", "timeout", "n? "),
     "exit0": ("import sys\nprint('done')\nsys.exit(0)", "ok", "done\n"),
     "exit3": ("import sys\nsys.exit(3)", "error", ""),
     "env": ("import os\nprint(os.environ.get('CIR_BENCH_SECRET', 'unset'))", "ok", "unset\n"),
@@ -135,7 +135,6 @@ def test_ground_truth_error_lines_and_timeout_bound(known_truth):
     outs, elapsed = known_truth
     assert outs["error"].error_line == "ZeroDivisionError: division by zero"
     assert outs["syntax"].error_line.startswith("SyntaxError")
-    assert outs["stdin"].error_line.startswith("EOFError")
     assert names_memory_error(outs["numpy_memory"].error_line)
     # The infinite loop was stopped at timeout + grace, not left running.
     assert 1.4 <= outs["timeout"].wall_ms / 1000 < 5.0
@@ -172,7 +171,10 @@ def test_ground_truth_cache_reuses_and_refreshes(tmp_path):
     assert [o.status for o in first] == ["ok", "error", "ok"]
     second, info2 = ground_truth(codes[:2], limits, tmp_path, grace_s=0.5)
     assert info2["computed"] == 0
-    assert [(o.status, o.stdout, o.error_line) for o in second] == [(o.status, o.stdout, o.error_line) for o in first[:2]]
+    def view(outs):
+        return [(o.status, o.stdout, o.error_line) for o in outs]
+
+    assert view(second) == view(first[:2])
     third, info3 = ground_truth(codes[:1], limits, tmp_path, refresh=True, grace_s=0.5)
     assert info3["computed"] == 1 and third[0].stdout == "1\n"
     # A different limit is a different cache.
@@ -212,8 +214,8 @@ def test_baseline_rejects_unknown_kind():
 
 def test_cpu_accounting_sees_children():
     before = bench.cpu_seconds_tree()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
-                   check=True)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
     assert bench.cpu_seconds_tree() - before >= 0.35
 
 

@@ -18,7 +18,7 @@ import asyncio
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -33,17 +33,17 @@ from cir.rollout import (
     fence_closed,
     find_code_block,
     rollout,
-    rollout_async,
     rollout_one,
     rollout_stats,
-    rollout_turn_sync,
 )
 from cir.sandbox import Sandbox
 from cir.tokenization import qwen_tokenizer
 from cir.trajectory import BUDGET_EXHAUSTED
 
 TEMPLATE = "```output\n{output}\n```\n"
-SLEEP_S = 1.0
+SLEEP_S = 1.5
+TRAIN_STEPS = 300
+TRAIN_LR = 3e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,61 +61,61 @@ EOS = Tok("<|endoftext|>")
 
 
 def script_table() -> dict[str, list[list]]:
-    """prompt -> model segments; each segment is a list of text pieces (encoded canonically)
+    """script name -> model segments; each segment is a list of text pieces (encoded canonically)
     and Tok pieces (one chosen token). Every segment but the last ends with a closing fence."""
     code = lambda body: "```python\n" + body + "\n"  # noqa: E731  (an open block, fence to follow)
     table = {
         # The closing fence split as "``" + "`\n": the fence token carries a newline.
-        "Task fence_nl: what is 6 times 7?\n": [
+        "fence_nl": [
             ["Let me compute.\n", code("print(6 * 7)"), Tok("``"), Tok("`\n")],
             ["The answer is 42.", EOS],
         ],
         # ... carries two newlines.
-        "Task fence_nl2: what is 5 plus 8?\n": [
+        "fence_nl2": [
             ["Adding.\n", code("print(5 + 8)"), Tok("``"), Tok("`\n\n")],
             ["So 13.", EOS],
         ],
         # ... carries text after the fence ("```s"): the text stays before the output block.
-        "Task fence_text: what is 3 squared?\n": [
+        "fence_text": [
             ["Square it.\n", code("print(3 ** 2)"), Tok("``"), Tok("`s")],
             ["So 9.", EOS],
         ],
         # An indented fence token with its newline (" ```\n").
-        "Task fence_indent: what is 2 to the 10th?\n": [
+        "fence_indent": [
             ["Power.\n", code("print(2 ** 10)"), Tok(" ```\n")],
             ["So 1024.", EOS],
         ],
         # A bare fence token: the response does not end with a newline.
-        "Task fence_bare: what is 3 plus 4?\n": [
+        "fence_bare": [
             ["Sum.\n", code("print(3 + 4)"), Tok("```")],
             ["So 7.", EOS],
         ],
-        "Task three_blocks: count to three.\n": [
+        "three_blocks": [
             ["One.\n", code("print(1)"), "```\n"],
             ["Two.\n", code("print(2)"), "```\n"],
             ["Three.\n", code("print(3)"), "```\n"],
             ["Done.", EOS],
         ],
-        "Task error: divide by zero.\n": [
+        "error": [
             ["Try.\n", code("print(1 / 0)"), "```\n"],
             ["It failed.", EOS],
         ],
-        "Task session: define then use.\n": [
+        "session": [
             ["Define.\n", code("x = 41"), "```\n"],
             ["Use.\n", code("print(x + 1)"), "```\n"],
             ["Got it.", EOS],
         ],
-        "Task long: print a lot.\n": [
-            ["Print.\n", code("print('ab ' * 120)"), "```\n"],
+        "long": [
+            ["Print.\n", code("print('ab ' * 40)"), "```\n"],
             ["Long.", EOS],
         ],
-        "Task sleep: wait a second.\n": [
+        "sleep": [
             ["Wait.\n", code(f"import time\ntime.sleep({SLEEP_S})\nprint('slept')"), "```\n"],
             ["Slept.", EOS],
         ],
     }
     for i in range(3):
-        table[f"Task quick{i}: two quick steps.\n"] = [
+        table[f"quick{i}"] = [
             ["A.\n", code(f"print({i} + 1)"), "```\n"],
             ["B.\n", code(f"print({i} + 2)"), "```\n"],
             ["Ok.", EOS],
@@ -123,11 +123,19 @@ def script_table() -> dict[str, list[list]]:
     return table
 
 
-RANDOM_PROMPT = "Task random: add two numbers.\n"
+RANDOM = "random"
+# Distinct first words, so the model tells the scripts apart from the first prompt token on.
+PROMPT_WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliet",
+                "Kilo", "Lima", "Mike", "November", "Oscar", "Papa")
+
+
+def prompt_texts() -> dict[str, str]:
+    names = [*script_table(), RANDOM]
+    return {name: f"{word} task ({name}).\n" for name, word in zip(names, PROMPT_WORDS, strict=False)}
 
 
 def random_scripts(n: int, seed: int = 0) -> list[list[list]]:
-    """`n` traces for RANDOM_PROMPT with random operands, so sampling at temperature 1 gives
+    """`n` traces for the RANDOM prompt with random operands, so sampling at temperature 1 gives
     different trajectories for different seeds (while keeping the block structure)."""
     rng = random.Random(seed)
     out = []
@@ -149,11 +157,14 @@ def encode_segment(tok, pieces: list) -> list[int]:
     return ids
 
 
-def replay(tok, sandbox, prompt_ids, segments, config: RolloutConfig, session: str | None) -> list[int]:
-    """The response the rollout will build when the model writes `segments` (run for real)."""
+def replay(tok, sandbox, segments, config: RolloutConfig, session: str | None) -> tuple[list[int], list[int]]:
+    """The response (and its loss mask) the rollout builds when the model writes `segments`:
+    the blocks run for real in the sandbox."""
     response: list[int] = []
+    mask: list[int] = []
     for i, seg in enumerate(segments):
         response += seg
+        mask += [1] * len(seg)
         if i == len(segments) - 1:
             break
         text = tok.decode(seg)
@@ -166,44 +177,75 @@ def replay(tok, sandbox, prompt_ids, segments, config: RolloutConfig, session: s
             marker=config.truncation_marker,
         )
         response += fb.ids
-    return response
+        mask += [0] * len(fb.ids)
+    return response, mask
 
 
-def train_to_emit(model, sequences: list[tuple[list[int], list[int]]], *, steps: int, lr: float) -> float:
-    """Train on (prompt, response) pairs (loss on the response) with the exact used-vocabulary
-    softmax described in the module docstring. Returns the final loss."""
+def train_to_emit(model, sequences: list[tuple[list[int], list[int], list[int]]], *, steps: int, lr: float) -> float:
+    """Train on (prompt, response, loss mask) triples (loss on the model's tokens) with the exact used-vocabulary
+    softmax described in the module docstring. Returns the final loss.
+
+    Only the embedding and output rows of the used tokens are trained (as small tables that
+    are written back into the model at the end): the 151k-row tables stay out of the backward
+    pass and the optimizer.
+    """
     vocab = model.config.vocab_size
-    used = sorted({t for p, r in sequences for t in p + r})
+    used = sorted({t for p, r, _ in sequences for t in p + r})
     used_t = torch.tensor(used)
     index = torch.full((vocab,), -1, dtype=torch.long)
     index[used_t] = torch.arange(len(used))
-    with torch.no_grad():
-        keep = torch.zeros(vocab, dtype=torch.bool)
-        keep[used_t] = True
-        model.lm_head.weight[~keep] = 0.0
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    embed_used = torch.nn.Parameter(embed.detach()[used_t].clone())
+    head_used = torch.nn.Parameter(head.detach()[used_t].clone())
+    embed.requires_grad_(False)
+    head.requires_grad_(False)
     log_unused = math.log(vocab - len(used))
-    width = max(len(p) + len(r) for p, r in sequences)
+    # Two length buckets (short and long sequences), so little compute goes to padding.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    half = len(order) // 2
+    batches = [_pack([sequences[i] for i in part], index) for part in (order[:half], order[half:]) if part]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad] + [embed_used, head_used]
+    opt = torch.optim.Adam(params, lr=lr)
+    loss = float("nan")
+    for _ in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for ids, att, labels in batches:
+            hidden = model.model(inputs_embeds=embed_used[ids], attention_mask=att).last_hidden_state
+            logits = hidden @ head_used.T
+            logits = torch.cat([logits, torch.full_like(logits[..., :1], log_unused)], dim=-1)
+            part = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            count = int((labels != -100).sum())
+            (part / count / len(batches)).backward()
+            total += part.item() / count / len(batches)
+        opt.step()
+        loss = total
+    with torch.no_grad():
+        embed[used_t] = embed_used
+        head.zero_()  # unused tokens: logit exactly 0
+        head[used_t] = head_used
+    embed.requires_grad_(True)
+    head.requires_grad_(True)
+    model.eval()
+    return loss
+
+
+def _pack(sequences, index):
+    """Right-padded (ids in the used-token numbering, attention mask, labels) of one bucket."""
+    width = max(len(p) + len(r) for p, r, _ in sequences)
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     att = torch.zeros(len(sequences), width, dtype=torch.long)
     labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for b, (p, r) in enumerate(sequences):
+    for b, (p, r, m) in enumerate(sequences):
         seq = torch.tensor(p + r)
-        ids[b, : len(seq)] = seq
+        ids[b, : len(seq)] = index[seq]
         att[b, : len(seq)] = 1
-        labels[b, len(p) - 1 : len(seq) - 1] = index[torch.tensor(r)]  # position t predicts t+1
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
-        logits = hidden @ model.lm_head.weight[used_t].T
-        logits = torch.cat([logits, torch.full_like(logits[..., :1], log_unused)], dim=-1)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return float(loss)
+        target = torch.where(torch.tensor(m) == 1, index[torch.tensor(r)], -100)
+        labels[b, len(p) - 1 : len(seq) - 1] = target  # position t predicts token t+1
+    return ids, att, labels
 
 
 @dataclass
@@ -228,24 +270,21 @@ def world():
     tok = qwen_tokenizer()
     sandbox = Sandbox(workers=4, timeout_s=10)
     config = base_config()
-    prompts, segments, expected, sequences = {}, {}, {}, []
-    for prompt, segs in script_table().items():
-        prompts[prompt] = tok.encode(prompt, add_special_tokens=False)
-        segments[prompt] = [encode_segment(tok, s) for s in segs]
-        session = "train-session" if "session" in prompt else None
-        expected[prompt] = replay(tok, sandbox, prompts[prompt], segments[prompt], config, session)
+    texts = prompt_texts()
+    prompts = {name: tok.encode(text, add_special_tokens=False) for name, text in texts.items()}
+    segments, expected, sequences = {}, {}, []
+    for name, segs in script_table().items():
+        segments[name] = [encode_segment(tok, s) for s in segs]
+        session = "train-session" if name == "session" else None
+        expected[name], mask = replay(tok, sandbox, segments[name], config, session)
         if session:
             sandbox.close_session(session)
-        sequences.append((prompts[prompt], expected[prompt]))
-    random_ids = tok.encode(RANDOM_PROMPT, add_special_tokens=False)
-    prompts[RANDOM_PROMPT] = random_ids
-    for segs in random_scripts(48):
-        seg_ids = [encode_segment(tok, s) for s in segs]
-        sequences.append((random_ids, replay(tok, sandbox, random_ids, seg_ids, config, None)))
+        sequences.append((prompts[name], expected[name], mask))
+    for segs in random_scripts(32):
+        response, mask = replay(tok, sandbox, [encode_segment(tok, s) for s in segs], config, None)
+        sequences.append((prompts[RANDOM], response, mask))
     model = tiny_causal_lm(tok, hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, seed=0)
-    torch.manual_seed(0)
-    loss = train_to_emit(model, sequences, steps=300, lr=1e-2)
-    assert loss < 0.5, f"the tiny model did not learn its scripts (loss {loss:.3f})"
+    train_to_emit(model, sequences, steps=TRAIN_STEPS, lr=TRAIN_LR)
     engine = HFEngine(model, tok, seed=0)
     yield World(tok, engine, sandbox, prompts, segments, expected)
     engine.close()
@@ -269,13 +308,374 @@ class Recorder:
         return completion
 
 
+def one_token(tok, text: str) -> int:
+    (token,) = tok.encode(text, add_special_tokens=False)
+    return token
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def feedback_positions(traj) -> set[int]:
+    return {i for call in traj.tool_calls for i in range(*call.feedback_span)}
+
+
+def assert_mask_exact(traj) -> None:
+    """loss_mask is 0 exactly on the feedback spans and 1 everywhere else."""
+    traj.check()
+    fb = feedback_positions(traj)
+    assert traj.loss_mask == [0 if i in fb else 1 for i in range(len(traj.response_ids))]
+    assert all(traj.sampler_logprobs[i] == 0.0 for i in fb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: fences, feedback, seeds, config
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("Compute.\n```python\nprint(6 * 7)\n```", "print(6 * 7)"),
+        ("```py\nx = 1\ny = 2\n```\n", "x = 1\ny = 2"),
+        ("see ```python\nprint(1)\n```\nThe rest", "print(1)"),  # opened after prose, text after the fence
+        ("```python\n```", ""),  # empty block
+        ("```python  \r\nprint(1)\r\n```", "print(1)"),
+        ("```python\nprint(2)\n ```\n", "print(2)"),  # indented closing fence
+        ("```text\nnot code\n```\n```python\nprint(3)\n```s", "print(3)"),  # a non-python block first
+    ],
+)
+def test_find_code_block(text, code):
+    block = find_code_block(text)
+    assert block is not None and block.code == code
+    assert text[block.start :].startswith("```py")
+    assert text[block.end - 3 : block.end] == "```"
+    assert fence_closed(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no code at all",
+        "```python\nprint(1)\n",  # still open
+        "```python\nprint(1)\n``",  # fence not complete yet
+        "```python\nprint('```')",  # backticks inside a line are not a fence
+        "```python\nx = 1\n    ```",  # indented by four: code, not a fence
+        "```pyth\nx\n```",  # not a python opening fence
+        "```\nplain block\n```",
+    ],
+)
+def test_open_or_missing_block_is_not_closed(text):
+    assert find_code_block(text) is None
+    assert not fence_closed(text)
+
+
+def test_build_feedback_truncates_to_token_limit_with_marker():
+    tok = qwen_tokenizer()
+    output = "\n".join(f"line {i}: {i * i}" for i in range(200))
+    full = build_feedback(tok, output, template=TEMPLATE)
+    assert not full.truncated and full.text == f"```output\n{output}\n```\n"
+    assert full.ids == tok.encode(full.text, add_special_tokens=False)
+    for limit in (12, 40, 100):
+        fb = build_feedback(tok, output, template=TEMPLATE, prefix="\n", max_tokens=limit, marker="...[truncated]")
+        assert fb.truncated and len(fb.ids) <= limit
+        assert tok.decode(fb.ids) == fb.text
+        assert fb.output.endswith("...[truncated]") and output.startswith(fb.output[: -len("...[truncated]")])
+        assert fb.text == "\n```output\n" + fb.output + "\n```\n"
+        # Close to the limit: one more character of output would not fit, or only barely.
+        assert len(fb.ids) >= limit - 3
+    short = build_feedback(tok, "42", template=TEMPLATE, max_tokens=12)
+    assert not short.truncated and short.output == "42"
+    with pytest.raises(ValueError, match="max_feedback_tokens"):
+        build_feedback(tok, output, template=TEMPLATE, max_tokens=4)
+
+
+def test_derive_seed_is_a_pure_function_of_seed_and_turn():
+    assert derive_seed(None, 3) is None
+    assert derive_seed(7, 0) == derive_seed(7, 0)
+    seeds = {derive_seed(s, t) for s in range(20) for t in range(5)}
+    assert len(seeds) == 100 and all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("on_budget_exhausted", "ignore", "on_budget_exhausted"),
+        ("feedback_template", "```output\n```\n", "feedback_template"),
+        ("tool_budget", -1, "tool_budget"),
+        ("max_response_tokens", 0, "max_response_tokens"),
+        ("max_feedback_tokens", 0, "max_feedback_tokens"),
+        ("top_p", 0.0, "top_p"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        RolloutConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# With the real model, tokenizer and sandbox
+
+
 def test_greedy_replays_every_script(world):
     """Sanity of the set-up: greedy rollouts reproduce the trained scripts exactly."""
-    names = list(world.expected)
-    config = base_config(session_mode=False)
-    trajs = rollout(world.engine, world.sandbox, [world.prompts[n] for n in names], config)
+    names = [n for n in world.expected if n != "session"]  # its script needs session mode
+    trajs = rollout(world.engine, world.sandbox, [world.prompts[n] for n in names], base_config())
     for name, traj in zip(names, trajs):
-        if "session" in name:
-            continue
         assert traj.response_ids == world.expected[name], (name, world.tok.decode(traj.response_ids))
         assert traj.finish_reason == "eos"
+        assert_mask_exact(traj)
+
+
+# name -> (text of the token that closes the fence, how the model's segment ends, the feedback)
+FENCES = {
+    "fence_nl": ("`\n", "print(6 * 7)\n```\n", "```output\n42\n```\n"),
+    "fence_nl2": ("`\n\n", "print(5 + 8)\n```\n\n", "```output\n13\n```\n"),
+    "fence_text": ("`s", "print(3 ** 2)\n```s", "\n```output\n9\n```\n"),  # extra text stays before the output
+    "fence_indent": (" ```\n", "print(2 ** 10)\n ```\n", "```output\n1024\n```\n"),
+    "fence_bare": ("```", "print(3 + 4)\n```", "\n```output\n7\n```\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(FENCES))
+def test_loss_mask_covers_feedback_when_the_fence_shares_a_token(world, name):
+    fence_text, segment_end, feedback = FENCES[name]
+    tok = world.tok
+    engine = Recorder(world.engine)
+    traj = run(rollout_one(engine, world.sandbox, world.prompts[name], base_config(), seed=1))
+    assert traj.finish_reason == "eos"
+    (call,) = traj.tool_calls
+    assert call.status == "ok"
+    # The segment ends with the fence token exactly as sampled (merged text included) ...
+    first = engine.calls[0][2]
+    assert call.code_span == (0, len(first.token_ids))
+    assert traj.response_ids[call.code_span[1] - 1] == one_token(tok, fence_text)
+    assert first.finish_reason == "stop_when"
+    # ... and the feedback follows it: its tokens decode to exactly the feedback text.
+    assert call.feedback_span[0] == call.code_span[1]
+    assert tok.decode(traj.response_ids[slice(*call.feedback_span)]) == feedback
+    assert traj.response_ids[slice(*call.feedback_span)] == tok.encode(feedback, add_special_tokens=False)
+    assert_mask_exact(traj)
+    # The response reads: segment (ending with the fence token's text), then the output block.
+    segment_text = tok.decode(first.token_ids)
+    assert segment_text.endswith(segment_end)
+    assert traj.text(tok).startswith(segment_text + feedback)
+
+
+def test_retokenizing_would_change_a_merged_fence(world):
+    """The hazard the loop avoids: the sampled split "``" + "`s" is not how the tokenizer
+    would encode the text, so decoding and re-encoding would change the trajectory."""
+    tok = world.tok
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["fence_text"], base_config()))
+    assert traj.response_ids == world.expected["fence_text"]
+    assert tok.encode(traj.text(tok), add_special_tokens=False) != traj.response_ids
+
+
+@pytest.mark.parametrize("mode", ["async", "turn_sync"])
+def test_token_ids_are_exactly_what_the_engine_sampled(world, mode):
+    names = ["three_blocks", "fence_nl2", "fence_text", "error", "quick1"]
+    engine = Recorder(world.engine)
+    config = base_config(temperature=0.7)  # sampled, so log-probs are those of a real draw
+    trajs = rollout(engine, world.sandbox, [world.prompts[n] for n in names], config, mode=mode,
+                    seeds=list(range(len(names))))
+    for name, traj in zip(names, trajs):
+        prompt = world.prompts[name]
+        mine = [(ids, c) for ids, _, c in engine.calls if ids[: len(prompt)] == prompt]
+        # Rebuild the response from the engine's completions and the feedback spans, in order;
+        # every request's context is the prompt plus the response so far, never re-encoded.
+        rebuilt, logprobs = [], []
+        feedback = {call.feedback_span[0]: call for call in traj.tool_calls}
+        for ids, completion in mine:
+            assert ids == prompt + rebuilt
+            rebuilt += completion.token_ids
+            logprobs += completion.logprobs
+            call = feedback.get(len(rebuilt))
+            if call is not None:
+                fb_ids = traj.response_ids[slice(*call.feedback_span)]
+                assert world.tok.decode(fb_ids).endswith("```\n")
+                rebuilt += fb_ids
+                logprobs += [0.0] * len(fb_ids)
+        assert rebuilt == traj.response_ids, name
+        assert logprobs == traj.sampler_logprobs
+        assert len(mine) == len(traj.tool_calls) + 1
+        assert_mask_exact(traj)
+        assert all(lp <= 0.0 for lp, m in zip(traj.sampler_logprobs, traj.loss_mask) if m)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2])
+def test_budget_stop_ends_at_the_fence(world, budget):
+    config = base_config(tool_budget=budget, on_budget_exhausted="stop")
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["three_blocks"], config))
+    assert traj.finish_reason == "budget"
+    assert traj.num_tool_calls == budget == len(traj.tool_calls)
+    assert [c.output for c in traj.tool_calls] == [str(i + 1) for i in range(budget)]
+    # The response is the script up to and including the fence of block budget+1: no feedback after it.
+    segs = world.segments["three_blocks"]
+    end = sum(len(s) for s in segs[: budget + 1]) + sum(c.feedback_span[1] - c.feedback_span[0] for c in traj.tool_calls)
+    assert traj.response_ids == world.expected["three_blocks"][:end]
+    assert traj.text(world.tok).endswith("print(%d)\n```\n" % (budget + 1))
+    assert_mask_exact(traj)
+    assert traj.stats()["finish_reason"] == "budget" and traj.stats()["tool_calls"] == budget
+
+
+def test_budget_large_enough_runs_every_block(world):
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["three_blocks"], base_config(tool_budget=3)))
+    assert traj.finish_reason == "eos" and traj.num_tool_calls == 3
+    assert traj.response_ids == world.expected["three_blocks"]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2])
+def test_budget_notice_replaces_output_and_goes_on(world, budget):
+    config = base_config(tool_budget=budget, on_budget_exhausted="notice")
+    notice = config.budget_notice
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["three_blocks"], config))
+    assert traj.num_tool_calls == budget  # executions never exceed the budget
+    executed = [c for c in traj.tool_calls if c.executed]
+    assert [c.output for c in executed] == [str(i + 1) for i in range(budget)]
+    notices = traj.tool_calls[budget:]
+    assert notices, "the model wrote block budget+1, which must get the notice"
+    for call in notices:
+        assert call.status == BUDGET_EXHAUSTED and call.output == notice and call.wall_ms == 0.0
+        assert world.tok.decode(traj.response_ids[slice(*call.feedback_span)]) == f"```output\n{notice}\n```\n"
+    # Up to the first notice the response is the script's own.
+    first = notices[0].feedback_span[0]
+    assert traj.response_ids[:first] == world.expected["three_blocks"][:first]
+    assert traj.finish_reason in ("eos", "length")  # generation went on after the notice
+    assert len(traj.response_ids) > notices[0].feedback_span[1]
+    assert_mask_exact(traj)
+    stats = traj.stats()
+    assert stats["tool_calls"] == budget and stats["budget_notices"] == len(notices)
+
+
+def test_feedback_is_truncated_to_max_feedback_tokens(world):
+    tok = world.tok
+    full = run(rollout_one(world.engine, world.sandbox, world.prompts["long"], base_config(max_feedback_tokens=None)))
+    (call,) = full.tool_calls
+    assert call.output == ("ab " * 40).rstrip("\n") and not call.truncated
+    limit = 16
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["long"], base_config(max_feedback_tokens=limit)))
+    (call,) = traj.tool_calls
+    span = traj.response_ids[slice(*call.feedback_span)]
+    assert call.truncated and len(span) <= limit
+    assert call.output.endswith("...[truncated]") and call.output.startswith("ab ab")
+    assert tok.decode(span) == f"```output\n{call.output}\n```\n"
+    assert_mask_exact(traj)
+
+
+def test_error_line_is_the_feedback_of_a_failing_block(world):
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["error"], base_config()))
+    (call,) = traj.tool_calls
+    assert call.status == "error" and call.code == "print(1 / 0)"
+    assert call.output == "ZeroDivisionError: division by zero"
+    assert world.tok.decode(traj.response_ids[slice(*call.feedback_span)]) == (
+        "```output\nZeroDivisionError: division by zero\n```\n"
+    )
+    assert traj.num_exec_errors == 1 and traj.num_timeouts == 0
+
+
+def test_session_mode_lets_a_later_block_see_an_earlier_definition(world):
+    prompt = world.prompts["session"]
+    with_session = run(rollout_one(world.engine, world.sandbox, prompt, base_config(session_mode=True)))
+    assert [c.status for c in with_session.tool_calls] == ["ok", "ok"]
+    assert with_session.tool_calls[1].output == "42"
+    assert with_session.response_ids == world.expected["session"]
+    stateless = run(rollout_one(world.engine, world.sandbox, prompt, base_config(session_mode=False)))
+    assert stateless.tool_calls[1].status == "error"
+    assert stateless.tool_calls[1].output == "NameError: name 'x' is not defined"
+    # Sessions are closed when their trajectory ends.
+    assert world.sandbox.stats()["sessions"] == 0
+
+
+def test_length_limit_and_no_room_for_feedback(world):
+    prompt = world.prompts["three_blocks"]
+    first_segment = len(world.segments["three_blocks"][0])
+    short = run(rollout_one(world.engine, world.sandbox, prompt, base_config(max_response_tokens=5)))
+    assert short.finish_reason == "length" and len(short.response_ids) == 5 and not short.tool_calls
+    assert short.response_ids == world.expected["three_blocks"][:5]
+    # The block closes with too little room left for an output block: it is not run.
+    tight = run(rollout_one(world.engine, world.sandbox, prompt, base_config(max_response_tokens=first_segment + 3)))
+    assert tight.finish_reason == "length" and not tight.tool_calls
+    assert tight.response_ids == world.expected["three_blocks"][:first_segment]
+    # Every response stays within the limit, feedback included.
+    for limit in (first_segment + 8, first_segment + 12, 30):
+        traj = run(rollout_one(world.engine, world.sandbox, prompt, base_config(max_response_tokens=limit)))
+        assert len(traj.response_ids) <= limit
+        assert_mask_exact(traj)
+
+
+def test_async_and_turn_sync_give_identical_trajectories(world):
+    names = [RANDOM] * 6 + ["three_blocks", "quick0", "error"]
+    prompts = [world.prompts[n] for n in names]
+    seeds = [101 + i for i in range(len(names))]
+    config = base_config(temperature=1.0)
+    a = rollout(world.engine, world.sandbox, prompts, config, mode="async", seeds=seeds)
+    b = rollout(world.engine, world.sandbox, prompts, config, mode="turn_sync", seeds=seeds)
+    again = rollout(world.engine, world.sandbox, prompts[::-1], config, mode="async", seeds=seeds[::-1])[::-1]
+    for x, y, z in zip(a, b, again):
+        assert x.response_ids == y.response_ids == z.response_ids
+        assert x.loss_mask == y.loss_mask
+        assert x.finish_reason == y.finish_reason
+        assert [(c.code, c.status, c.output, c.code_span, c.feedback_span) for c in x.tool_calls] == [
+            (c.code, c.status, c.output, c.code_span, c.feedback_span) for c in y.tool_calls
+        ]
+        assert x.sampler_logprobs == pytest.approx(y.sampler_logprobs, abs=1e-5)
+    # Not vacuous: the seeds lead to different samples, most of which call the tool.
+    random_texts = {tuple(t.response_ids) for t in a[:6]}
+    assert len(random_texts) >= 3
+    assert sum(t.num_tool_calls for t in a[:6]) >= 3
+
+
+def test_async_does_not_wait_for_a_slow_sandbox_call(world):
+    names = ["sleep", "quick0", "quick1", "quick2"]
+    prompts = [world.prompts[n] for n in names]
+    config = base_config()
+
+    def timed(mode):
+        finished: dict[int, float] = {}
+        start = time.perf_counter()
+
+        def progress(traj):
+            finished[id(traj)] = time.perf_counter() - start
+
+        trajs = rollout(world.engine, world.sandbox, prompts, config, mode=mode, progress=progress)
+        return trajs, [finished[id(t)] for t in trajs]
+
+    trajs, t_async = timed("async")
+    assert trajs[0].tool_calls[0].wall_ms >= SLEEP_S * 1000
+    assert [t.num_tool_calls for t in trajs] == [1, 2, 2, 2]
+    # Every quick trajectory (three generate calls, two executions) is done while the sleeper
+    # still sleeps, which it would not be if anything waited for that sandbox call.
+    assert t_async[0] >= SLEEP_S
+    assert max(t_async[1:]) < min(SLEEP_S, t_async[0]), t_async
+    sync_trajs, t_sync = timed("turn_sync")
+    assert [t.response_ids for t in sync_trajs] == [t.response_ids for t in trajs]
+    # In the turn-synchronous loop they wait for the sleeper at the first turn.
+    assert min(t_sync[1:]) >= SLEEP_S, t_sync
+
+
+def test_rollout_from_inside_a_running_event_loop(world):
+    async def caller():
+        return rollout(world.engine, world.sandbox, [world.prompts["fence_nl"]], base_config())
+
+    (traj,) = asyncio.run(caller())
+    assert traj.response_ids == world.expected["fence_nl"]
+
+
+def test_rollout_stats(world):
+    names = ["three_blocks", "error", "fence_nl"]
+    trajs = rollout(world.engine, world.sandbox, [world.prompts[n] for n in names], base_config(tool_budget=2))
+    stats = rollout_stats(trajs)
+    assert [t.finish_reason for t in trajs] == ["budget", "eos", "eos"]
+    assert stats["tool_calls_per_traj"] == pytest.approx(4 / 3)
+    assert stats["exec_error_rate"] == pytest.approx(1 / 4)
+    assert stats["finish_budget"] == pytest.approx(1 / 3) and stats["finish_eos"] == pytest.approx(2 / 3)
+    model = sum(t.num_model_tokens for t in trajs)
+    feedback = sum(t.num_feedback_tokens for t in trajs)
+    assert stats["feedback_token_share"] == pytest.approx(feedback / (model + feedback))
+
+
+def test_unknown_mode_and_mismatched_seeds_fail_clearly(world):
+    with pytest.raises(ValueError, match="unknown rollout mode"):
+        rollout(world.engine, world.sandbox, [world.prompts["fence_nl"]], base_config(), mode="sync")
+    with pytest.raises(ValueError, match="seeds"):
+        rollout(world.engine, world.sandbox, [world.prompts["fence_nl"]], base_config(), seeds=[1, 2])

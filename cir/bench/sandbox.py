@@ -5,16 +5,25 @@ order, in batches of ``--batch-size``) with the same workers, timeout, memory li
 cap, and are scored against the same fresh-interpreter ground truth
 (:mod:`cir.bench.sandbox_truth`). Measured for each system:
 
-* throughput (snippets/s) on the corpus without its infinite loops, and on the full corpus;
+* throughput (snippets/s) on the corpus without its infinite loops (and stdin reads, which
+  never end either), and on the full corpus;
 * latency of a trivial ``print(1)`` submitted alone, one after another (p50/p99). For the
-  baseline that is a batch of one, so its pool is rebuilt each time, as that pattern does; the
-  latency through a pool kept warm is reported beside it;
+  baseline that is a batch of one, so its pool is rebuilt each time, as that pattern does
+  (at most ``BASELINE_TRIVIAL_MAX`` samples); the latency through a pool kept warm is reported
+  beside it;
 * CPU time (user+sys) of this process and all its descendants during each throughput run;
 * spurious timeouts (a ``timeout`` where the ground truth is not one) and fidelity (share of
   snippets whose status and stdout equal the ground truth), with every mismatch listed;
 * for the sandbox: start-up time, resident memory of the supervising process (this one) and of
   its zygote(s) before and after, and with ``--leak-check N`` the same memory sampled while N
   trivial snippets run (flat means no leak).
+
+The baseline (:mod:`cir.bench.baseline_pool`) is by default a pebble pool rebuilt for every
+batch of 64 whose workers are forked from this process, which has not imported sympy or numpy
+(a rollout process usually has not): each new worker imports what its first snippets import.
+``--warm-baseline-parent`` imports the preload modules here first, so workers inherit them;
+``--batch-size`` sets how many snippets share one pool; ``--baseline futures`` uses
+``ProcessPoolExecutor`` instead. All three change its numbers a lot: report which was used.
 
 Timing is wall-clock on a machine that may be shared: the load average at start and end is
 recorded in the JSON so a reader can judge.
@@ -57,34 +66,36 @@ OUTPUT_LIMIT_PREFIX_SHARE = 0.9
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=2, help="snippets run at once, both systems (default 2)")
-    parser.add_argument("--timeout", type=float, default=2.0, help="wall-clock limit per snippet, seconds (default 2.0)")
-    parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per snippet, MiB (default 2048)")
-    parser.add_argument("--max-output-bytes", type=int, default=65536, help="stdout cap per snippet (default 65536)")
-    parser.add_argument("--n-trivial", type=int, default=None, help="sequential print(1) round trips (default 500; 20 with --quick)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="snippets per run_batch call, both systems; the baseline builds a new pool per batch (default 64)")
-    parser.add_argument("--baseline", choices=[*BASELINE_KINDS, "both"], default="pebble",
-                        help="pool flavour of the baseline (default pebble; see cir.bench.baseline_pool)")
-    parser.add_argument("--no-baseline", action="store_true", help="measure the sandbox only")
-    parser.add_argument("--no-sandbox", action="store_true", help="measure the baseline only")
-    parser.add_argument("--warm-baseline-parent", action="store_true",
-                        help="import the preload modules in this process before the baseline forks its workers, so they "
-                             "inherit them (default: workers import what a snippet imports, as in a rollout process "
-                             "that never imported sympy)")
-    parser.add_argument("--leak-check", type=int, nargs="?", const=10000, default=0, metavar="N",
-                        help="run N trivial snippets (default N 10000) and sample the sandbox's RSS")
-    parser.add_argument("--quick", action="store_true", help="a small corpus subset and few trivial runs (a smoke test)")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write all results here")
-    parser.add_argument("--truth-cache", type=Path, default=None, metavar="DIR",
-                        help="where ground-truth results are cached (default ~/.cache/cir)")
-    parser.add_argument("--refresh-truth", action="store_true", help="recompute the ground truth even if cached")
-    parser.add_argument("--truth-parallel", type=int, default=2, help="fresh interpreters run at once for the ground truth (default 2)")
-    parser.add_argument("--truth-grace", type=float, default=DEFAULT_GRACE_S,
-                        help="extra wall-clock seconds a fresh reference interpreter gets for its own start-up and imports "
-                             f"(default {DEFAULT_GRACE_S})")
-    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
-                        help=f"modules the sandbox imports once in its zygote (default {','.join(DEFAULT_PRELOAD)})")
+    add = parser.add_argument
+    add("--workers", type=int, default=2, help="snippets run at once, both systems (default 2)")
+    add("--timeout", type=float, default=2.0, help="wall-clock limit per snippet, seconds (default 2.0)")
+    add("--memory-mb", type=int, default=2048, help="address-space limit per snippet, MiB (default 2048)")
+    add("--max-output-bytes", type=int, default=65536, help="stdout cap per snippet (default 65536)")
+    add("--n-trivial", type=int, default=None,
+        help="sequential print(1) round trips (default 500; 20 with --quick)")
+    add("--batch-size", type=int, default=64,
+        help="snippets per run_batch call, both systems; the baseline builds a new pool per batch (default 64)")
+    add("--baseline", choices=[*BASELINE_KINDS, "both"], default="pebble",
+        help="pool flavour of the baseline (default pebble; see cir.bench.baseline_pool)")
+    add("--no-baseline", action="store_true", help="measure the sandbox only")
+    add("--no-sandbox", action="store_true", help="measure the baseline only")
+    add("--warm-baseline-parent", action="store_true",
+        help="import the preload modules in this process before the baseline forks its workers, so they inherit "
+             "them (default: workers import what a snippet imports, as in a rollout process without sympy)")
+    add("--leak-check", type=int, nargs="?", const=10000, default=0, metavar="N",
+        help="run N trivial snippets (default N 10000) and sample the sandbox's RSS")
+    add("--quick", action="store_true", help="a small corpus subset and few trivial runs (a smoke test)")
+    add("--json", type=Path, default=None, metavar="OUT.json", help="write all results here")
+    add("--truth-cache", type=Path, default=None, metavar="DIR",
+        help="where ground-truth results are cached (default ~/.cache/cir)")
+    add("--refresh-truth", action="store_true", help="recompute the ground truth even if cached")
+    add("--truth-parallel", type=int, default=2,
+        help="fresh interpreters run at once for the ground truth (default 2)")
+    add("--truth-grace", type=float, default=DEFAULT_GRACE_S,
+        help="extra wall-clock seconds a fresh reference interpreter gets for its own start-up and imports "
+             f"(default {DEFAULT_GRACE_S})")
+    add("--preload", default=",".join(DEFAULT_PRELOAD),
+        help=f"modules the sandbox imports once in its zygote (default {','.join(DEFAULT_PRELOAD)})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ disagreement between what a template meant and what Python did.
 The mix: about 80% computations (sympy solve/simplify/factor/calculus/summation/number theory,
 brute-force loops, itertools, fractions, math, numpy, strings, dynamic programming), about 15%
 snippets that raise (NameError, ZeroDivisionError, TypeError, IndexError, SyntaxError, sympy
-errors, ...), a few infinite loops, a few prints of 100k+ characters and a few memory bombs.
+errors, ...), a few infinite loops and reads of an empty stdin (both end as timeouts), a few
+prints of 100k+ characters and a few memory bombs.
 Most snippets need a few milliseconds in a warm interpreter.
 """
 
@@ -44,7 +45,8 @@ class Snippet:
 
     @property
     def is_infinite(self) -> bool:
-        """Written to run past any timeout (left out of the 'without infinite loops' runs)."""
+        """Written to run past any timeout: an infinite loop or a read of stdin, which never gets
+        data (left out of the 'without infinite loops' runs)."""
         return self.expect == "timeout"
 
 
@@ -1223,7 +1225,8 @@ def error_exit(rng: random.Random) -> str:
     """)
 
 
-def error_eof(rng: random.Random) -> str:
+def stdin_read(rng: random.Random) -> str:
+    # Nothing ever arrives on the snippet's stdin: the read waits until the timeout.
     n = rng.randint(2, 9)
     return _c(f"""
         n = int(input("n = "))
@@ -1350,8 +1353,8 @@ TEMPLATES: list[tuple[str, Callable[[random.Random], str], str, int]] = [
     ("error_recursion", error_recursion, "error", 2),
     ("error_assert", error_assert, "error", 2),
     ("error_exit", error_exit, "error", 1),
-    ("error_eof", error_eof, "error", 2),
     ("infinite_loop", infinite_loop, "timeout", 6),
+    ("stdin_read", stdin_read, "timeout", 2),
     ("large_output", large_output, "output_limit", 6),
     ("memory_bomb", memory_bomb, "memory", 3),
 ]

@@ -2,15 +2,19 @@
 
 The sandbox promises that a snippet's status and stdout are what ``python -c <snippet>`` gives
 when run alone under the same limits. This module produces exactly that reference: one fresh
-interpreter per snippet (``sys.executable -c code``), stdin from ``/dev/null``, an empty
-temporary working directory, a clean environment, ``RLIMIT_AS`` set to the memory limit, and
-the same wall-clock timeout plus a start-up grace (the whole process group is killed when it runs
-out). At most ``parallel`` interpreters run at once.
+interpreter per snippet (``sys.executable -c code``), an empty temporary working directory, a
+clean environment, ``RLIMIT_AS`` set to the memory limit, and the same wall-clock timeout plus
+a start-up grace (the whole process group is killed when it runs out). At most ``parallel``
+interpreters run at once.
 
 Status mapping: exit 0 -> ``ok``; timeout -> ``timeout``; more stdout than the cap ->
 ``output_limit``; killed by a signal -> ``killed``; a traceback whose last line names a
 ``MemoryError`` (or a subclass such as numpy's ``_ArrayMemoryError``) -> ``memory``; any other
 non-zero exit -> ``error``.
+
+Standard input is a pipe that nothing is written to and that stays open while the snippet runs,
+as in the sandbox: ``input()`` blocks until the timeout, just as ``python -c`` started from a
+terminal waits for a user who never types.
 
 The grace (``grace_s``, default 3 s) exists because a fresh interpreter's clock includes its own
 start-up and the imports (``import sympy`` alone takes about half a second on a quiet machine, and
@@ -48,7 +52,7 @@ STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed")
 # Keep this much of stderr's tail: enough for the traceback's last line.
 _STDERR_TAIL_BYTES = 16384
 _READ_CHUNK = 65536
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: stdin is an open, silent pipe (was /dev/null)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,10 @@ class _Job:
     open_fds: int
     timed_out: bool = False
 
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
 
 DEFAULT_GRACE_S = 3.0
 
@@ -227,6 +235,7 @@ def run_fresh(
     finally:
         for job in running.values():  # only on an exception: leave nothing behind
             _kill_group(job.proc)
+            job.close_stdin()
             job.proc.wait()
             shutil.rmtree(job.workdir, ignore_errors=True)
         sel.close()
@@ -237,7 +246,7 @@ def _start(i: int, code: str, wall_s: float, preexec: Callable[[], None], python
     workdir = tempfile.mkdtemp(prefix="cir-truth-")
     proc = subprocess.Popen(
         [python, "-c", code],
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,  # never written, kept open until the end: a read blocks
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=workdir,
@@ -260,6 +269,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _finish(job: _Job, limits: Limits) -> Outcome:
     rc = job.proc.wait()
+    job.close_stdin()
     wall_ms = (time.monotonic() - job.started) * 1000.0
     shutil.rmtree(job.workdir, ignore_errors=True)
     error_line = last_line(job.stderr.decode("utf-8", errors="replace"))

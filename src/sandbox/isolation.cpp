@@ -89,7 +89,7 @@ struct SpawnArgs {
   const char* path;
   char* const* argv;
   char* const* envp;
-  int ctrl_fd, log_fd, null_fd, err_fd;  // err_fd: CLOEXEC pipe that reports a failed exec
+  int stdin_fd, ctrl_fd, log_fd, err_fd;  // err_fd: CLOEXEC pipe that reports a failed exec
   bool write_maps;
   char uid_map[64];
   char gid_map[64];
@@ -114,9 +114,9 @@ int spawn_child(void* p) {
   // Move our descriptors out of the way of 0..4 before placing them.
   int ctrl = int(syscall(SYS_fcntl, a->ctrl_fd, F_DUPFD, 100));
   int log = int(syscall(SYS_fcntl, a->log_fd, F_DUPFD, 100));
-  int null = int(syscall(SYS_fcntl, a->null_fd, F_DUPFD, 100));
+  int in = int(syscall(SYS_fcntl, a->stdin_fd, F_DUPFD, 100));
   int err = int(syscall(SYS_fcntl, a->err_fd, F_DUPFD_CLOEXEC, 100));
-  if (ctrl < 0 || log < 0 || null < 0 || err < 0) _exit(127);
+  if (ctrl < 0 || log < 0 || in < 0 || err < 0) _exit(127);
   if (a->write_maps) {
     if (write_proc_file("/proc/self/setgroups", "deny") != 0 && errno != ENOENT) spawn_fail(err, errno);
     if (write_proc_file("/proc/self/uid_map", a->uid_map) != 0) spawn_fail(err, errno);
@@ -143,7 +143,9 @@ int spawn_child(void* p) {
     sigaction(sig, &sa, nullptr);
   }
   syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-  if (syscall(SYS_dup3, null, 0, 0) < 0 || syscall(SYS_dup3, null, 1, 0) < 0 || syscall(SYS_dup3, log, 2, 0) < 0 ||
+  // Pipes on 0/1/2, so the interpreter sets up its standard streams exactly as a python -c
+  // whose output is captured does: the children reuse them.
+  if (syscall(SYS_dup3, in, 0, 0) < 0 || syscall(SYS_dup3, log, 1, 0) < 0 || syscall(SYS_dup3, log, 2, 0) < 0 ||
       syscall(SYS_dup3, ctrl, 3, 0) < 0 || syscall(SYS_dup3, err, 4, O_CLOEXEC) < 0)
     spawn_fail(err, errno);
   err = 4;
@@ -184,7 +186,7 @@ int kill_uid_child(void* p) {
 }  // namespace
 
 SpawnResult spawn_process(const std::string& path, const std::vector<std::string>& argv,
-                          const std::vector<std::string>& env, int ctrl_fd, int log_fd,
+                          const std::vector<std::string>& env, int stdin_fd, int ctrl_fd, int log_fd,
                           const std::vector<NamespaceSet>& candidates) {
   SpawnResult result;
   std::vector<char*> av, ev;
@@ -192,11 +194,6 @@ SpawnResult spawn_process(const std::string& path, const std::vector<std::string
   av.push_back(nullptr);
   for (const auto& s : env) ev.push_back(const_cast<char*>(s.c_str()));
   ev.push_back(nullptr);
-  Fd null(::open("/dev/null", O_RDWR | O_CLOEXEC));
-  if (!null.valid()) {
-    result.error = errno_message("open /dev/null");
-    return result;
-  }
   std::string errors;
   for (const NamespaceSet& ns : candidates) {
     int pipefd[2];
@@ -211,7 +208,7 @@ SpawnResult spawn_process(const std::string& path, const std::vector<std::string
     a.envp = ev.data();
     a.ctrl_fd = ctrl_fd;
     a.log_fd = log_fd;
-    a.null_fd = null.get();
+    a.stdin_fd = stdin_fd;
     a.err_fd = err_w.get();
     a.write_maps = ns.user;
     std::snprintf(a.uid_map, sizeof a.uid_map, "%u %u 1\n", unsigned(geteuid()), unsigned(geteuid()));

@@ -32,12 +32,12 @@ struct SpawnResult {
 
 // Starts the executable at `path` with `argv` and environment `env`, trying the
 // namespace sets in `candidates` in order and using the first the kernel accepts. The
-// child gets /dev/null on 0 and 1, `log_fd` on 2, `ctrl_fd` on 3, default signal
+// child gets `stdin_fd` on 0, `log_fd` on 1 and 2, `ctrl_fd` on 3, default signal
 // dispositions, an empty signal mask, "/" as cwd, and PR_SET_PDEATHSIG(SIGKILL) bound to
 // the calling thread. Uses clone(CLONE_VM|CLONE_VFORK): the (large, multithreaded) calling
 // process is never copied.
 SpawnResult spawn_process(const std::string& path, const std::vector<std::string>& argv,
-                          const std::vector<std::string>& env, int ctrl_fd, int log_fd,
+                          const std::vector<std::string>& env, int stdin_fd, int ctrl_fd, int log_fd,
                           const std::vector<NamespaceSet>& candidates);
 
 // SIGKILLs every process whose real uid is `uid` that the caller can see (in a pid

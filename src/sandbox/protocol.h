@@ -27,6 +27,11 @@ struct Header {
   uint32_t length;  // bytes of JSON text following the header (Hello / Ready)
 };
 
+// Ready: Header, then ReadyFlags, then the JSON text.
+enum ReadyFlags : uint32_t {
+  kUsesHostWorkRoot = 1,  // no private /tmp: the work dirs live in the host directory from Hello
+};
+
 struct RunRequest {
   Type type;
   uint32_t slot;

@@ -285,6 +285,16 @@ void Supervisor::spawn_zygote() {
     return;
   }
   Fd log_r(lp[0]), log_w(lp[1]);
+  int ip[2];
+  if (pipe2(ip, O_CLOEXEC) != 0) {
+    failure_ = errno_message("pipe2");
+    zstate_ = ZState::Failed;
+    fail_queued(failure_);
+    ready_cv_.notify_all();
+    return;
+  }
+  Fd stdin_r(ip[0]);
+  zygote_stdin_.reset(ip[1]);
 
   std::vector<NamespaceSet> candidates;
   if (opt_.use_namespaces) {
@@ -306,7 +316,8 @@ void Supervisor::spawn_zygote() {
   }
   candidates.push_back(NamespaceSet{});
   const std::string& path = opt_.executable.empty() ? opt_.zygote_argv[0] : opt_.executable;
-  SpawnResult sp = spawn_process(path, opt_.zygote_argv, opt_.zygote_env, theirs.get(), log_w.get(), candidates);
+  SpawnResult sp =
+      spawn_process(path, opt_.zygote_argv, opt_.zygote_env, stdin_r.get(), theirs.get(), log_w.get(), candidates);
   if (sp.pid < 0) {
     failure_ = "could not start the sandbox interpreter: " + sp.error;
     zstate_ = ZState::Failed;
@@ -489,10 +500,18 @@ void Supervisor::handle_ctrl() {
     }
     proto::Type type;
     std::memcpy(&type, buf, sizeof type);
-    if (type == proto::Type::Ready && size_t(n) >= sizeof(proto::Header)) {
+    if (type == proto::Type::Ready && size_t(n) >= sizeof(proto::Header) + sizeof(uint32_t)) {
       proto::Header h;
+      uint32_t flags;
       std::memcpy(&h, buf, sizeof h);
-      ready_json_.assign(buf + sizeof h, std::min<size_t>(h.length, size_t(n) - sizeof h));
+      std::memcpy(&flags, buf + sizeof h, sizeof flags);
+      size_t at = sizeof h + sizeof flags;
+      ready_json_.assign(buf + at, std::min<size_t>(h.length, size_t(n) - at));
+      if (!(flags & proto::kUsesHostWorkRoot) && !host_work_root_.empty()) {
+        // The zygote has a private /tmp: nothing to leave behind on the host if we are killed.
+        remove_tree(host_work_root_);
+        host_work_root_.clear();
+      }
       zstate_ = ZState::Ready;
       ever_ready_ = true;
       start_failures_ = 0;

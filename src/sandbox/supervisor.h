@@ -174,6 +174,7 @@ class Supervisor {
 
   Fd epoll_, wake_fd_, notify_fd_;
   Fd ctrl_, log_;
+  Fd zygote_stdin_;  // write end of the zygote's stdin: held open, never written
   pid_t zygote_pid_ = -1;
   NamespaceSet ns_;
   bool drop_uid_ = false;

@@ -215,6 +215,43 @@ int64_t self_vm_size_bytes() {
   return std::strtoll(s.c_str() + p + 7, nullptr, 10) * 1024;
 }
 
+int64_t collapse_into_huge_pages() {
+#ifndef MADV_COLLAPSE
+  constexpr int kMadvCollapse = 25;
+#else
+  constexpr int kMadvCollapse = MADV_COLLAPSE;
+#endif
+  std::string maps;
+  if (!read_file("/proc/self/maps", &maps)) return 0;
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  size_t pos = 0;
+  while (pos < maps.size()) {
+    size_t end = maps.find('\n', pos);
+    if (end == std::string::npos) end = maps.size();
+    std::string line = maps.substr(pos, end - pos);
+    pos = end + 1;
+    // "lo-hi perms offset dev inode [path]": private writable anonymous memory only.
+    char perms[8] = {0};
+    unsigned long lo = 0, hi = 0, inode = 0;
+    char path[256] = {0};
+    int n = std::sscanf(line.c_str(), "%lx-%lx %7s %*s %*s %lu %255s", &lo, &hi, perms, &inode, path);
+    if (n < 4 || perms[0] != 'r' || perms[1] != 'w' || perms[3] != 'p' || inode != 0) continue;
+    if (n == 5 && std::strcmp(path, "[heap]") != 0) continue;  // [stack], [vvar], ...
+    uintptr_t a = (uintptr_t(lo) + kHuge - 1) & ~(kHuge - 1);
+    uintptr_t b = uintptr_t(hi) & ~(kHuge - 1);
+    if (b <= a) continue;
+    void* p = reinterpret_cast<void*>(a);
+    if (madvise(p, b - a, MADV_HUGEPAGE) != 0) continue;
+    madvise(p, b - a, kMadvCollapse);
+    madvise(p, b - a, MADV_NOHUGEPAGE);
+  }
+  std::string rollup;
+  if (!read_file("/proc/self/smaps_rollup", &rollup)) return 0;
+  size_t at = rollup.find("AnonHugePages:");
+  if (at == std::string::npos) return 0;
+  return std::strtoll(rollup.c_str() + at + 14, nullptr, 10) * 1024;
+}
+
 long count_tasks_of_uid(uid_t uid) {
   DIR* d = opendir("/proc");
   if (d == nullptr) return 0;

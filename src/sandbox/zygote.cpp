@@ -123,9 +123,11 @@ void ZygoteServer::send(const void* msg, size_t len) {
   if (!send_packet(ctrl_, msg, len, nullptr, 0)) supervisor_gone_ = true;
 }
 
-void ZygoteServer::send_ready(const std::string& json) {
+void ZygoteServer::send_ready(const std::string& json, bool uses_host_work_root) {
   proto::Header h{proto::Type::Ready, uint32_t(json.size())};
+  uint32_t flags = uses_host_work_root ? proto::kUsesHostWorkRoot : 0;
   std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
+  msg.append(reinterpret_cast<const char*>(&flags), sizeof flags);
   msg += json;
   send(msg.data(), msg.size());
 }
@@ -233,6 +235,7 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
     kill(pid, SIGKILL);  // a spare that cannot take its request is useless; reaped later
     return false;
   }
+  spare_failures_ = 0;  // only spares that die unused in a row stop the pre-forking
   started(r, pid);
   return true;
 }

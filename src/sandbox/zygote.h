@@ -68,7 +68,7 @@ class ZygoteServer {
   // Blocking read of the supervisor's Hello (JSON text).
   std::string read_hello();
   void configure(const ZygoteOptions& options);
-  void send_ready(const std::string& json);
+  void send_ready(const std::string& json, bool uses_host_work_root);
 
   // Blocks until the next run request, reaping children and serving kill requests in the
   // meantime. Returns false on shutdown or when the supervisor has gone away. A request

@@ -1,0 +1,291 @@
+"""`cir bench rollout`: asynchronous per-trajectory rollout against a turn-synchronous loop.
+
+Both schedules run the same model, tokenizer, problems, seeds and sandbox in one process,
+one after the other (a short warm-up first):
+
+- `async` (cir's `rollout_async`): every trajectory is its own coroutine; while one waits on
+  the sandbox, the engine keeps decoding the others (continuous batching).
+- `turn_sync` (`rollout_turn_sync`, the loop common research code uses): all live
+  trajectories generate until their fence or EOS, then all blocks execute, then the next turn:
+  at every turn everyone waits for the longest generation and the slowest execution.
+
+Each generate call is seeded from (trajectory seed, turn), so both schedules sample the same
+trajectories (checked and reported): the only difference is scheduling. The figures are
+model tokens generated per wall second and trajectories per wall second, and their ratio.
+
+The model. By default a tiny Qwen2 (`cir.models.tiny_causal_lm`) on a character tokenizer is
+warm-started for a few hundred steps on synthetic solution traces for arithmetic problems:
+some answer directly, some write one or two ```` ```python ```` blocks; reasoning text of
+varied length; most blocks are quick, some sleep (0.1-0.8 s, standing in for heavy sympy
+calls or a remote executor) and some run a CPU-bound loop. Sampled at temperature 1, it
+produces a realistic mix of generation lengths and execution latencies. `--model DIR` uses
+a `transformers` checkpoint (with its tokenizer) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+# Sentences of the warm-up traces' reasoning text (varied lengths of generation).
+_FILLER = (
+    "First, read the problem carefully.",
+    "The numbers are large, so mental arithmetic is error-prone.",
+    "Let us break the expression into parts.",
+    "Multiplication comes before addition.",
+    "We should double check the result.",
+    "A quick estimate helps to catch mistakes.",
+    "Keep every digit.",
+    "The order of operations matters here.",
+)
+
+
+@dataclass
+class Trace:
+    prompt: str
+    pieces: list[tuple[str, bool]]  # (text, trained): feedback blocks are not trained
+
+
+def make_problem(rng: random.Random) -> tuple[str, int]:
+    a, b, c = rng.randint(100, 9999), rng.randint(10, 999), rng.randint(1, 99)
+    op = rng.choice(["+", "-"])
+    expr = f"{a} * {b} {op} {c}"
+    return expr, eval(expr)  # noqa: S307 (our own arithmetic string)
+
+
+def prompt_text(expr: str) -> str:
+    return f"Problem: compute {expr}.\nSolution: "
+
+
+def _code_block(rng: random.Random, expr: str, value: int) -> tuple[str, str]:
+    """(code, its stdout) with a latency profile: mostly quick, some sleep, some loops."""
+    kind = rng.random()
+    if kind < 0.25:
+        delay = rng.choice([0.1, 0.2, 0.4, 0.8])
+        return f"import time\ntime.sleep({delay})\nprint({expr})", f"{value}"
+    if kind < 0.4:
+        n = rng.choice([100000, 300000, 1000000])
+        return f"s = 0\nfor i in range({n}):\n    s += i % 3\nprint({expr})", f"{value}"
+    return f"print({expr})", f"{value}"
+
+
+def make_trace(rng: random.Random, template: str) -> Trace:
+    expr, value = make_problem(rng)
+    pieces: list[tuple[str, bool]] = []
+    reasoning = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(0, 5)))
+    if reasoning:
+        pieces.append((reasoning + "\n", True))
+    blocks = rng.choices([0, 1, 2], weights=[0.2, 0.6, 0.2])[0]
+    for i in range(blocks):
+        if i == 1:
+            pieces.append(("Let me verify it another way.\n", True))
+        code, out = _code_block(rng, expr, value)
+        pieces.append((f"```python\n{code}\n```\n", True))
+        pieces.append((template.replace("{output}", out), False))
+    pieces.append((f"The answer is \\boxed{{{value}}}.", True))
+    return Trace(prompt_text(expr), pieces)
+
+
+def warm_start(model, tokenizer, traces: list[Trace], *, steps: int, batch_size: int, lr: float, seed: int, log=print) -> float:
+    """Supervised warm-up on the traces (loss on trained pieces and EOS). Returns the last loss."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    rows = []
+    for trace in traces:
+        ids = tokenizer.encode(trace.prompt, add_special_tokens=False)
+        labels = [-100] * len(ids)
+        for text, trained in trace.pieces:
+            piece = tokenizer.encode(text, add_special_tokens=False)
+            ids += piece
+            labels += piece if trained else [-100] * len(piece)
+        ids.append(eos)
+        labels.append(eos)
+        rows.append((ids, labels))
+    gen = random.Random(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    loss_value = float("nan")
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = gen.sample(rows, min(batch_size, len(rows)))
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for b, (ids, lab) in enumerate(batch):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention[b, : len(ids)] = 1
+            labels[b, : len(lab)] = torch.tensor(lab)
+        for group in opt.param_groups:  # linear warm-up then cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = loss.item()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            log(f"  warm-up step {step + 1}/{steps}  loss {loss_value:.3f}  ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    return loss_value
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a transformers checkpoint (model and tokenizer) to use instead of the warm-started tiny model")
+    parser.add_argument("--hidden-size", type=int, default=128, help="tiny model width (default 128)")
+    parser.add_argument("--layers", type=int, default=2, help="tiny model layers (default 2)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 300; 60 with --quick)")
+    parser.add_argument("--warmup-traces", type=int, default=400, help="synthetic traces for the warm-up (default 400)")
+    parser.add_argument("--problems", type=int, default=None, help="trajectories per schedule (default 48; 12 with --quick)")
+    parser.add_argument("--tool-budget", type=int, default=2, help="executions per trajectory (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="response token limit (default 512; 256 with --quick)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--workers", type=int, default=8, help="sandbox workers (default 8; sleeping snippets use no CPU)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="sandbox time limit per snippet, s (default 5)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="engine batch size (default 64)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of problems, model init and sampling (default 0)")
+    parser.add_argument("--quick", action="store_true", help="small model warm-up and few problems (a smoke test)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the results here")
+
+
+def _load_model(args, log):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").to(device).eval()
+        return model, tokenizer, {"model": args.model}
+    from cir.models import tiny_causal_lm
+    from cir.rollout import RolloutConfig
+    from cir.tokenization import char_tokenizer
+
+    tokenizer = char_tokenizer(BENCH_ALPHABET)
+    heads = max(1, args.hidden_size // 32)
+    model = tiny_causal_lm(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=heads,
+                           num_kv_heads=1 if heads % 2 else 2, seed=args.seed, max_position_embeddings=2048)
+    rng = random.Random(args.seed + 1)
+    template = RolloutConfig().feedback_template
+    traces = [make_trace(rng, template) for _ in range(args.warmup_traces)]
+    steps = args.warmup_steps if args.warmup_steps is not None else (60 if args.quick else 300)
+    log(f"warm-starting a tiny Qwen2 (hidden {args.hidden_size}, {args.layers} layers, char tokenizer) "
+        f"on {len(traces)} traces for {steps} steps")
+    torch.manual_seed(args.seed)
+    loss = warm_start(model, tokenizer, traces, steps=steps, batch_size=16, lr=3e-3, seed=args.seed, log=log)
+    model.to(device)
+    info = {"model": "tiny-qwen2", "hidden_size": args.hidden_size, "layers": args.layers,
+            "params": sum(p.numel() for p in model.parameters()), "warmup_steps": steps, "warmup_loss": loss}
+    return model, tokenizer, info
+
+
+def _measure(mode: str, engine, sandbox, prompts, config, seeds) -> tuple[dict, list]:
+    from cir.rollout import rollout, rollout_stats
+
+    tokens_before = engine.stats.tokens_generated if hasattr(engine, "stats") else None
+    start = time.perf_counter()
+    trajectories = rollout(engine, sandbox, prompts, config, mode=mode, seeds=seeds)
+    wall = time.perf_counter() - start
+    model_tokens = sum(t.num_model_tokens for t in trajectories)
+    calls = [c for t in trajectories for c in t.tool_calls if c.executed]
+    row = {
+        "mode": mode,
+        "wall_s": wall,
+        "trajectories": len(trajectories),
+        "model_tokens": model_tokens,
+        "tokens_per_s": model_tokens / wall,
+        "trajectories_per_s": len(trajectories) / wall,
+        "executions": len(calls),
+        "exec_ms_mean": sum(c.wall_ms for c in calls) / len(calls) if calls else 0.0,
+        "exec_ms_max": max((c.wall_ms for c in calls), default=0.0),
+        **{k: v for k, v in rollout_stats(trajectories).items()},
+    }
+    if tokens_before is not None:
+        row["engine_tokens"] = engine.stats.tokens_generated - tokens_before
+    return row, trajectories
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cir.engines.hf import HFEngine
+    from cir.rollout import RolloutConfig
+    from cir.sandbox import Sandbox
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    n_problems = args.problems if args.problems is not None else (12 if args.quick else 48)
+    max_tokens = args.max_tokens if args.max_tokens is not None else (256 if args.quick else 512)
+    if n_problems < 1 or max_tokens < 1:
+        raise SystemExit("cir bench rollout: --problems and --max-tokens must be >= 1")
+
+    model, tokenizer, model_info = _load_model(args, log)
+    device = str(next(model.parameters()).device)
+    rng = random.Random(args.seed + 2)
+    prompts = [tokenizer.encode(prompt_text(make_problem(rng)[0]), add_special_tokens=False) for _ in range(n_problems)]
+    seeds = [args.seed * 1_000_003 + i for i in range(n_problems)]
+    config = RolloutConfig(max_response_tokens=max_tokens, tool_budget=args.tool_budget, temperature=args.temperature)
+
+    results: dict = {}
+    with Sandbox(workers=args.workers, timeout_s=args.timeout) as sandbox, HFEngine(
+        model, tokenizer, max_batch_size=args.max_batch_size, seed=args.seed
+    ) as engine:
+        log("warm-up rollout ...")
+        _measure("async", engine, sandbox, prompts[: min(4, n_problems)], config, seeds[:4])
+        rows, trajs = {}, {}
+        for mode in ("async", "turn_sync"):
+            log(f"rollout {mode}: {n_problems} trajectories ...")
+            rows[mode], trajs[mode] = _measure(mode, engine, sandbox, prompts, config, seeds)
+    same = all(
+        a.response_ids == b.response_ids and a.loss_mask == b.loss_mask for a, b in zip(trajs["async"], trajs["turn_sync"])
+    )
+    ratio_tokens = rows["async"]["tokens_per_s"] / rows["turn_sync"]["tokens_per_s"]
+    ratio_trajs = rows["async"]["trajectories_per_s"] / rows["turn_sync"]["trajectories_per_s"]
+    results = {
+        "device": device,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "model": model_info,
+        "config": {"problems": n_problems, "max_response_tokens": max_tokens, "tool_budget": args.tool_budget,
+                   "temperature": args.temperature, "sandbox_workers": args.workers, "seed": args.seed},
+        "rows": [rows["async"], rows["turn_sync"]],
+        "identical_trajectories": same,
+        "ratio_tokens_per_s": ratio_tokens,
+        "ratio_trajectories_per_s": ratio_trajs,
+    }
+    _print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        log(f"wrote {args.json}")
+    return 0
+
+
+def _print_table(results: dict) -> None:
+    cols = [("mode", "{}"), ("wall_s", "{:.2f}"), ("model_tokens", "{}"), ("tokens_per_s", "{:.1f}"),
+            ("trajectories_per_s", "{:.2f}"), ("tool_calls_per_traj", "{:.2f}"), ("exec_error_rate", "{:.2f}"),
+            ("exec_ms_mean", "{:.0f}"), ("exec_ms_max", "{:.0f}")]
+    table = [[name for name, _ in cols]] + [[fmt.format(row[name]) for name, fmt in cols] for row in results["rows"]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    for r in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+    cfg = results["config"]
+    print(f"\n{cfg['problems']} problems, tool budget {cfg['tool_budget']}, max {cfg['max_response_tokens']} tokens, "
+          f"device {results['device']}; same trajectories in both modes: {results['identical_trajectories']}")
+    print(f"async / turn-sync: tokens/s x{results['ratio_tokens_per_s']:.2f}, "
+          f"trajectories/s x{results['ratio_trajectories_per_s']:.2f}")
