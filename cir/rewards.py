@@ -765,7 +765,7 @@ def reward_info_from_trajectory(trajectory, max_response_length: int | None = No
         "finish_reason": trajectory.finish_reason,
         "budget_exhausted": trajectory.finish_reason == "budget"
         or any(getattr(c, "status", "") == "budget_exhausted" for c in calls),
-        "num_tool_calls": len(calls),
+        "num_tool_calls": int(getattr(trajectory, "num_tool_calls", len(calls))),  # executions, not budget notices
     }
 
 

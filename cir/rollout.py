@@ -8,9 +8,11 @@ only to *find* the fence and to *extract* the code to run.
 
 Fences that share a token with more text. Generation stops on the first token after which
 the segment's text holds an opening ```` ```python ```` (or ```` ```py ````) line followed by a
-line that starts with ```` ``` ````. With a byte-level BPE that token may also carry a newline
-or more text (``"```\\n"``, ``"```\\n\\n"``, ``"```\\nThe"``). That token is kept exactly as
-sampled, extra text included: the extra text stays in the response *before* the output block.
+line that starts with ```` ``` ```` (indented by at most three spaces). With a byte-level BPE
+that token may also carry a newline or more text: in Qwen's vocabulary the fence's last
+backtick comes as ``"`\\n"``, ``"`\\n\\n"``, ``"`.\\n"`` or ``"`s"``, a whole fence as
+``" ```\\n"``. That token is kept exactly as sampled, extra text included: the extra text
+stays in the response *before* the output block.
 The feedback starts with ``"\\n"`` only when the response does not already end with a newline,
 so the output block always starts on its own line.
 
@@ -48,14 +50,20 @@ class RolloutConfig:
     on_budget_exhausted: what happens when the model closes a python block after the budget
         is spent: "stop" ends the trajectory at the fence (finish_reason "budget"); "notice"
         appends `budget_notice` in an output block (no execution) and keeps generating.
+    budget_notice: the text shown in place of output under "notice".
     feedback_template: the text appended after an executed block; `{output}` is replaced
-        by the output shown (plain substitution, other braces are kept literally).
-    max_feedback_tokens: the feedback (template, leading newline and output) is cut to at
-        most this many tokens by shortening the output and ending it with
-        `truncation_marker`. None: no limit (the response length limit still applies).
+        by the output shown: `ExecResult.feedback()` (stdout, or the error's last line, or a
+        timeout notice) without trailing newlines (plain substitution, other braces are kept
+        literally). A "\n" is put before it when the response does not end with a newline.
+    max_feedback_tokens: the feedback (leading newline, template and output) is cut to at
+        most this many tokens by keeping the head of the output and ending it with
+        `truncation_marker`. None: no limit. Either way the feedback is also cut to leave
+        room for one more model token within max_response_tokens; a block closed with no
+        room even for the template and marker is not run (finish_reason "length").
     temperature, top_p, top_k: sampling (temperature 0 is greedy; top_k 0 is off).
     session_mode: run the blocks of one trajectory in one sandbox session, so later blocks
         see the definitions of earlier successful ones. Off: each block runs alone.
+    exec_timeout_s: wall-clock limit per block (None: the sandbox's own timeout_s).
     stop_on_eos: stop a trajectory at the tokenizer's EOS token (kept, loss_mask 1).
     stop_token_ids: further token ids that end a trajectory like EOS (e.g. a chat end token).
     """
@@ -71,6 +79,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     session_mode: bool = False
+    exec_timeout_s: float | None = None
     stop_on_eos: bool = True
     stop_token_ids: tuple[int, ...] = ()
 
@@ -93,6 +102,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"RolloutConfig.top_k must be >= 0, got {self.top_k}")
+        if self.exec_timeout_s is not None and not self.exec_timeout_s > 0:
+            raise ValueError(f"RolloutConfig.exec_timeout_s must be > 0 or None, got {self.exec_timeout_s}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
 
@@ -157,6 +168,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    # Verbatim text (no clean-up of spaces), so fence detection sees what the engine's stop
+    # predicate saw.
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def build_feedback(
     tokenizer,
     output: str,
@@ -168,10 +185,11 @@ def build_feedback(
 ) -> Feedback:
     """Tokenize `prefix + template` with `output` substituted, alone.
 
-    If that is longer than `max_tokens`, the output is cut to its longest head that still
-    fits together with `marker` (found by bisection on the character count; every candidate
-    is tokenized, so the result is guaranteed to fit). Raises ValueError if even an empty
-    output with the marker does not fit.
+    If that is longer than `max_tokens`, the output is cut to a head that fits together with
+    `marker`, found by bisection on the character count. Every candidate is tokenized, so the
+    result always fits; since token counts of heads are only nearly monotone in their length,
+    the head found may be a few characters short of the longest possible. Raises ValueError
+    if even an empty output with the marker does not fit.
     """
 
     def render(shown: str) -> tuple[str, list[int]]:
@@ -187,8 +205,7 @@ def build_feedback(
             f"feedback template with an empty output and the truncation marker takes {len(ids)} tokens, "
             f"more than max_feedback_tokens={max_tokens}"
         )
-    # Invariant: a head of `lo` characters fits. Token counts of heads are nearly monotone in
-    # length; bisection finds a long head that fits (not necessarily the longest possible).
+    # Invariant: a head of `lo` characters (plus the marker) fits.
     lo, hi = 0, min(len(output), 64 * max_tokens)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -281,7 +298,7 @@ class _TrajectoryRun:
             )
         span = traj.append(list(completion.token_ids), list(completion.logprobs), trainable=True)
         self.turn += 1
-        segment = self.tokenizer.decode(completion.token_ids)
+        segment = _decode(self.tokenizer, completion.token_ids)
         block = find_code_block(segment)
         if block is None:
             ended_on_stop = bool(completion.token_ids) and completion.token_ids[-1] in self.stop_ids
@@ -335,9 +352,7 @@ class _TrajectoryRun:
 
 
 async def _execute(sandbox, run: _TrajectoryRun, code: str):
-    if run.session is None:
-        return await sandbox.arun(code)
-    return await sandbox.arun(code, session=run.session)
+    return await sandbox.arun(code, timeout_s=run.config.exec_timeout_s, session=run.session)
 
 
 def _close_session(sandbox, run: _TrajectoryRun) -> None:

@@ -14,7 +14,9 @@ training the real model on the real loss, at a fraction of the cost of 151k-way 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
 import random
 import time
@@ -573,6 +575,16 @@ def test_error_line_is_the_feedback_of_a_failing_block(world):
     assert traj.num_exec_errors == 1 and traj.num_timeouts == 0
 
 
+def test_timeout_is_reported_in_the_feedback(world):
+    config = base_config(exec_timeout_s=0.3)
+    traj = run(rollout_one(world.engine, world.sandbox, world.prompts["sleep"], config))
+    (call,) = traj.tool_calls
+    assert call.status == "timeout" and 300 <= call.wall_ms < SLEEP_S * 1000
+    assert call.output.startswith("TimeoutError")
+    assert traj.num_timeouts == 1 and traj.num_exec_errors == 1
+    assert_mask_exact(traj)
+
+
 def test_session_mode_lets_a_later_block_see_an_earlier_definition(world):
     prompt = world.prompts["session"]
     with_session = run(rollout_one(world.engine, world.sandbox, prompt, base_config(session_mode=True)))
@@ -679,3 +691,52 @@ def test_unknown_mode_and_mismatched_seeds_fail_clearly(world):
         rollout(world.engine, world.sandbox, [world.prompts["fence_nl"]], base_config(), mode="sync")
     with pytest.raises(ValueError, match="seeds"):
         rollout(world.engine, world.sandbox, [world.prompts["fence_nl"]], base_config(), seeds=[1, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# `cir bench rollout`
+
+
+def test_bench_traces_show_the_real_output_of_their_code():
+    """The warm-up traces teach the model what the interpreter really prints."""
+    from cir.bench.rollout import make_trace
+
+    rng = random.Random(3)
+    traces = [make_trace(rng, TEMPLATE) for _ in range(40)]
+    blocks = []
+    for trace in traces:
+        for (text, trained), nxt in zip(trace.pieces, trace.pieces[1:] + [("", True)]):
+            if trained and text.startswith("```python\n"):
+                assert not nxt[1] and nxt[0].startswith("```output\n")
+                blocks.append((find_code_block(text).code, nxt[0]))
+    assert len(blocks) >= 20
+    quick = [(code, shown) for code, shown in blocks if "sleep" not in code][:12]
+    with Sandbox(workers=2, timeout_s=10) as sandbox:
+        results = sandbox.run_batch([code for code, _ in quick])
+    for (code, shown), result in zip(quick, results):
+        assert result.status == "ok", code
+        assert shown == TEMPLATE.replace("{output}", result.feedback().rstrip("\n"))
+
+
+def test_bench_rollout_runs_both_schedules(tmp_path):
+    from cir.bench import rollout as bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser)
+    out = tmp_path / "bench.json"
+    common = ["--problems", "4", "--max-tokens", "48", "--repeats", "1", "--workers", "2", "--json", str(out)]
+    saved = tmp_path / "model"
+    args = parser.parse_args(["--warmup-steps", "3", "--warmup-traces", "16", "--hidden-size", "32",
+                              "--save-model", str(saved), *common])
+    assert bench.run(args) == 0
+    first = json.loads(out.read_text())
+    assert [row["mode"] for row in first["rows"]] == ["async", "turn_sync"]
+    assert first["identical_trajectories"] is True
+    for row in first["rows"]:
+        assert row["trajectories"] == 4 and row["model_tokens"] > 0 and row["tokens_per_s"] > 0
+    assert first["ratio_tokens_per_s"] == pytest.approx(first["rows"][0]["tokens_per_s"] / first["rows"][1]["tokens_per_s"])
+    # The saved checkpoint loads through --model and samples the same trajectories.
+    assert bench.run(parser.parse_args(["--model", str(saved), *common])) == 0
+    second = json.loads(out.read_text())
+    assert second["model"] == {"model": str(saved)}
+    assert second["rows"][0]["model_tokens"] == first["rows"][0]["model_tokens"]

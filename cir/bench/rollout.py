@@ -1,7 +1,8 @@
 """`cir bench rollout`: asynchronous per-trajectory rollout against a turn-synchronous loop.
 
-Both schedules run the same model, tokenizer, problems, seeds and sandbox in one process,
-one after the other (a short warm-up first):
+Both schedules run the same model, tokenizer, problems, seeds and sandbox in one process
+(after a short warm-up rollout), `--repeats` times each, alternating which goes first so slow
+drift of a shared machine hits both alike; the run with the median wall time stands for each:
 
 - `async` (cir's `rollout_async`): every trajectory is its own coroutine; while one waits on
   the sandbox, the engine keeps decoding the others (continuous batching).
@@ -33,7 +34,7 @@ import random
 import string
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
@@ -145,6 +146,8 @@ def warm_start(model, tokenizer, traces: list[Trace], *, steps: int, batch_size:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="a transformers checkpoint (model and tokenizer) to use instead of the warm-started tiny model")
+    parser.add_argument("--save-model", default=None, metavar="DIR",
+                        help="save the warm-started model and tokenizer here (reuse them later with --model DIR)")
     parser.add_argument("--hidden-size", type=int, default=128, help="tiny model width (default 128)")
     parser.add_argument("--layers", type=int, default=2, help="tiny model layers (default 2)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 300; 60 with --quick)")
@@ -158,6 +161,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="engine batch size (default 64)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of problems, model init and sampling (default 0)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per schedule, alternating which goes first; medians are reported (default 3)")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="print N sampled trajectories (stderr)")
     parser.add_argument("--quick", action="store_true", help="small model warm-up and few problems (a smoke test)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the results here")
 
@@ -187,10 +193,17 @@ def _load_model(args, log):
     log(f"warm-starting a tiny Qwen2 (hidden {args.hidden_size}, {args.layers} layers, char tokenizer) "
         f"on {len(traces)} traces for {steps} steps")
     torch.manual_seed(args.seed)
+    start = time.perf_counter()
     loss = warm_start(model, tokenizer, traces, steps=steps, batch_size=16, lr=3e-3, seed=args.seed, log=log)
+    warmup_s = time.perf_counter() - start
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        tokenizer.save_pretrained(args.save_model)
+        log(f"saved the warm-started model to {args.save_model}")
     model.to(device)
     info = {"model": "tiny-qwen2", "hidden_size": args.hidden_size, "layers": args.layers,
-            "params": sum(p.numel() for p in model.parameters()), "warmup_steps": steps, "warmup_loss": loss}
+            "params": sum(p.numel() for p in model.parameters()), "warmup_steps": steps, "warmup_loss": loss,
+            "warmup_s": warmup_s}
     return model, tokenizer, info
 
 
@@ -213,7 +226,7 @@ def _measure(mode: str, engine, sandbox, prompts, config, seeds) -> tuple[dict, 
         "executions": len(calls),
         "exec_ms_mean": sum(c.wall_ms for c in calls) / len(calls) if calls else 0.0,
         "exec_ms_max": max((c.wall_ms for c in calls), default=0.0),
-        **{k: v for k, v in rollout_stats(trajectories).items()},
+        **rollout_stats(trajectories),
     }
     if tokens_before is not None:
         row["engine_tokens"] = engine.stats.tokens_generated - tokens_before
@@ -246,13 +259,20 @@ def run(args: argparse.Namespace) -> int:
     ) as engine:
         log("warm-up rollout ...")
         _measure("async", engine, sandbox, prompts[: min(4, n_problems)], config, seeds[:4])
-        rows, trajs = {}, {}
-        for mode in ("async", "turn_sync"):
-            log(f"rollout {mode}: {n_problems} trajectories ...")
-            rows[mode], trajs[mode] = _measure(mode, engine, sandbox, prompts, config, seeds)
+        runs: dict[str, list[dict]] = {"async": [], "turn_sync": []}
+        trajs: dict[str, list] = {}
+        for r in range(max(1, args.repeats)):
+            for mode in ("async", "turn_sync") if r % 2 == 0 else ("turn_sync", "async"):
+                log(f"run {r + 1}/{args.repeats}: {mode}, {n_problems} trajectories ...")
+                row, trajs[mode] = _measure(mode, engine, sandbox, prompts, config, seeds)
+                runs[mode].append(row)
     same = all(
         a.response_ids == b.response_ids and a.loss_mask == b.loss_mask for a, b in zip(trajs["async"], trajs["turn_sync"])
     )
+    for traj in trajs["async"][: args.show]:
+        log("-" * 60 + "\n" + tokenizer.decode(traj.prompt_ids) + tokenizer.decode(traj.response_ids))
+    # The run with the median wall time stands for each schedule.
+    rows = {mode: sorted(rs, key=lambda row: row["wall_s"])[len(rs) // 2] for mode, rs in runs.items()}
     ratio_tokens = rows["async"]["tokens_per_s"] / rows["turn_sync"]["tokens_per_s"]
     ratio_trajs = rows["async"]["trajectories_per_s"] / rows["turn_sync"]["trajectories_per_s"]
     results = {
@@ -264,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         "config": {"problems": n_problems, "max_response_tokens": max_tokens, "tool_budget": args.tool_budget,
                    "temperature": args.temperature, "sandbox_workers": args.workers, "seed": args.seed},
         "rows": [rows["async"], rows["turn_sync"]],
+        "runs": runs,
+        "ratios_per_repeat": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["async"], runs["turn_sync"])],
         "identical_trajectories": same,
         "ratio_tokens_per_s": ratio_tokens,
         "ratio_trajectories_per_s": ratio_trajs,
@@ -287,5 +309,6 @@ def _print_table(results: dict) -> None:
     cfg = results["config"]
     print(f"\n{cfg['problems']} problems, tool budget {cfg['tool_budget']}, max {cfg['max_response_tokens']} tokens, "
           f"device {results['device']}; same trajectories in both modes: {results['identical_trajectories']}")
-    print(f"async / turn-sync: tokens/s x{results['ratio_tokens_per_s']:.2f}, "
-          f"trajectories/s x{results['ratio_trajectories_per_s']:.2f}")
+    print(f"async / turn-sync (medians of {len(results['ratios_per_repeat'])} runs): "
+          f"tokens/s x{results['ratio_tokens_per_s']:.2f}, trajectories/s x{results['ratio_trajectories_per_s']:.2f} "
+          f"(per run: {', '.join(f'{r:.2f}' for r in results['ratios_per_repeat'])})")
