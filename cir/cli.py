@@ -23,7 +23,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 
 def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="cir", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="cir",
+        description="cir: train language models to reason with a code interpreter (RL with a C++ sandbox and fused Triton kernels).",
+        epilog="Run `cir COMMAND --help` for a command's options. `cir train` with no arguments runs the built-in CPU demo.",
+    )
     parser.add_argument("--version", action="version", version=f"cir {_version()}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}

@@ -125,6 +125,8 @@ def register(parser) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,6 +141,8 @@ def run(args) -> int:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    if args.prompt == "demo":
+        import cir.demo  # noqa: F401  (registers the demo's prompt)
     template = get_prompt(args.prompt)
     cfg = RolloutConfig(max_response_tokens=args.max_response_tokens, tool_budget=args.tool_budget)
     out = Path(args.out) if args.out else None
@@ -152,7 +156,11 @@ def run(args) -> int:
             samples = args.samples if args.samples is not None else samples
             temperature = args.temperature if args.temperature is not None else temperature
             t0 = time.perf_counter()
-            res = evaluate(engine, sandbox, problems, template=template, rollout_config=cfg, samples=samples, temperature=temperature, seed=args.seed, progress=_progress(len(problems) * samples, name))
+            try:
+                res = evaluate(engine, sandbox, problems, template=template, rollout_config=cfg, samples=samples, temperature=temperature, seed=args.seed, progress=_progress(len(problems) * samples, name))
+            except ValueError as e:
+                print(f"cir eval: {name}: {e}", file=sys.stderr)
+                return 2
             res.metrics["seconds"] = time.perf_counter() - t0
             summary[name] = res.metrics
             print(f"{name:<20} acc {res.metrics['accuracy']:.1%}  tool calls {res.metrics['tool_calls']:.2f}  exec errors {res.metrics['exec_error_rate']:.1%}  ({len(problems)} problems x {samples}, T={temperature}, {res.metrics['seconds']:.0f}s)")

@@ -71,6 +71,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop rows logged after `last_step` (used on resume, so no step appears twice)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
+
+
 DEFAULT_CURVES = (
     ("reward/mean", "reward"),
     ("reward/accuracy", "accuracy (train samples)"),

@@ -35,7 +35,7 @@ from cir.algorithms import Schedule, compute_advantages, informative_groups
 from cir.config import TrainConfig, dump_yaml, load_train_config
 from cir.configuration import ConfigError, to_dict
 from cir.data import Problem, ProblemSampler, load_problems
-from cir.metrics import MetricsLogger, plot_curves, read_metrics
+from cir.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
 from cir.policy import MicroBatch, collate, micro_batch_loss, micro_batch_weight, plan_micro_batches, token_logprobs
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import compute_rewards, reward_info_from_trajectory
@@ -102,6 +102,9 @@ class Trainer:
         self.engine = HFEngine(self.model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed)
         sc = cfg.sandbox
         self.sandbox = Sandbox(workers=sc.workers, timeout_s=sc.timeout_s, memory_mb=sc.memory_mb, max_output_bytes=sc.max_output_bytes, preload=tuple(sc.preload))
+        if resume_from is not None:
+            # Steps logged after the checkpoint (a run that crashed later) are redone now.
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
         self.logger = MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project, config=to_dict(cfg), resume=resume_from is not None)
         (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -442,6 +445,14 @@ class Trainer:
                     _log(f"step {step}: reward {metrics['reward/mean']:.3f} acc {metrics['reward/accuracy']:.3f} tool calls {metrics['tool/calls_per_traj']:.2f} ({metrics['time/step_s']:.1f}s)")
                 if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
                     self.save()
+        except KeyboardInterrupt:
+            # Keep what was trained: a checkpoint that --resume continues from.
+            if bar is not None:
+                bar.close()
+                bar = None
+            path = self.save()
+            _log(f"interrupted at step {self.step_count}; saved {path} (continue with --resume)")
+            raise
         finally:
             if bar is not None:
                 bar.close()

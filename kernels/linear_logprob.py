@@ -114,6 +114,35 @@ if HAS_TRITON:
             triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
         ]
 
+    @triton.jit
+    def _scaled_logits_tile(
+        h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+        DOT_IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """One [BLOCK_N, BLOCK_V] tile of logits / temperature: hidden rows x weight columns,
+        accumulated in fp32 over H. Shared by the forward and the backward (which recomputes)."""
+        offs_h = tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + offs_h
+            k_mask = ks < H
+            h = tl.load(
+                h_ptr + rows64[:, None] * stride_hn + ks[None, :] * stride_hh,
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            # weight tile loaded transposed, [BLOCK_H, BLOCK_V]
+            w = tl.load(
+                w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
+                mask=col_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            if DOT_IEEE:
+                acc = tl.dot(h, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)
+        return acc * inv_temp
+
     @triton.autotune(configs=_FWD_CONFIGS, key=["H", "V", "ROWS_BUCKET"])
     @triton.jit
     def _linear_logprob_fwd_kernel(
@@ -151,7 +180,6 @@ if HAS_TRITON:
         v_start = pid_s * SPLIT
         v_end = tl.minimum(v_start + SPLIT, V)
         offs_v = tl.arange(0, BLOCK_V)
-        offs_h = tl.arange(0, BLOCK_H)
 
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
@@ -162,26 +190,10 @@ if HAS_TRITON:
             cols = v0 + offs_v
             col_mask = cols < v_end
             cols64 = cols.to(tl.int64)
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + offs_h
-                k_mask = ks < H
-                h = tl.load(
-                    h_ptr + rows64[:, None] * stride_hn + ks[None, :] * stride_hh,
-                    mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                # weight tile loaded transposed, [BLOCK_H, BLOCK_V]
-                w = tl.load(
-                    w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
-                    mask=col_mask[None, :] & k_mask[:, None],
-                    other=0.0,
-                )
-                if DOT_IEEE:
-                    acc = tl.dot(h, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h, w, acc)
-            z = acc * inv_temp
+            z = _scaled_logits_tile(
+                h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                inv_temp, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+            )
 
             # Every tile holds at least one valid column, so m_new is finite from the first
             # tile on and s >= 1 afterwards (the max element contributes exp(0)).
@@ -258,27 +270,10 @@ if HAS_TRITON:
         col_mask = local_cols < VC
         cols = v_off + local_cols
         cols64 = cols.to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_H)
-
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + offs_h
-            k_mask = ks < H
-            h = tl.load(
-                h_ptr + rows64[:, None] * stride_hn + ks[None, :] * stride_hh,
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
-                mask=col_mask[None, :] & k_mask[:, None],
-                other=0.0,
-            )
-            if DOT_IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
-        z = acc * inv_temp
+        z = _scaled_logits_tile(
+            h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh,
+            inv_temp, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
 
         row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
         log_s = tl.load(log_s_ptr + rows, mask=row_mask, other=0.0)

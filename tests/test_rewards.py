@@ -285,7 +285,10 @@ def test_reward_info_from_trajectory():
     assert info["response_length"] == 4
     assert info["max_response_length"] == 64
     assert info["budget_exhausted"] is True
-    assert info["num_tool_calls"] == 1
+    # A budget notice is not an execution.
+    assert info["num_tool_calls"] == 0
+    traj.tool_calls.insert(0, ToolCall(code="print(1)", status="ok", output="1", code_span=(0, 3), feedback_span=(3, 5)))
+    assert reward_info_from_trajectory(traj, max_response_length=64)["num_tool_calls"] == 1
 
 
 def test_reward_config_validation():

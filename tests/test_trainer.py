@@ -70,6 +70,9 @@ def test_resume_is_bit_exact(tmp_path, warm_model_dir):
     assert any(not torch.equal(w_init[k], w_straight[k]) for k in w_init), "training did not change the weights"
     with Trainer(cfg(split, 2)) as t:
         t.fit()
+    # As if the first run had logged step 3 and then crashed before its next checkpoint.
+    with open(split / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward/mean": 123.0}) + "\n")
     with Trainer(cfg(split, 4), resume=True) as t:
         assert t.step_count == 2
         t.fit()
@@ -78,7 +81,9 @@ def test_resume_is_bit_exact(tmp_path, warm_model_dir):
     for k in w_straight:
         assert torch.equal(w_straight[k], w_resumed[k]), f"{k} differs after resume"
     a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
+    rows_b = read_metrics(split / "metrics.jsonl")
+    assert [r["step"] for r in rows_b].count(3) == 1, "the step logged before the crash must be redone, not repeated"
+    b = {r["step"]: r for r in rows_b}
     for step in (3, 4):
         assert a[step]["actor/loss"] == b[step]["actor/loss"]
         assert a[step]["reward/mean"] == b[step]["reward/mean"]
