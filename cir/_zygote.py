@@ -7,9 +7,19 @@ as pid 1 of fresh pid/net/mount/ipc namespaces. It
 2. sets up the filesystem view (read-only everything, private /tmp, Python re-exposed),
 3. imports the preload modules and runs a short warm-up, so that first-use costs (sympy's
    caches and lazily imported submodules, numpy's linalg) are paid once, not per snippet,
-4. then forks one child per request. The child locks itself down (C++: ``enter_child``),
-   resets the interpreter state a fresh ``python -c`` would have, runs the code and exits
-   the way ``python -c`` exits.
+4. prepares what every snippet starts from (argv, path, environment, a pristine
+   ``__main__``), freezes its objects for the collector, backs its heap with huge pages,
+   takes the free small-object blocks and installs the seccomp filter, once,
+5. then forks one child per request: natively from a C++ loop (``ZygoteServer.serve``), or
+   through ``os.fork`` from the reference loop in Python. The child locks itself down
+   (C++: ``enter_child``), sets what differs per snippet, runs the code and exits the way
+   ``python -c`` exits.
+
+Nearly all of a snippet's cost beyond its own code is memory management: the fork copies
+the zygote's page tables, every page the child writes is copied, the exit tears it all
+down. Hence the care here to make the zygote's memory cheap to fork (huge pages, a zygote
+that writes nothing between forks) and to have children write as few of its pages as
+possible (src/sandbox/NOTES.md has the measurements).
 
 Only imported by the zygote process itself; nothing here runs in the training process.
 """
@@ -27,6 +37,11 @@ def main() -> None:
     server = _sandbox.ZygoteServer(3)
     hello = json.loads(server.read_hello())
     config = hello["config"]
+    huge_pages = bool(config.get("huge_pages", True))
+    if huge_pages:
+        # Arenas for the objects the imports and the warm-up create, in 2 MiB-aligned chunks:
+        # the whole heap can then be backed by huge pages (see collapse below).
+        _sandbox.start_aligned_arenas()
     ns = hello["namespaces"]
     facts: dict = {"namespaces": ns, "zygote_pid_in_namespace": os.getpid()}
 
@@ -64,6 +79,10 @@ def main() -> None:
         __import__(name)
     timings = _preload(config["preload"], bool(config["warmup"]))
     facts["preload_seconds"] = timings
+    if huge_pages:
+        # From here on arenas come from plain mmap, as in a fresh interpreter (before the
+        # address-space baseline below is taken).
+        facts["aligned_arena_bytes"] = _sandbox.stop_aligned_arenas()
     vm_extra = max(0, _sandbox.self_vm_size() - vm_at_start)
     facts["vm_baseline_bytes"] = vm_at_start
     facts["vm_preloaded_extra_bytes"] = vm_extra
@@ -100,6 +119,18 @@ def main() -> None:
     atexit._clear()
     weakref.finalize._registered_with_atexit = False  # a snippet's own finalizers register again
     child = _ChildContext(config)
+    # What every snippet process starts from (argv, path, hooks, environment) is set here
+    # once, not in each child: every page a child writes is a page it must copy.
+    child.prepare_zygote()
+    # (Before the freeze: the handler lists are found through the collector.)
+    native_fork, child_hooks, why_not = _native_fork_plan(bool(config.get("native_fork", True)))
+    facts["fork"] = "native" if native_fork else "os.fork"
+    if why_not:
+        facts["native_fork_unavailable"] = why_not
+    if native_fork:
+        child_hooks, reseeded = _bind_native_reseeding(child_hooks)
+        child.numpy_reseeded_natively = "numpy" in reseeded
+        facts["native_reseeding"] = reseeded
     # Objects alive now are never freed in a child: keep the collector off them, so that
     # children do not write to (and copy) the zygote's pages when they collect.
     import gc
@@ -107,11 +138,37 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     # Fewer page-table entries to copy per fork and to tear down per exit.
-    facts["huge_page_bytes"] = _sandbox.collapse_into_huge_pages()
+    facts["huge_page_bytes"] = _sandbox.collapse_into_huge_pages() if huge_pages else 0
+    # The seccomp filter goes on the zygote itself, once (after its last mount): children
+    # inherit it instead of compiling and attaching their own, and it holds the same.
+    if seccomp:
+        shared, error = server.install_seccomp_for_children()
+        facts["seccomp_installed"] = "once, in the zygote" if shared else "in each child"
+        if not shared:
+            facts["seccomp_zygote_error"] = error
+    if config.get("fill_free_blocks", True):
+        # Late, so that little is freed again before the first fork.
+        facts["filled_blocks"] = _fill_free_blocks()
+    # The fresh __main__ each snippet runs in, made after the freezes like any object a
+    # fresh interpreter creates (a snippet's gc.get_referrers sees it).
+    child.install_fresh_main()
     sys.stdout.flush()
     sys.stderr.flush()
     server.send_ready(json.dumps(facts), work_root == hello["host_work_root"])
 
+    if native_fork:
+        # The loop runs in C++ and forks there: nothing of the zygote's Python state is
+        # touched between snippets.
+        while True:
+            outcome = server.serve()
+            if outcome is None:
+                return
+            kind, request = outcome
+            if kind == "spare":
+                _child_main(child, server, server.become_spare, child_hooks)
+            _child_main(child, server, lambda: request, child_hooks)
+
+    # Reference loop: driven from Python, forking with os.fork.
     while True:
         if server.wants_spare:
             # Fork the next child now, while nothing waits for it: a request then starts
@@ -140,10 +197,14 @@ def main() -> None:
         server.started(request, pid)
 
 
-def _child_main(child: "_ChildContext", server, get_request) -> None:
-    """The life of a forked child; never returns into the zygote's loop."""
+def _child_main(child: "_ChildContext", server, get_request, after_fork=()) -> None:
+    """The life of a forked child; never returns into the zygote's loop. `after_fork`: the
+    interpreter's at-fork handlers still to run (native fork only; os.fork ran them)."""
     status = 70
     try:
+        for handler in after_fork:
+            handler()
+        child.reseed()  # before the request arrives: a spare does it while it waits
         status = child.run(server, get_request())
     except BaseException:  # noqa: BLE001 - the child must never return into the loop
         try:
@@ -155,6 +216,224 @@ def _child_main(child: "_ChildContext", server, get_request) -> None:
             pass
     finally:
         os._exit(status)
+
+
+# Placeholder objects filling the zygote's free small-object blocks (see _fill_free_blocks).
+_PLACEHOLDERS: list = []
+
+
+def _fill_free_blocks() -> int:
+    """Fills every free block of the interpreter's small-object allocator with a placeholder
+    that lives as long as the zygote; returns how many.
+
+    The warm-up leaves free blocks scattered over thousands of partly used pools. A child
+    would fill those first, each new object landing on another of the zygote's pages, which
+    the child must then copy. With them taken, a child's objects go to fresh pools, packed
+    densely into pages nobody shares. Costs the zygote ~1 MB. The counts come from
+    sys._debugmallocstats() (CPython's allocator statistics); a no-op where it is missing.
+    (Statistics read afterwards show free blocks again: those of the fresh pools that the
+    zygote's next allocations open, which is where a child's objects then go.)
+    """
+    import gc
+
+    count = 0
+    for make, n in _free_block_plan():
+        _PLACEHOLDERS.extend(make(i) for i in range(n))
+        count += n
+    gc.freeze()  # the list itself
+    return count
+
+
+def _free_block_plan() -> list:
+    """[(placeholder maker, how many)] that takes every free block and free pool now."""
+    import re
+
+    stats = _malloc_stats()
+    rows = [(int(a), int(b)) for a, b in re.findall(r"^\s*\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", stats, re.M)]
+    plan = [(_placeholder_of_size(size), free) for size, free in rows if free]
+    # Whole free pools too: the zygote's own later allocations and a child's then start a
+    # fresh arena instead of a pool among the zygote's pages.
+    unused = re.search(r"^(\d+) unused pools \* (\d+) bytes", stats, re.M)
+    if unused and rows:
+        largest = max(size for size, _ in rows)
+        pool_bytes, header_bytes = int(unused[2]), 48  # pool header: 48 bytes on 64-bit builds
+        plan.append((_placeholder_of_size(largest), int(unused[1]) * ((pool_bytes - header_bytes) // largest)))
+    return [(make, n) for make, n in plan if make is not None and n > 0]
+
+
+def _placeholder_of_size(size: int):
+    """A maker of distinct, untracked objects that take a block of exactly `size` bytes
+    (sizes are multiples of 16), or None."""
+    if size >= 48:
+        return lambda i: bytes(size - sys.getsizeof(b""))  # length >= 15: never a cached singleton
+    if size == 32 and 16 < sys.getsizeof(0.5) <= 32:
+        return lambda i: i + 0.5  # (a few may come from the float free list instead)
+    if size == 16 and sys.getsizeof(object()) == 16:
+        return lambda i: object()
+    return None
+
+
+def _malloc_stats() -> str:
+    """The text sys._debugmallocstats() writes to the C-level stderr, or ""."""
+    if not hasattr(sys, "_debugmallocstats") or not hasattr(os, "memfd_create"):
+        return ""
+    sys.stderr.flush()
+    fd = os.memfd_create("cir-malloc-stats")
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("ascii", "replace")
+    finally:
+        os.close(saved)
+        os.close(fd)
+
+
+def _bind_native_reseeding(child_hooks: list) -> tuple[list, list[str]]:
+    """Native fork: lets the C++ side reseed ``random`` and numpy's global generator in each
+    child by writing their state directly, which costs a child a few page copies where the
+    Python-level calls cost ~130. Each generator is bound only if a direct write, tried here
+    on the live object, leaves exactly the state the Python-level seeding does (same
+    getstate()); otherwise the child seeds it through Python as under os.fork.
+
+    Returns the child at-fork handlers still to run in the child, and the generators bound.
+    """
+    import random
+
+    from cir import _sandbox
+
+    bound_random = None
+    left = []
+    for hook in child_hooks:
+        if bound_random is None and type(random._inst) is random.Random and hook == random._inst.seed:
+            if _direct_seeding_matches(random._inst, None):
+                bound_random = random._inst
+                random._inst.gauss_next = None  # the rest of what Random.seed() does
+                continue
+        left.append(hook)
+    numpy = sys.modules.get("numpy")
+    capsule = None
+    if numpy is not None:
+        generator = getattr(getattr(numpy.random, "mtrand", None), "_rand", None)
+        bit_generator = getattr(generator, "_bit_generator", None)
+        if type(bit_generator).__name__ == "MT19937" and _direct_seeding_matches(None, generator):
+            capsule = bit_generator.capsule
+    _sandbox.bind_generators(bound_random, capsule)
+    return left, [name for name, g in (("random", bound_random), ("numpy", capsule)) if g is not None]
+
+
+def _direct_seeding_matches(random_inst, numpy_generator) -> bool:
+    """Seeds one generator through _sandbox.seed_generators_directly and compares its state
+    with the same seeding done through Python; restores the generator afterwards."""
+    import random
+
+    from cir import _sandbox
+
+    # A key whose top word is non-zero, so random.seed(int) uses all 624 words of it.
+    key = [(2654435761 * (i + 1)) & 0xFFFFFFFF or 1 for i in range(624)]
+    numpy_seed = 2024
+    try:
+        if random_inst is not None:
+            saved = random_inst.getstate()
+            try:
+                _sandbox.seed_generators_directly(random_inst, None, key, 0)
+                direct = random_inst.getstate()[:2]
+                reference = random.Random(int.from_bytes(b"".join(w.to_bytes(4, "little") for w in key), "little"))
+                return direct == reference.getstate()[:2]
+            finally:
+                random_inst.setstate(saved)
+        try:
+            numpy_generator.seed(1)  # no cached Gaussian, as after numpy.random.seed
+            _sandbox.seed_generators_directly(None, numpy_generator._bit_generator.capsule, [], numpy_seed)
+            direct = numpy_generator.get_state(legacy=False)
+            reference = type(numpy_generator)(numpy_seed).get_state(legacy=False)
+            return (
+                direct["state"]["pos"] == reference["state"]["pos"]
+                and bool((direct["state"]["key"] == reference["state"]["key"]).all())
+                and direct["has_gauss"] == reference["has_gauss"] == 0
+            )
+        finally:
+            numpy_generator.seed(1)  # the zygote's generator stays without a cached Gaussian
+    except Exception:  # noqa: BLE001 - any surprise means: not the layout we know
+        return False
+
+
+# At-fork handlers the native fork may leave out, by (module, qualified name). They reset
+# locks another thread may have held at fork time, and threading's records of the other
+# threads, to what they already are when the forking process has a single thread and holds
+# none of these locks, as the zygote does while it sits in its C++ loop.
+_REDUNDANT_SINGLE_THREADED = {
+    "before": {("logging", "_acquireLock"), ("logging", "_prepareFork")},
+    "parent": {("logging", "_releaseLock"), ("logging", "_afterFork")},
+    "child": {("threading", "_after_fork"), ("logging", "_after_at_fork_child_reinit_locks")},
+}
+
+
+def _native_fork_plan(wanted: bool) -> tuple[bool, list, str]:
+    """Whether the zygote may fork natively (without Python's at-fork machinery), which
+    handlers a child must then run itself, and if not, why.
+
+    The interpreter keeps the handlers registered with os.register_at_fork in three lists
+    with no accessor; they are found through a sentinel handler registered here. Native fork
+    needs a single-threaded zygote and no unknown "before"/"parent" handler; every "child"
+    handler outside the redundant set (e.g. random's reseeding) runs in the child, in order.
+    """
+    import gc
+    import types
+
+    if not wanted:
+        return False, [], ""
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return False, [], "the zygote has more than one thread"
+    except OSError:
+        return False, [], "cannot count the zygote's threads"
+
+    def sentinel() -> None:
+        pass
+
+    def parent_sentinel() -> None:
+        pass
+
+    def child_sentinel() -> None:
+        pass
+
+    os.register_at_fork(before=sentinel, after_in_parent=parent_sentinel, after_in_child=child_sentinel)
+    lists = {}
+    for key, marker in (("before", sentinel), ("parent", parent_sentinel), ("child", child_sentinel)):
+        found = [r for r in gc.get_referrers(marker) if isinstance(r, list) and any(h is marker for h in r)]
+        if len(found) != 1:
+            return False, [], "cannot see the interpreter's at-fork handlers"
+        lists[key] = [h for h in found[0] if h is not marker]
+
+    def name(handler) -> tuple[str, str]:
+        if not isinstance(handler, types.FunctionType):
+            return ("", "")
+        return (handler.__module__, handler.__qualname__)
+
+    for key in ("before", "parent"):
+        unknown = [h for h in lists[key] if name(h) not in _REDUNDANT_SINGLE_THREADED[key]]
+        if unknown:
+            return False, [], f"unknown at-fork handler ({key}): {unknown[0]!r}"
+    return True, [h for h in lists["child"] if name(h) not in _REDUNDANT_SINGLE_THREADED["child"]], ""
+
+
+def _other_threads_to_join(threading) -> bool:
+    """Whether shutdown has non-daemon threads besides the main one to wait for (each
+    registers a lock in ``_shutdown_locks``; the main thread's own is there too unless an
+    at-fork handler cleared the set). True when this interpreter keeps no such set."""
+    locks = getattr(threading, "_shutdown_locks", None)
+    if locks is None:
+        return True
+    main_lock = getattr(threading.main_thread(), "_tstate_lock", None)
+    return any(lock is not main_lock for lock in locks)
 
 
 # Modules the child-side code below needs; imported in the zygote so a child never has to
@@ -331,7 +610,6 @@ class _ChildContext:
     """Everything the child needs to look like a fresh ``python -c`` process."""
 
     def __init__(self, config: dict):
-        import signal
         import stat
 
         self.env_template: dict[str, str] = dict(config["child_env"])
@@ -341,24 +619,60 @@ class _ChildContext:
         self.stdout_errors = getattr(out, "errors", None) or "strict"
         self.stderr_encoding = getattr(err, "encoding", None) or "utf-8"
         self.own_code = {_ChildContext.run.__code__, _ChildContext.execute.__code__}
-        # Every page a child touches is copied, so it reuses what the zygote already has when
-        # that is exactly what a fresh interpreter would have:
-        # - the standard streams, created at start-up over pipes as for a captured python -c,
-        #   and never used by the zygote;
+        # Every page a child touches is copied, so it reuses the standard streams the zygote
+        # created at start-up over pipes, as for a captured python -c, and never used.
         self.reuse_streams = all(
             stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (0, 1, 2)
         ) and all(s is not None for s in (sys.stdin, sys.stdout, sys.stderr))
-        # - the environment, when it already equals the snippet environment but for HOME and
-        #   TMPDIR;
-        current = dict(os.environ)
-        current.pop("HOME", None)
-        current.pop("TMPDIR", None)
-        template = {k: v for k, v in self.env_template.items() if k not in ("HOME", "TMPDIR")}
-        self.env_in_place = current == template
-        # - the SIGINT handler, unless something changed it.
-        self.sigint_changed = signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+
+    # -- in the zygote, once ------------------------------------------------------------------
+    def prepare_zygote(self) -> None:
+        """Puts the interpreter state every snippet starts from in place in the zygote itself,
+        so a child inherits it instead of writing it: argv, import path, hooks, the SIGINT
+        handler and the environment (in the template's order; HOME and TMPDIR hold
+        placeholders until a child knows its work dir)."""
+        import signal
+
+        sys.argv = ["-c"]
+        sys.path[:] = self.sys_path
+        sys.excepthook = sys.__excepthook__
+        sys.displayhook = sys.__displayhook__
+        sys.unraisablehook = sys.__unraisablehook__
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if list(os.environ.items()) != list(self.env_template.items()):
+            os.environ.clear()
+            os.environ.update(self.env_template)
+        # A temp dir looked up in the zygote would be cached for every child; a fresh
+        # interpreter finds its own (from TMPDIR, the work dir) on first use.
+        tempfile = sys.modules.get("tempfile")
+        if tempfile is not None:
+            tempfile.tempdir = None
+
+    def install_fresh_main(self) -> None:
+        """A pristine ``__main__`` module, as a fresh interpreter has before running -c code.
+        The zygote never runs code in it, so every child finds it pristine."""
+        import builtins
+        import importlib.machinery
+        import types
+
+        main = types.ModuleType("__main__")
+        main.__loader__ = importlib.machinery.BuiltinImporter
+        main.__dict__["__annotations__"] = {}
+        main.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main
 
     # -- the child's life -------------------------------------------------------------------
+    numpy_reseeded_natively = False
+
+    def reseed(self) -> None:
+        """numpy's global generator does not reseed itself after fork (``random`` does, through
+        its at-fork handler). A 32-bit seed from the OS: full-entropy seeding costs 100x more,
+        a third of a print(1). (Under native fork, where bound, the C++ side does it.)"""
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and not self.numpy_reseeded_natively:
+            numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+
     def run(self, server, request) -> int:
         from cir import _sandbox
 
@@ -371,46 +685,13 @@ class _ChildContext:
         return self.finish(status, lambda final: _sandbox.write_status(status_fd, 2, final))
 
     def reset_interpreter(self, workdir: str) -> dict:
-        import builtins
-        import importlib.machinery
-        import types
-
-        if self.env_in_place:
-            os.environ["HOME"] = workdir
-            os.environ["TMPDIR"] = workdir
-        else:
-            env = dict(self.env_template)
-            env["HOME"] = workdir
-            env["TMPDIR"] = workdir
-            os.environ.clear()
-            os.environ.update(env)
-
-        sys.argv = ["-c"]
-        sys.path[:] = self.sys_path
-        sys.excepthook = sys.__excepthook__
-        sys.displayhook = sys.__displayhook__
-        sys.unraisablehook = sys.__unraisablehook__
-
-        if self.sigint_changed:
-            import signal
-
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
+        """What differs per snippet (the rest was set up once by prepare_zygote)."""
+        environ = os.environ
+        environ["HOME"] = workdir
+        environ["TMPDIR"] = workdir
         if not self.reuse_streams:
             self.new_streams()
-
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            # `random` reseeds itself after fork; numpy's global generator does not. (A 32-bit
-            # seed from the OS: full-entropy seeding costs 100x more, a third of a print(1).)
-            numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
-
-        main = types.ModuleType("__main__")
-        main.__loader__ = importlib.machinery.BuiltinImporter
-        main.__dict__["__annotations__"] = {}
-        main.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = main
-        return main.__dict__
+        return sys.modules["__main__"].__dict__
 
     def new_streams(self) -> None:
         """Fresh standard streams on the new descriptors, buffered as python -c buffers them
@@ -508,7 +789,7 @@ class _ChildContext:
         (slow) teardown of the process."""
         threading = sys.modules.get("threading")
         # Only non-daemon threads other than the main one make shutdown wait.
-        if threading is not None and getattr(threading, "_shutdown_locks", True):
+        if threading is not None and _other_threads_to_join(threading):
             try:
                 threading._shutdown()
             except BaseException:  # noqa: BLE001

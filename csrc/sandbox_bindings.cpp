@@ -9,12 +9,16 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <optional>
 #include <stdexcept>
 
+#include "sandbox/arena_pool.h"
 #include "sandbox/isolation.h"
+#include "sandbox/mt19937.h"
 #include "sandbox/protocol.h"
 #include "sandbox/supervisor.h"
 #include "sandbox/util.h"
@@ -57,6 +61,96 @@ nb::dict ns_dict(const sb::NamespaceSet& ns) {
 }
 
 std::string to_string(nb::bytes b) { return std::string(b.c_str(), b.size()); }
+
+// ---- generators reseeded in each natively forked child ---------------------------------
+//
+// A fresh interpreter seeds `random` from the OS (under os.fork its at-fork handler does),
+// and cir gives numpy's global generator a fresh 32-bit seed (numpy.random.seed). Done
+// through Python that costs a child ~130 page copies (the calls touch much interpreter
+// state); written directly it costs the generators' own pages. The layouts below are the
+// interpreter's RandomObject and numpy's mt19937_state; cir._zygote binds them only after
+// checking, on live objects, that a direct write equals the Python-level seeding.
+
+struct RandomObjectLayout {  // CPython Modules/_randommodule.c
+  PyObject_HEAD
+  int index;
+  uint32_t state[sb::mt19937::kStateWords];
+};
+
+struct NumpyMt19937Layout {  // numpy/random/src/mt19937/mt19937.h
+  uint32_t key[sb::mt19937::kStateWords];
+  int pos;
+};
+
+struct NumpyBitgenHead {  // numpy/random/bitgen.h: bitgen_t starts with the state pointer
+  void* state;
+};
+
+struct BoundGenerators {
+  RandomObjectLayout* random = nullptr;
+  NumpyMt19937Layout* numpy = nullptr;
+};
+BoundGenerators g_generators;
+
+void seed_random(RandomObjectLayout* r, const uint32_t* key, size_t n) {
+  sb::mt19937::init_by_array(r->state, key, n);
+  r->index = sb::mt19937::kStateWords;
+}
+
+void seed_numpy(NumpyMt19937Layout* s, uint32_t seed) {
+  sb::mt19937::init_genrand(s->key, seed);
+  s->pos = sb::mt19937::kStateWords;
+}
+
+void fill_from_os(void* buf, size_t len) {
+  auto* p = static_cast<char*>(buf);
+  while (len > 0) {
+    ssize_t n = getrandom(p, len, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      // No entropy source (never on Linux >= 3.17): a child must still differ from its siblings.
+      uint64_t x = uint64_t(sb::monotonic_ns()) ^ (uint64_t(getpid()) << 32);
+      for (size_t i = 0; i < len; ++i) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        p[i] = char(x);
+      }
+      return;
+    }
+    p += n;
+    len -= size_t(n);
+  }
+}
+
+void reseed_bound_generators() {
+  if (g_generators.random) {
+    uint32_t key[sb::mt19937::kStateWords];
+    fill_from_os(key, sizeof key);
+    seed_random(g_generators.random, key, sb::mt19937::kStateWords);
+  }
+  if (g_generators.numpy) {
+    uint32_t seed;
+    fill_from_os(&seed, sizeof seed);
+    seed_numpy(g_generators.numpy, seed);
+  }
+}
+
+// `obj` as the interpreter's generator object, after checking it is one (an instance of
+// _random.Random, whose instance size is the layout's): anything else is refused.
+RandomObjectLayout* random_object_of(nb::handle obj) {
+  nb::object base = nb::module_::import_("_random").attr("Random");
+  auto* type = reinterpret_cast<PyTypeObject*>(base.ptr());
+  if (!PyObject_TypeCheck(obj.ptr(), type) || type->tp_basicsize != Py_ssize_t(sizeof(RandomObjectLayout)))
+    throw std::invalid_argument("not a _random.Random of the layout this module knows");
+  return reinterpret_cast<RandomObjectLayout*>(obj.ptr());
+}
+
+NumpyMt19937Layout* numpy_state_of(nb::handle capsule) {
+  void* p = PyCapsule_GetPointer(capsule.ptr(), "BitGenerator");
+  if (p == nullptr) throw nb::python_error();
+  return static_cast<NumpyMt19937Layout*>(static_cast<NumpyBitgenHead*>(p)->state);
+}
 
 }  // namespace
 
@@ -213,6 +307,30 @@ NB_MODULE(_sandbox, m) {
       .def("spare_fork_failed", &sb::ZygoteServer::spare_fork_failed)
       .def("become_spare", &sb::ZygoteServer::become_spare)
       .def(
+          "serve",
+          [](sb::ZygoteServer& z) -> nb::object {
+            // The GIL stays held: the zygote is single-threaded, and the child must come out
+            // of fork holding it, as the thread that forked did.
+            sb::ChildRequest r;
+            sb::ServeResult kind = z.serve(&r);
+            if (kind == sb::ServeResult::Shutdown) return nb::none();
+            reseed_bound_generators();  // in the child, first thing (a spare: while it waits)
+            if (kind == sb::ServeResult::Spare) return nb::make_tuple("spare", nb::none());
+            return nb::make_tuple("run", nb::cast(std::move(r)));
+          },
+          "The native loop: returns None in the zygote at shutdown; in a forked child\n"
+          "('spare', None) (then call become_spare()) or ('run', request). Python's at-fork\n"
+          "handlers are not run; generators bound with bind_generators are reseeded.")
+      .def(
+          "install_seccomp_for_children",
+          [](sb::ZygoteServer& z) {
+            std::string err;
+            bool ok = z.install_seccomp_for_children(&err);
+            return nb::make_tuple(ok, err);
+          },
+          "Installs the snippets' seccomp filter once, on the zygote; returns (ok, error).")
+      .def_prop_ro("seccomp_inherited", &sb::ZygoteServer::seccomp_inherited)
+      .def(
           "enter_child",
           [](sb::ZygoteServer& z, const sb::ChildRequest& r) {
             sb::ChildProgram p = z.enter_child(r);
@@ -237,6 +355,31 @@ NB_MODULE(_sandbox, m) {
         return d;
       },
       "readable"_a, "tmp_bytes"_a, "work_root"_a, "new_proc"_a);
+  m.def(
+      "start_aligned_arenas",
+      [] {
+        // Registered once and kept: it frees chunk arenas and plain ones alike, and after
+        // stop_aligned_arenas() allocates exactly as the interpreter's own allocator does.
+        static bool registered = false;
+        sb::arena_pool::start();
+        if (!registered) {
+          PyObjectArenaAllocator a{nullptr, sb::arena_pool::alloc, sb::arena_pool::free};
+          PyObject_SetArenaAllocator(&a);
+          registered = true;
+        }
+      },
+      "Zygote: serve the interpreter's object arenas from 2 MiB-aligned chunks (see arena_pool.h).");
+  m.def("stop_aligned_arenas", [] { return sb::arena_pool::stop(); },
+        "Back to plain mmap for later arenas; returns the bytes held in chunks.");
+  m.def("aligned_arena_stats", [] {
+    sb::arena_pool::Stats st = sb::arena_pool::stats();
+    nb::dict d;
+    d["chunks"] = st.chunks;
+    d["arenas"] = st.arenas;
+    d["fallback_arenas"] = st.fallback_arenas;
+    d["active"] = st.active;
+    return d;
+  });
   m.def("self_vm_size", &sb::self_vm_size_bytes);
   m.def("collapse_into_huge_pages", &sb::collapse_into_huge_pages);
   m.def("count_tasks_of_uid", [](uint32_t uid) { return sb::count_tasks_of_uid(uid_t(uid)); }, "uid"_a);
@@ -250,4 +393,25 @@ NB_MODULE(_sandbox, m) {
       "fd"_a, "kind"_a, "status"_a = 0,
       "Reports to the supervisor: kind 1 = session replay done, 2 = done (about to exit with status).");
   m.def("monotonic_ns", &sb::monotonic_ns);
+  m.def(
+      "seed_generators_directly",
+      [](nb::object random_inst, nb::object numpy_capsule, std::vector<uint32_t> key, uint32_t numpy_seed) {
+        if (!random_inst.is_none()) {
+          if (key.empty()) throw std::invalid_argument("key must not be empty");
+          seed_random(random_object_of(random_inst), key.data(), key.size());
+        }
+        if (!numpy_capsule.is_none()) seed_numpy(numpy_state_of(numpy_capsule), numpy_seed);
+      },
+      "random_inst"_a.none(), "numpy_capsule"_a.none(), "key"_a, "numpy_seed"_a,
+      "Writes the generators' state as random.seed(int from `key` words) and\n"
+      "numpy.random.seed(numpy_seed) would (for checking the layouts; either may be None).");
+  m.def(
+      "bind_generators",
+      [](nb::object random_inst, nb::object numpy_capsule) {
+        // The objects live as long as the zygote (module globals).
+        g_generators.random = random_inst.is_none() ? nullptr : random_object_of(random_inst);
+        g_generators.numpy = numpy_capsule.is_none() ? nullptr : numpy_state_of(numpy_capsule);
+      },
+      "random_inst"_a.none(), "numpy_capsule"_a.none(),
+      "Generators serve() reseeds in every child it forks (checked layouts only; see _zygote).");
 }

@@ -254,6 +254,46 @@ void ZygoteServer::start_failed(ChildRequest& r, int error) {
   send(&f, sizeof f);
 }
 
+ServeResult ZygoteServer::serve(ChildRequest* out) {
+  for (;;) {
+    if (wants_spare()) {
+      prepare_spare();
+      pid_t pid = fork();
+      if (pid == 0) return ServeResult::Spare;
+      if (pid < 0) {
+        spare_fork_failed();
+      } else {
+        spare_forked(pid);
+      }
+    }
+    ChildRequest r;
+    if (!next_request(&r)) return ServeResult::Shutdown;
+    if (r.handed_to_spare) continue;
+    pid_t pid = fork();
+    if (pid == 0) {
+      *out = std::move(r);
+      return ServeResult::Run;
+    }
+    if (pid < 0) {
+      start_failed(r, errno);
+    } else {
+      started(r, pid);
+    }
+  }
+}
+
+bool ZygoteServer::install_seccomp_for_children(std::string* error) {
+  if (!opt_.seccomp) return false;
+  if (seccomp_inherited_) return true;
+  // Without CAP_SYS_ADMIN the kernel requires no_new_privs first; it only matters for
+  // execve, which the zygote never calls (its children set it anyway).
+  if (!install_seccomp(opt_.block_inet_sockets, nullptr)) {
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || !install_seccomp(opt_.block_inet_sockets, error)) return false;
+  }
+  seccomp_inherited_ = true;
+  return true;
+}
+
 bool ZygoteServer::wants_spare() const {
   return opt_.spares && spare_pid_ <= 0 && spare_failures_ < kMaxSpareFailures && !supervisor_gone_;
 }
@@ -413,7 +453,7 @@ ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
   spec.uid = r.uid;
   spec.gid = r.gid;
   spec.drop_capabilities = opt_.drop_capabilities;
-  spec.seccomp = opt_.seccomp;
+  spec.seccomp = opt_.seccomp && !seccomp_inherited_;  // an inherited filter already applies
   spec.block_inet_sockets = opt_.block_inet_sockets;
   if (error.empty()) error = cir::sandbox::enter_child(spec);
   if (!error.empty()) {

@@ -4,8 +4,16 @@
 //
 // To keep fork off a snippet's critical path the zygote keeps one *spare*: a child forked
 // ahead of time that blocks until it is handed a request (over a private socket). When a
-// request arrives the spare takes it at once and Python forks the next spare while the
+// request arrives the spare takes it at once and the zygote forks the next spare while the
 // snippet runs. Without a spare (start-up, after a failed fork) a child is forked on demand.
+//
+// Two ways to drive the loop:
+// - serve(): the whole loop in C++, forking with fork(2) directly. The zygote then runs no
+//   Python between snippets, so it writes to (and copies) almost none of the pages it shares
+//   with its children, and its huge pages stay whole. A child returns from serve() with its
+//   request; Python's own at-fork handlers are NOT run (the caller runs the ones that matter).
+// - next_request() / started() / the spare calls: the reference loop, driven from Python
+//   with os.fork (Python's at-fork handling runs as usual).
 #pragma once
 
 #include <sys/resource.h>
@@ -33,6 +41,13 @@ struct ZygoteOptions {
   uint32_t nproc_extra = 0;     // added to RLIMIT_NPROC when snippets share the zygote's uid
   bool sweep_orphans = false;   // no per-slot uid: kill the zygote's orphaned children at snippet end
   bool spares = true;           // pre-fork a spare child
+};
+
+// What serve() returns in a freshly forked child.
+enum class ServeResult {
+  Shutdown,  // (in the zygote) the supervisor said goodbye or went away
+  Spare,     // a spare: call become_spare() for its request
+  Run,       // forked for the request that came with it
 };
 
 // One run request, as the process that will run it sees it.
@@ -78,6 +93,16 @@ class ZygoteServer {
   // descriptors, reports the start.
   void started(ChildRequest& r, pid_t pid);
   void start_failed(ChildRequest& r, int error);
+
+  // The native loop (see the top of this file): returns Shutdown in the zygote, Spare or Run
+  // (with *out set) in a child. Never returns in the zygote otherwise.
+  ServeResult serve(ChildRequest* out);
+
+  // Installs the snippets' seccomp filter on the zygote itself, once: every child inherits
+  // it, and enter_child() no longer installs its own. Call after the last mount and before
+  // the first child. Returns false (children then install it each) where it cannot be done.
+  bool install_seccomp_for_children(std::string* error);
+  bool seccomp_inherited() const { return seccomp_inherited_; }
 
   // Spares: prepare_spare() before fork; in the parent spare_forked(pid) (or
   // spare_fork_failed()); in the child become_spare(), which blocks until a request is
@@ -125,6 +150,7 @@ class ZygoteServer {
   pid_t spare_pid_ = -1;
   Fd spare_sock_, spare_child_sock_;
   int spare_failures_ = 0;
+  bool seccomp_inherited_ = false;
 };
 
 }  // namespace cir::sandbox
