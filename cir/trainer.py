@@ -425,7 +425,7 @@ class Trainer:
             self.logger.log(0, {**before, **self.extra_metrics})
             _log(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
         bar = None
-        if cfg.run.progress:
+        if cfg.run.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.run.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
