@@ -8,6 +8,11 @@ import os
 
 import pytest
 
+# Subprocesses the tests start (`python -c ...`, console scripts) must import the installed
+# package, not the source folder `cir/` of the checkout they may run from (which has neither
+# the compiled extension nor `cir.kernels`): don't put the working directory on sys.path.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 try:
     import torch
 

@@ -360,10 +360,53 @@ MountReport setup_mounts(const std::vector<std::string>& readable, uint64_t tmp_
   }
   r.private_mounts = true;
 
+  // Python may live under /tmp (a virtual environment in a temporary checkout, as CI makes
+  // them): keep a handle on the host's /tmp so those paths can be bound back once the
+  // private /tmp covers it.
+  std::vector<std::string> under_tmp;
+  for (const std::string& p : readable) {
+    char* real = realpath(p.c_str(), nullptr);
+    if (real == nullptr) continue;
+    std::string rp(real);
+    std::free(real);
+    if (under(rp, "/tmp") && rp != "/tmp") under_tmp.push_back(rp);
+  }
+  std::sort(under_tmp.begin(), under_tmp.end());
+  {
+    // Drop paths inside another one: binding the outer one brings them along.
+    std::vector<std::string> outer;
+    for (const std::string& p : under_tmp)
+      if (outer.empty() || !under(p, outer.back())) outer.push_back(p);
+    under_tmp.swap(outer);
+  }
+  int host_tmp = under_tmp.empty() ? -1 : ::open("/tmp", O_PATH | O_DIRECTORY | O_CLOEXEC);
+
   // 1. The private /tmp first: it also serves as the staging area for re-exposed paths.
   char opts[128];
   std::snprintf(opts, sizeof opts, "mode=0755,size=%llu,nr_inodes=65536", (unsigned long long)tmp_bytes);
   bool tmp_ok = mount("cir-sandbox-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) == 0;
+  if (tmp_ok && host_tmp >= 0) {
+    for (const std::string& p : under_tmp) {
+      std::string rel = p.substr(5);  // after "/tmp/"
+      // Recreate the path in the private /tmp (traversable directories), then bind the
+      // host's copy onto it through the handle; step 3 makes it read-only.
+      std::string cur = "/tmp";
+      size_t pos = 0;
+      while (pos <= rel.size()) {
+        size_t next = rel.find('/', pos);
+        if (next == std::string::npos) next = rel.size();
+        cur += "/" + rel.substr(pos, next - pos);
+        mkdir(cur.c_str(), 0755);
+        pos = next + 1;
+      }
+      std::string src = "/proc/self/fd/" + std::to_string(host_tmp) + "/" + rel;
+      if (mount(src.c_str(), p.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0)
+        warn("bind " + p + " into the private /tmp");
+      else
+        r.exposed.push_back(p);
+    }
+  }
+  if (host_tmp >= 0) ::close(host_tmp);
   if (!tmp_ok) {
     // The work dirs then live on the host's /tmp, which must stay writable: no read-only
     // remount either.
