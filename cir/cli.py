@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command path, module, one-line help)
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, _ = _build_parser(argv)
     args = parser.parse_args(argv)
+    # The rollout tokenizes one short feedback block at a time from the event-loop thread:
+    # the tokenizer's own thread pool buys nothing there and only adds threads competing with
+    # the engine and the sandbox for the cores. A user's explicit setting wins.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = getattr(args, "_run", None)
     if run is None:
         # `cir` alone or `cir bench` alone: show help. `cir train` always has a handler.

@@ -19,6 +19,7 @@ continues from the newest checkpoint of the run's folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import sys
@@ -413,7 +414,20 @@ class Trainer:
             res = evaluate(self.engine, self.sandbox, problems, template=self.template, rollout_config=cfg, reward_config=self.cfg.reward, samples=self.cfg.run.eval_samples, temperature=self.cfg.run.eval_temperature, seed=self.cfg.run.seed, mode=self.cfg.run.rollout_mode)
             prefix = "eval/" if len(self.eval_sets) == 1 else f"eval/{name}/"
             out.update({prefix + k: v for k, v in res.metrics.items()})
+            self._write_eval_rows(name, res.rows)
         return out
+
+    def _write_eval_rows(self, name: str, rows: list[dict]) -> None:
+        """Every held-out sample (problem, response as decoded, grade, tool calls) of this
+        evaluation, to `eval/step_NNNNNN_<set>.jsonl` in the run folder."""
+        folder = self.out_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.step_count:06d}_{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
 
     def fit(self) -> dict:
         cfg = self.cfg

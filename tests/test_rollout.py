@@ -740,3 +740,27 @@ def test_bench_rollout_runs_both_schedules(tmp_path):
     second = json.loads(out.read_text())
     assert second["model"] == {"model": str(saved)}
     assert second["rows"][0]["model_tokens"] == first["rows"][0]["model_tokens"]
+
+
+class ShortContext(Recorder):
+    """The real engine, declaring a smaller model context (as a model with few positions does)."""
+
+    def __init__(self, engine, max_model_len: int):
+        super().__init__(engine)
+        self.max_model_len = max_model_len
+
+
+def test_model_context_caps_the_response_feedback_included(world):
+    prompt = world.prompts["three_blocks"]
+    first_segment = len(world.segments["three_blocks"][0])
+    for room in (5, first_segment + 3, first_segment + 12, 30):
+        engine = ShortContext(world.engine, len(prompt) + room)
+        capped = run(rollout_one(engine, world.sandbox, prompt, base_config(max_response_tokens=400)))
+        # The same as a response budget of `room` tokens: never past the context, feedback included.
+        same = run(rollout_one(world.engine, world.sandbox, prompt, base_config(max_response_tokens=room)))
+        assert len(prompt) + len(capped.response_ids) <= engine.max_model_len
+        assert capped.response_ids == same.response_ids and capped.loss_mask == same.loss_mask
+        assert capped.finish_reason == same.finish_reason
+        assert all(len(ids) + p.max_new_tokens <= engine.max_model_len for ids, p, _ in engine.calls)
+    with pytest.raises(ValueError, match=r"prompt 0 \(problem p-7\): prompt of \d+ tokens leaves no room"):
+        rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problems=[{"id": "p-7"}])

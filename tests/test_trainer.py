@@ -126,3 +126,18 @@ def test_reward_goes_up_on_the_demo_task(tmp_path, warm_model_dir):
     trace = json.dumps([(round(r["reward/mean"], 3), round(r["tool/calls_per_traj"], 3)) for r in rows])
     assert mean("reward/mean", last) > mean("reward/mean", first) + 0.2, trace
     assert mean("tool/calls_per_traj", last) > mean("tool/calls_per_traj", first) + 0.1, trace
+
+
+def test_held_out_samples_are_written_beside_the_metrics(tmp_path, warm_model_dir):
+    cfg = _warm_cfg(tmp_path, warm_model_dir, "run.steps=1", "run.eval_at_start=true")
+    with Trainer(cfg) as t:
+        result = t.fit()
+    for step, metrics in ((0, result["before"]), (1, result["after"])):
+        path = tmp_path / "eval" / f"step_{step:06d}_demo.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 24
+        assert {"problem", "answer", "response", "correct", "reward", "tool_calls"} <= set(rows[0])
+        # The file holds exactly the samples the logged metrics summarise.
+        assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["eval/accuracy"])
+        assert sum(r["tool_calls"] for r in rows) / len(rows) == pytest.approx(metrics["eval/tool_calls"])
+    assert not list((tmp_path / "eval").glob("*.tmp"))

@@ -50,6 +50,9 @@ class Engine(Protocol):
     @property
     def tokenizer(self): ...
 
+    # Optional: `max_model_len` (int), the most tokens prompt + completion may hold. The
+    # rollout loop then keeps every trajectory within it.
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """Continue `prompt_ids`; returns only the new tokens."""
         ...

@@ -407,6 +407,11 @@ class HFEngine:
         return self._tokenizer
 
     @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + completion) one sequence may hold: the model's positions."""
+        return self._max_positions
+
+    @property
     def model(self):
         return self._model
 
