@@ -438,6 +438,10 @@ class Trainer:
             before = self.evaluate()
             self.logger.log(0, {**before, **self.extra_metrics})
             _log(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
+        elif start_step > 0 and Path(self.logger.path).is_file():
+            # Resumed: the evaluation before training is the one logged at step 0, if any.
+            rows = [row for row in read_metrics(self.logger.path) if row.get("step") == 0]
+            before = {k: v for row in rows for k, v in row.items() if k.startswith("eval/")} or None
         bar = None
         if cfg.run.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm

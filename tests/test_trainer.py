@@ -141,3 +141,9 @@ def test_held_out_samples_are_written_beside_the_metrics(tmp_path, warm_model_di
         assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["eval/accuracy"])
         assert sum(r["tool_calls"] for r in rows) / len(rows) == pytest.approx(metrics["eval/tool_calls"])
     assert not list((tmp_path / "eval").glob("*.tmp"))
+    # Resumed for one more step, the run still reports the evaluation before training (the
+    # one logged at step 0), so the before/after summary survives a crash and --resume.
+    with Trainer(_warm_cfg(tmp_path, warm_model_dir, "run.steps=2", "run.eval_at_start=true"), resume=True) as t:
+        resumed = t.fit()
+    assert resumed["before"] == result["before"]
+    assert (tmp_path / "eval" / "step_000002_demo.jsonl").is_file()
