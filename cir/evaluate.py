@@ -10,6 +10,7 @@ reported as in the paper: MATH500 greedy, the others mean accuracy over 16 sampl
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cir.data import Problem
+from cir.metrics import write_jsonl
 from cir.prompts import prompt_token_ids
 from cir.rewards import RewardConfig, compute_rewards, reward_info_from_trajectory
 from cir.rollout import RolloutConfig, rollout
@@ -125,8 +127,6 @@ def register(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,9 +165,7 @@ def run(args) -> int:
             summary[name] = res.metrics
             print(f"{name:<20} acc {res.metrics['accuracy']:.1%}  tool calls {res.metrics['tool_calls']:.2f}  exec errors {res.metrics['exec_error_rate']:.1%}  ({len(problems)} problems x {samples}, T={temperature}, {res.metrics['seconds']:.0f}s)")
             if out:
-                with open(out / f"{Path(name).stem}.jsonl", "w") as f:
-                    for row in res.rows:
-                        f.write(json.dumps(row) + "\n")
+                write_jsonl(out / f"{Path(name).stem}.jsonl", res.rows)
     if summary:
         avg = sum(m["accuracy"] for m in summary.values()) / len(summary)
         print(f"{'average':<20} acc {avg:.1%}")
@@ -178,8 +176,6 @@ def run(args) -> int:
 
 
 def _progress(total: int, desc: str):
-    import sys
-
     if not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm

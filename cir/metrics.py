@@ -71,15 +71,21 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: str | Path, rows) -> None:
+    """Write `rows` as JSON lines, all or nothing: a crash mid-write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Drop rows logged after `last_step` (used on resume, so no step appears twice)."""
     path = Path(path)
-    if not path.is_file():
-        return
-    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    if path.is_file():
+        write_jsonl(path, [r for r in read_metrics(path) if r.get("step", 0) <= last_step])
 
 
 DEFAULT_CURVES = (

@@ -253,17 +253,12 @@ class _TrajectoryRun:
     """
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], config: RolloutConfig, *, seed, problem, stop_ids,
-                 max_total_tokens: int | None = None):
+                 max_response_tokens: int):
         self.tokenizer = tokenizer
         self.config = config
-        # The model's context (prompt + response), when the engine knows it: the response
-        # budget shrinks to what fits, so feedback never pushes a trajectory past it.
-        self.max_total_tokens = max_total_tokens
-        if max_total_tokens is not None and len(prompt_ids) >= max_total_tokens:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens leaves no room for a response in the model's "
-                f"context of {max_total_tokens} tokens (max_position_embeddings)"
-            )
+        # config.max_response_tokens, or less where the model's context ends sooner: feedback
+        # included, the response never goes past it.
+        self.max_response_tokens = max_response_tokens
         self.seed = seed
         self.stop_ids = stop_ids
         self.trajectory = Trajectory(prompt_ids=[int(t) for t in prompt_ids], problem=dict(problem or {}))
@@ -284,11 +279,7 @@ class _TrajectoryRun:
 
     @property
     def remaining(self) -> int:
-        used = len(self.trajectory.response_ids)
-        left = self.config.max_response_tokens - used
-        if self.max_total_tokens is not None:
-            left = min(left, self.max_total_tokens - len(self.trajectory.prompt_ids) - used)
-        return left
+        return self.max_response_tokens - len(self.trajectory.response_ids)
 
     def next_request(self) -> tuple[list[int], SamplingParams]:
         cfg = self.config
@@ -393,20 +384,23 @@ def _make_runs(engine, prompts, config, seeds, problems) -> list[_TrajectoryRun]
         raise ValueError(f"{len(problems)} problems for {n} prompts")
     tokenizer = engine.tokenizer
     stop_ids = _eos_ids(tokenizer, config)
-    max_total = getattr(engine, "max_model_len", None)
+    context = getattr(engine, "max_model_len", None)  # prompt + response, when the engine knows it
     runs = []
     for i, prompt in enumerate(prompts):
-        try:
-            runs.append(_TrajectoryRun(
-                tokenizer, prompt, config,
-                seed=None if seeds is None else seeds[i],
-                problem=None if problems is None else problems[i],
-                stop_ids=stop_ids,
-                max_total_tokens=max_total,
-            ))
-        except ValueError as error:
-            name = (problems[i] or {}).get("id") if problems is not None else None
-            raise ValueError(f"prompt {i}" + (f" (problem {name})" if name else "") + f": {error}") from None
+        problem = None if problems is None else problems[i]
+        limit = config.max_response_tokens
+        if context is not None:
+            if len(prompt) >= context:
+                name = (problem or {}).get("id")
+                raise ValueError(
+                    f"prompt {i}" + (f" (problem {name})" if name else "") + f": prompt of {len(prompt)} tokens "
+                    f"leaves no room for a response in the model's context of {context} tokens (max_position_embeddings)"
+                )
+            limit = min(limit, context - len(prompt))
+        runs.append(_TrajectoryRun(
+            tokenizer, prompt, config,
+            seed=None if seeds is None else seeds[i], problem=problem, stop_ids=stop_ids, max_response_tokens=limit,
+        ))
     return runs
 
 

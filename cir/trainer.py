@@ -19,7 +19,6 @@ continues from the newest checkpoint of the run's folder.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import sys
@@ -36,7 +35,7 @@ from cir.algorithms import Schedule, compute_advantages, informative_groups
 from cir.config import TrainConfig, dump_yaml, load_train_config
 from cir.configuration import ConfigError, to_dict
 from cir.data import Problem, ProblemSampler, load_problems
-from cir.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from cir.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics, write_jsonl
 from cir.policy import MicroBatch, collate, micro_batch_loss, micro_batch_weight, plan_micro_batches, token_logprobs
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import compute_rewards, reward_info_from_trajectory
@@ -422,12 +421,7 @@ class Trainer:
         evaluation, to `eval/step_NNNNNN_<set>.jsonl` in the run folder."""
         folder = self.out_dir / "eval"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step_{self.step_count:06d}_{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_jsonl(folder / f"step_{self.step_count:06d}_{name}.jsonl", rows)
 
     def fit(self) -> dict:
         cfg = self.cfg
