@@ -193,6 +193,40 @@ class _AsyncBridge:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def launch_settings(
+    *,
+    workers: int,
+    preload: Sequence[str] = DEFAULT_PRELOAD,
+    warmup: bool = True,
+    network: bool = False,
+    max_file_bytes: int = 16 * MiB,
+    native_fork: bool = True,
+    huge_pages: bool = True,
+    fill_free_blocks: bool = True,
+) -> dict:
+    """How the supervisor starts the zygote: executable, argv, environment and the zygote's
+    configuration (JSON). Used by `Sandbox` and by the native supervisor test's driver."""
+    config = {
+        "preload": list(preload),
+        "warmup": bool(warmup),
+        "network": bool(network),
+        "sys_path": list(sys.path),
+        "child_env": child_environment("/"),
+        "tmp_bytes": max(64 * MiB, workers * 4 * int(max_file_bytes)),
+        "native_fork": bool(native_fork),
+        "huge_pages": bool(huge_pages),
+        "fill_free_blocks": bool(fill_free_blocks),
+    }
+    zygote_env = child_environment("/")
+    zygote_env.pop("TMPDIR")
+    return {
+        "executable": _interpreter_path(),
+        "argv": [sys.executable, "-c", _BOOTSTRAP, json.dumps(list(sys.path))],
+        "env": [f"{k}={v}" for k, v in zygote_env.items()],
+        "config_json": json.dumps(config),
+    }
+
+
 class Sandbox:
     """A pool of isolated, warm Python executors. Thread-safe; a context manager.
 
@@ -285,24 +319,17 @@ class Sandbox:
         self._bridge = _AsyncBridge()
         self._closed = False
 
-        config = {
-            "preload": list(preload),
-            "warmup": bool(warmup),
-            "network": bool(network),
-            "sys_path": list(sys.path),
-            "child_env": child_environment("/"),
-            "tmp_bytes": max(64 * MiB, workers * 4 * int(max_file_bytes)),
-            "native_fork": bool(native_fork),
-            "huge_pages": bool(huge_pages),
-            "fill_free_blocks": bool(fill_free_blocks),
-        }
-        zygote_env = child_environment("/")
-        zygote_env.pop("TMPDIR")
         self._core = _sandbox.Supervisor(
-            executable=_interpreter_path(),
-            argv=[sys.executable, "-c", _BOOTSTRAP, json.dumps(list(sys.path))],
-            env=[f"{k}={v}" for k, v in zygote_env.items()],
-            config_json=json.dumps(config),
+            **launch_settings(
+                workers=workers,
+                preload=preload,
+                warmup=warmup,
+                network=network,
+                max_file_bytes=max_file_bytes,
+                native_fork=native_fork,
+                huge_pages=huge_pages,
+                fill_free_blocks=fill_free_blocks,
+            ),
             workers=workers,
             max_output_bytes=self.max_output_bytes,
             use_namespaces=bool(namespaces),

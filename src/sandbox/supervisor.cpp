@@ -474,9 +474,9 @@ void Supervisor::handle_log() {
   }
 }
 
-Supervisor::Request* Supervisor::in_slot(uint64_t id) {
+Supervisor::RequestPtr Supervisor::in_slot(uint64_t id) {
   for (auto& r : slots_)
-    if (r && r->id == id) return r.get();
+    if (r && r->id == id) return r;
   return nullptr;
 }
 
@@ -519,7 +519,8 @@ void Supervisor::handle_ctrl() {
     } else if (type == proto::Type::Started && size_t(n) >= sizeof(proto::StartedReport)) {
       proto::StartedReport s;
       std::memcpy(&s, buf, sizeof s);
-      Request* r = in_slot(s.req_id);
+      RequestPtr held = in_slot(s.req_id);  // keeps *r alive while its slot is released
+      Request* r = held.get();
       if (r == nullptr || r->state != RState::Sent) continue;
       r->state = RState::Running;
       r->pid = s.pid;
@@ -534,7 +535,8 @@ void Supervisor::handle_ctrl() {
     } else if (type == proto::Type::Exited && size_t(n) >= sizeof(proto::ExitedReport)) {
       proto::ExitedReport e;
       std::memcpy(&e, buf, sizeof e);
-      Request* r = in_slot(e.req_id);
+      RequestPtr held = in_slot(e.req_id);  // keeps *r alive while its slot is released
+      Request* r = held.get();
       if (r == nullptr) continue;
       r->gone = true;
       if (r->delivered) {
@@ -555,7 +557,8 @@ void Supervisor::handle_ctrl() {
     } else if (type == proto::Type::Failed && size_t(n) >= sizeof(proto::FailedReport)) {
       proto::FailedReport f;
       std::memcpy(&f, buf, sizeof f);
-      Request* r = in_slot(f.req_id);
+      RequestPtr held = in_slot(f.req_id);  // keeps *r alive while its slot is released
+      Request* r = held.get();
       if (r == nullptr) continue;
       r->gone = true;
       r->out.infra_error = true;
@@ -785,9 +788,11 @@ void Supervisor::close_streams(Request* r) {
 
 void Supervisor::release_slot(Request* r) {
   close_streams(r);
-  if (r->slot >= 0 && size_t(r->slot) < slots_.size() && slots_[size_t(r->slot)].get() == r)
-    slots_[size_t(r->slot)].reset();
+  const int slot = r->slot;
   r->slot = -1;
+  // The slot may hold the last reference (the caller has already collected the outcome): then
+  // this destroys *r, so nothing of it may be touched afterwards, here or in the caller.
+  if (slot >= 0 && size_t(slot) < slots_.size() && slots_[size_t(slot)].get() == r) slots_[size_t(slot)].reset();
 }
 
 void Supervisor::deliver(Request* r) {

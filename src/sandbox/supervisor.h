@@ -150,7 +150,7 @@ class Supervisor {
   void deliver(Request* r);
   void release_slot(Request* r);
   void close_streams(Request* r);
-  Request* in_slot(uint64_t id);
+  RequestPtr in_slot(uint64_t id);
   void shutdown_all(const std::string& why);
   void fail_queued(const std::string& why);
   void epoll_add(int fd, Watch* w);
