@@ -81,11 +81,15 @@ def write_jsonl(path: str | Path, rows) -> None:
     tmp.replace(path)
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop rows logged after `last_step` (used on resume, so no step appears twice)."""
+def truncate_metrics(path: str | Path, last_step: int) -> list[dict]:
+    """Drop rows logged after `last_step` (used on resume, so no step appears twice); returns
+    the rows kept."""
     path = Path(path)
-    if path.is_file():
-        write_jsonl(path, [r for r in read_metrics(path) if r.get("step", 0) <= last_step])
+    if not path.is_file():
+        return []
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    write_jsonl(path, keep)
+    return keep
 
 
 DEFAULT_CURVES = (

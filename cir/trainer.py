@@ -36,7 +36,7 @@ from cir.config import TrainConfig, dump_yaml, load_train_config
 from cir.configuration import ConfigError, to_dict
 from cir.data import Problem, ProblemSampler, load_problems
 from cir.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics, write_jsonl
-from cir.policy import MicroBatch, collate, micro_batch_loss, micro_batch_weight, plan_micro_batches, token_logprobs
+from cir.policy import collate, micro_batch_loss, micro_batch_weight, plan_micro_batches, token_logprobs
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import compute_rewards, reward_info_from_trajectory
 from cir.rollout import rollout, rollout_stats
@@ -102,9 +102,13 @@ class Trainer:
         self.engine = HFEngine(self.model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed)
         sc = cfg.sandbox
         self.sandbox = Sandbox(workers=sc.workers, timeout_s=sc.timeout_s, memory_mb=sc.memory_mb, max_output_bytes=sc.max_output_bytes, preload=tuple(sc.preload))
+        # On resume, the held-out evaluation logged at step 0 (if any) is the run's "before".
+        self._logged_before: dict | None = None
         if resume_from is not None:
             # Steps logged after the checkpoint (a run that crashed later) are redone now.
-            truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
+            kept = truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
+            step0 = {k: v for row in kept if row.get("step") == 0 for k, v in row.items() if k.startswith("eval/")}
+            self._logged_before = step0 or None
         self.logger = MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project, config=to_dict(cfg), resume=resume_from is not None)
         (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -432,10 +436,8 @@ class Trainer:
             before = self.evaluate()
             self.logger.log(0, {**before, **self.extra_metrics})
             _log(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
-        elif start_step > 0 and Path(self.logger.path).is_file():
-            # Resumed: the evaluation before training is the one logged at step 0, if any.
-            rows = [row for row in read_metrics(self.logger.path) if row.get("step") == 0]
-            before = {k: v for row in rows for k, v in row.items() if k.startswith("eval/")} or None
+        elif start_step > 0:
+            before = self._logged_before
         bar = None
         if cfg.run.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
