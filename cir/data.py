@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from cir.rewards import extract_boxed
+from cir.rewards.answers import extract_boxed
 
 # Bundled evaluation sets: short name -> file name in the benchmark directory.
 BENCHMARKS: dict[str, str] = {
@@ -42,6 +43,46 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 class DatasetError(ValueError):
     """A dataset row or file that cannot be used; the message names the file and the row."""
+
+
+@dataclass
+class DataConfig:
+    """`data.*`: where the problems come from and how they are shown to the model."""
+
+    # A .jsonl/.json file, a folder, a benchmark short name (aime24, math500, ...), a Hugging
+    # Face dataset name, or a built-in task's name ("demo": the arithmetic task).
+    train: str = "demo"
+    eval: list[str] = field(default_factory=lambda: ["demo"])
+    eval_limit: int | None = None  # at most this many problems per eval set
+    prompt: str = "cir"  # a prompt template name (cir.prompts)
+    problem_field: str | None = None
+    answer_field: str | None = None
+    benchmark_dir: str | None = None  # where benchmark short names are looked up
+
+
+def load_problem_set(spec: str, *, split: str, cfg, limit: int | None = None) -> list[Problem]:
+    """`load_problems` for the run `cfg` (a TrainConfig), where `spec` may also name a built-in
+    task (`cir.tasks`). Any failure is a `DatasetError` whose message starts with `spec`."""
+    from cir.tasks import get_task
+
+    dc = cfg.data
+    task = get_task(spec)
+    try:
+        if task is not None:
+            problems = task.problems(cfg, split)
+            return problems if limit is None else problems[:limit]
+        return load_problems(
+            spec,
+            split=split,
+            limit=limit,
+            benchmark_dir=dc.benchmark_dir,
+            problem_field=dc.problem_field,
+            answer_field=dc.answer_field,
+        )
+    except DatasetError:
+        raise
+    except (OSError, KeyError, ValueError, ImportError) as e:
+        raise DatasetError(f"{spec}: {e}") from e
 
 
 @dataclass
@@ -233,7 +274,9 @@ def _read_json(path: Path) -> list[Row]:
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DatasetError(f"{path}: expected a list of rows (or an object holding one list), found keys {sorted(data)}")
+            raise DatasetError(
+                f"{path}: expected a list of rows (or an object holding one list), found keys {sorted(data)}"
+            )
         data = data[lists[0]]
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a list of rows, found {type(data).__name__}")
@@ -273,7 +316,9 @@ def _read_hf(name: str, split: str, config: str | None) -> list[Row]:
     return [(f"{name} [{split}] row {i}", i, row) for i, row in enumerate(ds)]
 
 
-def _row_to_problem(row: Any, where: str, index: int, source: str, problem_field: str | None, answer_field: str | None) -> Problem:
+def _row_to_problem(
+    row: Any, where: str, index: int, source: str, problem_field: str | None, answer_field: str | None
+) -> Problem:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected a JSON object, found {type(row).__name__}")
     if problem_field is not None:
@@ -386,7 +431,12 @@ class ProblemSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; refuses one saved over other problems or another seed."""
-        for key, mine in (("num_problems", len(self.problems)), ("seed", self.seed), ("shuffle", self.shuffle), ("fingerprint", self._fingerprint)):
+        for key, mine in (
+            ("num_problems", len(self.problems)),
+            ("seed", self.seed),
+            ("shuffle", self.shuffle),
+            ("fingerprint", self._fingerprint),
+        ):
             if key in state and state[key] != mine:
                 raise ValueError(
                     f"sampler state was saved with {key}={state[key]!r} but this sampler has {key}={mine!r}: "
@@ -394,7 +444,9 @@ class ProblemSampler:
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < len(self.problems):
-            raise ValueError(f"invalid sampler state: epoch={epoch}, position={position} for {len(self.problems)} problems")
+            raise ValueError(
+                f"invalid sampler state: epoch={epoch}, position={position} for {len(self.problems)} problems"
+            )
         self.epoch, self.position = epoch, position
 
 

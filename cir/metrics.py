@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 class MetricsLogger:
     """Appends one JSON object per step to ``<out_dir>/metrics.jsonl`` (flushed each step, so
     nothing is lost on a crash) and mirrors scalars to TensorBoard and wandb."""
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "cir", run_name: str | None = None, config: dict | None = None, resume: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "cir",
+        run_name: str | None = None,
+        config: dict | None = None,
+        resume: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
@@ -30,7 +41,9 @@ class MetricsLogger:
         if wandb:
             import wandb as _wandb  # optional dependency: pip install wandb
 
-            self._wandb = _wandb.init(project=wandb_project, name=run_name, config=config, resume="allow" if resume else None)
+            self._wandb = _wandb.init(
+                project=wandb_project, name=run_name, config=config, resume="allow" if resume else None
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -102,7 +115,12 @@ DEFAULT_CURVES = (
 )
 
 
-def plot_curves(rows: list[dict], png_path: str | Path, curves: Iterable[tuple[str, str]] = DEFAULT_CURVES, title: str = "cir training") -> Path | None:
+def plot_curves(
+    rows: list[dict],
+    png_path: str | Path,
+    curves: Iterable[tuple[str, str]] = DEFAULT_CURVES,
+    title: str = "cir training",
+) -> Path | None:
     """Plot the curves that exist in `rows`; eval points (keys starting with "eval/") are
     drawn as markers on the matching panel."""
     import matplotlib
@@ -123,7 +141,9 @@ def plot_curves(rows: list[dict], png_path: str | Path, curves: Iterable[tuple[s
             ax.plot(xs, ys, lw=1.2, label="train")
             if len(ys) >= 8:
                 w = max(2, len(ys) // 10)
-                smooth = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+                smooth = [
+                    sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))
+                ]
                 ax.plot(xs, smooth, lw=2.0, alpha=0.8, label=f"mean of {w}")
         ekey = "eval/" + key.split("/", 1)[-1]
         epts = [(r["step"], r[ekey]) for r in rows if isinstance(r.get(ekey), (int, float))]
@@ -141,3 +161,37 @@ def plot_curves(rows: list[dict], png_path: str | Path, curves: Iterable[tuple[s
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return Path(png_path)
+
+
+def step_metrics(
+    trajectories, rewards, *, trained: int, stage, epoch: int, times: dict[str, float]
+) -> dict[str, float]:
+    """The numbers of one RL step (every trajectory rolled out, `trained` of them kept):
+    reward, tool use, response shape, schedule, data and time."""
+    import numpy as np
+
+    from cir.rollout import rollout_stats
+
+    stats = rollout_stats(trajectories)
+    model_tokens = sum(t.num_model_tokens for t in trajectories)
+    return {
+        "reward/mean": float(np.mean([r.reward for r in rewards])),
+        "reward/accuracy": float(np.mean([bool(r.correct) for r in rewards])),
+        "tool/calls_per_traj": stats.get("tool_calls_per_traj", 0.0),
+        "tool/error_rate": stats.get("exec_error_rate", 0.0),
+        "tool/timeout_rate": stats.get("timeout_rate", 0.0),
+        "response/model_tokens_mean": stats.get("model_tokens_mean", 0.0),
+        "response/feedback_token_share": stats.get("feedback_token_share", 0.0),
+        "response/truncated_share": stats.get("finish_length", 0.0),
+        "schedule/tool_budget": stage.tool_budget,
+        "schedule/max_response_tokens": stage.max_response_tokens,
+        "data/trajectories": len(trajectories),
+        "data/trajectories_trained": trained,
+        "data/epoch": epoch,
+        "time/rollout_s": times["rollout"],
+        "time/sandbox_busy_s": sum(c.wall_ms for t in trajectories for c in t.tool_calls) / 1000.0,
+        "time/reward_s": times["reward"],
+        "time/update_s": times["update"],
+        "time/step_s": times["step"],
+        "perf/tokens_per_s": model_tokens / max(times["rollout"], 1e-9),
+    }

@@ -1,13 +1,92 @@
-"""Tiny causal language models built from a config, for tests and the built-in CPU demo.
+"""The policy model: `model.*` config, loading it, and tiny models built from a config.
 
-They use the Qwen2 architecture, so a checkpoint saved from one loads unchanged in
-`transformers` and in vLLM, the same as a real Qwen2.5 model.
+`load_policy` gives (model, tokenizer) for a Hugging Face folder or hub name, a cir
+checkpoint, or a built-in task's model (`model.path=demo`). `check_model_path` finds a missing
+folder in microseconds, before anything heavy starts.
+
+Tiny models (`tiny_causal_lm`, for tests and the demo) use the Qwen2 architecture, so a
+checkpoint saved from one loads unchanged in `transformers` and in vLLM, the same as a real
+Qwen2.5 model.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 import torch
 from transformers import GenerationConfig, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from cir.config_loader import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory or hub name, or a built-in task's name ("demo": the tiny
+    # model the demo warm-starts itself).
+    path: str = "demo"
+    tokenizer: str | None = None  # default: the model's own
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameters and optimizer state
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+# A hub name: "name" or "org/name" (letters, digits, "-", "_", ".").
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """Raise ConfigError when `path` can be neither a local model folder nor a hub name.
+
+    A path that exists must be a folder with a config.json; one that does not exist must
+    look like a hub name ("org/name"); anything else (an absolute or relative path, "~/...") is a
+    missing folder, reported here instead of as a hub lookup error minutes later.
+    """
+    from cir.tasks import get_task
+
+    if get_task(path) is not None:
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}={path!r}: {local} has no config.json (not a Hugging Face model folder)")
+        return
+    if not _HUB_NAME.match(path):
+        raise ConfigError(f"{key}={path!r}: no such model folder")
+
+
+def load_policy(cfg, device: torch.device, *, checkpoint: Path | None = None):
+    """(model, tokenizer, metrics) for the run `cfg` (a TrainConfig): from `checkpoint` when
+    resuming, else from `cfg.model.path` (a task's `build_policy` when it names one). The model
+    is on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cir.tasks import get_task
+
+    mc = cfg.model
+    dtype = DTYPES[mc.dtype]
+    info: dict[str, float] = {}
+    task = get_task(mc.path)
+    if checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation=mc.attn_implementation
+        )
+    elif task is not None:
+        model, tokenizer, info = task.build_policy(cfg, device, dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.path)
+        model = AutoModelForCausalLM.from_pretrained(mc.path, dtype=dtype, attn_implementation=mc.attn_implementation)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    if mc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.eval(), tokenizer, info
 
 
 def padded_vocab_size(num_tokens: int, multiple: int = 64) -> int:

@@ -300,7 +300,7 @@ def byte_tokenizer(specials: tuple[str, ...] = ("<|endoftext|>", "<|pad|>")) -> 
     if len(set(specials)) != len(specials):
         raise ValueError(f"byte_tokenizer: special tokens must be distinct, got {specials}")
     vocab = {tok: i for i, tok in enumerate(specials)}
-    for b, ch in sorted(bytes_to_unicode().items()):
+    for _, ch in sorted(bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
     tok = Qwen2Tokenizer(
         vocab=vocab,

@@ -40,11 +40,10 @@ class Trajectory:
     sampler_logprobs: list[float] = field(default_factory=list)  # 0.0 on feedback tokens
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = ""  # "eos" | "length" | "budget" (stopped at a fence once the budget was spent)
-    # Filled in later stages of a step.
-    problem: dict[str, Any] = field(default_factory=dict)  # the dataset row (answer, id, ...)
-    group: int = -1  # index of the prompt this trajectory samples (for group baselines)
-    reward: float = 0.0
-    reward_info: dict[str, Any] = field(default_factory=dict)
+    # Set when the rollout creates the trajectory, never changed afterwards: which problem it
+    # answers, and the group of samples (of one prompt) whose rewards form its baseline.
+    problem_id: str = ""
+    group: int = -1
 
     def append(self, token_ids: list[int], logprobs: list[float] | None, trainable: bool) -> tuple[int, int]:
         """Append tokens; returns their [start, end) span in response_ids."""
@@ -106,7 +105,10 @@ class Trajectory:
                 f"sampler_logprobs {len(self.sampler_logprobs)}"
             )
         for i, call in enumerate(self.tool_calls):
-            for name, (start, end), want in (("code_span", call.code_span, 1), ("feedback_span", call.feedback_span, 0)):
+            for name, (start, end), want in (
+                ("code_span", call.code_span, 1),
+                ("feedback_span", call.feedback_span, 0),
+            ):
                 if not 0 <= start <= end <= n:
                     raise ValueError(f"tool call {i}: {name} {start, end} outside response of {n} tokens")
                 if any(m != want for m in self.loss_mask[start:end]):

@@ -1,7 +1,7 @@
 // cir._sandbox: the Python face of the C++ sandbox core (src/sandbox).
 //
-// Two halves: `Supervisor` is used by cir.sandbox in the training process; `ZygoteServer`
-// and the helpers below are used by cir._zygote, the warm interpreter. Every call that
+// Two halves: `Supervisor` is used by cir.sandbox.client in the training process; `ZygoteServer`
+// and the helpers below are used by cir.sandbox.zygote, the warm interpreter. Every call that
 // waits releases the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -68,7 +68,7 @@ std::string to_string(nb::bytes b) { return std::string(b.c_str(), b.size()); }
 // and cir gives numpy's global generator a fresh 32-bit seed (numpy.random.seed). Done
 // through Python that costs a child ~130 page copies (the calls touch much interpreter
 // state); written directly it costs the generators' own pages. The layouts below are the
-// interpreter's RandomObject and numpy's mt19937_state; cir._zygote binds them only after
+// interpreter's RandomObject and numpy's mt19937_state; cir.sandbox.zygote binds them only after
 // checking, on live objects, that a direct write equals the Python-level seeding.
 
 struct RandomObjectLayout {  // CPython Modules/_randommodule.c
@@ -413,5 +413,5 @@ NB_MODULE(_sandbox, m) {
         g_generators.numpy = numpy_capsule.is_none() ? nullptr : numpy_state_of(numpy_capsule);
       },
       "random_inst"_a.none(), "numpy_capsule"_a.none(),
-      "Generators serve() reseeds in every child it forks (checked layouts only; see _zygote).");
+      "Generators serve() reseeds in every child it forks (checked layouts only; see cir.sandbox.zygote).");
 }

@@ -116,8 +116,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _scaled_logits_tile(
-        h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-        DOT_IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        rows64,
+        row_mask,
+        cols64,
+        col_mask,
+        H,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        inv_temp,
+        DOT_IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_V] tile of logits / temperature: hidden rows x weight columns,
         accumulated in fp32 over H. Shared by the forward and the backward (which recomputes)."""
@@ -191,8 +205,22 @@ if HAS_TRITON:
             col_mask = cols < v_end
             cols64 = cols.to(tl.int64)
             z = _scaled_logits_tile(
-                h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh,
-                inv_temp, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+                h_ptr,
+                w_ptr,
+                rows64,
+                row_mask,
+                cols64,
+                col_mask,
+                H,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                inv_temp,
+                DOT_IEEE,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
             )
 
             # Every tile holds at least one valid column, so m_new is finite from the first
@@ -271,8 +299,22 @@ if HAS_TRITON:
         cols = v_off + local_cols
         cols64 = cols.to(tl.int64)
         z = _scaled_logits_tile(
-            h_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_hn, stride_hh, stride_wv, stride_wh,
-            inv_temp, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+            h_ptr,
+            w_ptr,
+            rows64,
+            row_mask,
+            cols64,
+            col_mask,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            inv_temp,
+            DOT_IEEE,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
         )
 
         row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)

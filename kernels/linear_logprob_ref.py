@@ -212,7 +212,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         if grad_logprob is None and grad_entropy is None:
             return None, None, None, None, None, None, None
         cd = compute_dtype(hidden.dtype)
-        n, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         inv_temp = 1.0 / ctx.temperature
         valid = targets != ctx.ignore_index
         # d(output)/dz combined with the upstream grads, zeroed on ignored rows; the final

@@ -28,7 +28,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .policy_loss_ref import AGGREGATIONS, KL_TYPES, LOG_RATIO_CLAMP, Layout, check_inputs, policy_loss_reference
+from .policy_loss_ref import (
+    AGGREGATIONS,
+    KL_CAP,
+    KL_TYPES,
+    LOG_RATIO_CLAMP,
+    Layout,
+    check_inputs,
+    effective_kl_cap,
+    policy_loss_reference,
+)
 
 try:
     import triton
@@ -81,7 +90,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_token_inputs(
-        lp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb, adv_seq, ADV_PER_SEQ: tl.constexpr,
+        lp_ptr,
+        old_ptr,
+        adv_ptr,
+        mask_ptr,
+        idx,
+        inb,
+        adv_seq,
+        ADV_PER_SEQ: tl.constexpr,
     ):
         # Masked tokens are zeroed before any arithmetic: their stored values never matter.
         m = tl.load(mask_ptr + idx, mask=inb, other=0).to(tl.float32)
@@ -95,11 +111,57 @@ if HAS_TRITON:
         return m, valid, lp, old, adv
 
     @triton.jit
+    def _kl_term(lp, ref, log_ratio_clamp, kl_cap, KL_TYPE: tl.constexpr, HAS_CAP: tl.constexpr):
+        # Per-token KL and its derivative d kl / d logprob, capped. One helper for both kernels,
+        # so the forward's clamp and the backward's "is the cap active" test see the same fp32
+        # value and cannot disagree on a token at the edge. (The forward discards d_kl.)
+        if KL_TYPE == 1:
+            kl = lp - ref
+            d_kl = tl.full(lp.shape, 1.0, tl.float32)
+        elif KL_TYPE == 2:
+            kl = 0.5 * (lp - ref) * (lp - ref)
+            d_kl = lp - ref
+        else:
+            d_raw = ref - lp
+            d = tl.minimum(tl.maximum(d_raw, -log_ratio_clamp), log_ratio_clamp)
+            e = tl.exp(d)
+            kl = e - d - 1.0
+            # d = ref - logprob, so d kl / d logprob = 1 - exp(d); 0 where the log-ratio clamp holds d.
+            d_kl = tl.where((d_raw >= -log_ratio_clamp) & (d_raw <= log_ratio_clamp), 1.0 - e, 0.0)
+        if HAS_CAP:
+            # One token must not dominate a step: clamp to +-kl_cap; where the clamp is active the
+            # value is constant, so the gradient is 0 (the edge itself passes it, as torch.clamp).
+            in_cap = (kl >= -kl_cap) & (kl <= kl_cap)
+            kl = tl.minimum(tl.maximum(kl, -kl_cap), kl_cap)
+            d_kl = tl.where(in_cap, d_kl, 0.0)
+        return kl, d_kl
+
+    @triton.jit
     def _policy_loss_fwd_kernel(
-        lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, part_ptr,
-        num_seqs, seq_len, clip_lo, clip_hi, dual_clip, log_ratio_clamp,
-        IS_PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
-        USE_DUAL: tl.constexpr, KL_TYPE: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+        lp_ptr,
+        old_ptr,
+        adv_ptr,
+        mask_ptr,
+        ref_ptr,
+        ent_ptr,
+        cu_ptr,
+        part_ptr,
+        num_seqs,
+        seq_len,
+        clip_lo,
+        clip_hi,
+        dual_clip,
+        log_ratio_clamp,
+        kl_cap,
+        IS_PACKED: tl.constexpr,
+        ADV_PER_SEQ: tl.constexpr,
+        HAS_REF: tl.constexpr,
+        HAS_ENT: tl.constexpr,
+        USE_DUAL: tl.constexpr,
+        KL_TYPE: tl.constexpr,
+        HAS_CAP: tl.constexpr,
+        G: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         seq = tl.program_id(0)
         part = tl.program_id(1)
@@ -123,7 +185,9 @@ if HAS_TRITON:
         for off in range(start + part * BLOCK, end, G * BLOCK):
             idx = off + tl.arange(0, BLOCK)
             inb = idx < end
-            m, valid, lp, old, adv = _load_token_inputs(lp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb, adv_seq, ADV_PER_SEQ)
+            m, valid, lp, old, adv = _load_token_inputs(
+                lp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb, adv_seq, ADV_PER_SEQ
+            )
             log_ratio = tl.minimum(tl.maximum(lp - old, -log_ratio_clamp), log_ratio_clamp)
             ratio = tl.exp(log_ratio)
             pg = tl.maximum(-adv * ratio, -adv * tl.minimum(tl.maximum(ratio, lo), hi))
@@ -141,13 +205,7 @@ if HAS_TRITON:
             acc_rmax = tl.maximum(acc_rmax, tl.where(valid, ratio, 0.0))
             if HAS_REF:
                 ref = tl.where(valid, tl.load(ref_ptr + idx, mask=inb, other=0.0).to(tl.float32), 0.0)
-                if KL_TYPE == 1:
-                    kl = lp - ref
-                elif KL_TYPE == 2:
-                    kl = 0.5 * (lp - ref) * (lp - ref)
-                else:
-                    d = tl.minimum(tl.maximum(ref - lp, -log_ratio_clamp), log_ratio_clamp)
-                    kl = tl.exp(d) - d - 1.0
+                kl, _ = _kl_term(lp, ref, log_ratio_clamp, kl_cap, KL_TYPE, HAS_CAP)
                 acc_kl += m * kl
             if HAS_ENT:
                 ent = tl.where(valid, tl.load(ent_ptr + idx, mask=inb, other=0.0).to(tl.float32), 0.0)
@@ -168,9 +226,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_finalize_kernel(
-        part_ptr, weight_ptr, loss_ptr, out_ptr,
-        num_seqs, kl_coef, ent_coef, norm_len,
-        AGG: tl.constexpr, G: tl.constexpr, BLOCK_B: tl.constexpr,
+        part_ptr,
+        weight_ptr,
+        loss_ptr,
+        out_ptr,
+        num_seqs,
+        kl_coef,
+        ent_coef,
+        norm_len,
+        AGG: tl.constexpr,
+        G: tl.constexpr,
+        BLOCK_B: tl.constexpr,
     ):
         stride = num_seqs * G
         cols = tl.arange(0, G)
@@ -210,7 +276,9 @@ if HAS_TRITON:
             acc_dual += tl.sum(tl.load(part_ptr + 6 * stride + offs, mask=tile_ok, other=0.0), axis=1)
             acc_ratio += tl.sum(tl.load(part_ptr + 7 * stride + offs, mask=tile_ok, other=0.0), axis=1)
             acc_akl += tl.sum(tl.load(part_ptr + 8 * stride + offs, mask=tile_ok, other=0.0), axis=1)
-            acc_rmax = tl.maximum(acc_rmax, tl.max(tl.load(part_ptr + 9 * stride + offs, mask=tile_ok, other=0.0), axis=1))
+            acc_rmax = tl.maximum(
+                acc_rmax, tl.max(tl.load(part_ptr + 9 * stride + offs, mask=tile_ok, other=0.0), axis=1)
+            )
 
         n_total = tl.sum(acc_n, axis=0)
         inv_n = tl.where(n_total > 0.0, 1.0 / tl.where(n_total > 0.0, n_total, 1.0), 0.0)
@@ -240,11 +308,35 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_bwd_kernel(
-        grad_ptr, weight_ptr, out_ptr,
-        lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, dlp_ptr, dent_ptr,
-        seq_len, clip_lo, clip_hi, dual_clip, log_ratio_clamp, kl_coef, ent_coef,
-        IS_PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_REF: tl.constexpr, ENT_GRAD: tl.constexpr,
-        USE_DUAL: tl.constexpr, KL_TYPE: tl.constexpr, SCALE_IDX: tl.constexpr, G: tl.constexpr,
+        grad_ptr,
+        weight_ptr,
+        out_ptr,
+        lp_ptr,
+        old_ptr,
+        adv_ptr,
+        mask_ptr,
+        ref_ptr,
+        cu_ptr,
+        dlp_ptr,
+        dent_ptr,
+        seq_len,
+        clip_lo,
+        clip_hi,
+        dual_clip,
+        log_ratio_clamp,
+        kl_cap,
+        kl_coef,
+        ent_coef,
+        IS_PACKED: tl.constexpr,
+        ADV_PER_SEQ: tl.constexpr,
+        HAS_REF: tl.constexpr,
+        ENT_GRAD: tl.constexpr,
+        USE_DUAL: tl.constexpr,
+        KL_TYPE: tl.constexpr,
+        HAS_CAP: tl.constexpr,
+        REF_IN_BWD: tl.constexpr,
+        SCALE_IDX: tl.constexpr,
+        G: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         seq = tl.program_id(0)
@@ -260,7 +352,9 @@ if HAS_TRITON:
         for off in range(start + part * BLOCK, end, G * BLOCK):
             idx = off + tl.arange(0, BLOCK)
             inb = idx < end
-            m, valid, lp, old, adv = _load_token_inputs(lp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb, adv_seq, ADV_PER_SEQ)
+            m, valid, lp, old, adv = _load_token_inputs(
+                lp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb, adv_seq, ADV_PER_SEQ
+            )
             raw = lp - old
             log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
             ratio = tl.exp(log_ratio)
@@ -278,18 +372,12 @@ if HAS_TRITON:
                 d_dual = tl.where(pg > pg_dual, 0.0, tl.where(pg < pg_dual, d_pg, 0.5 * d_pg))
                 d_pg = tl.where(adv < 0.0, d_dual, d_pg)
             d_l = d_pg
-            if HAS_REF:
-                if KL_TYPE == 1:
-                    d_l += kl_coef
-                elif KL_TYPE == 2:
-                    ref = tl.where(valid, tl.load(ref_ptr + idx, mask=inb, other=0.0).to(tl.float32), 0.0)
-                    d_l += kl_coef * (lp - ref)
-                else:
-                    ref = tl.where(valid, tl.load(ref_ptr + idx, mask=inb, other=0.0).to(tl.float32), 0.0)
-                    d_raw = ref - lp
-                    d = tl.minimum(tl.maximum(d_raw, -log_ratio_clamp), log_ratio_clamp)
-                    inside = (d_raw >= -log_ratio_clamp) & (d_raw <= log_ratio_clamp)
-                    d_l += kl_coef * tl.where(inside, 1.0 - tl.exp(d), 0.0)
+            if REF_IN_BWD:
+                ref = tl.where(valid, tl.load(ref_ptr + idx, mask=inb, other=0.0).to(tl.float32), 0.0)
+                _, d_kl = _kl_term(lp, ref, log_ratio_clamp, kl_cap, KL_TYPE, HAS_CAP)
+                d_l += kl_coef * d_kl
+            elif HAS_REF:
+                d_l += kl_coef  # uncapped k1: d kl / d logprob = 1 everywhere, no need to read ref
             w = w_seq * m
             tl.store(dlp_ptr + idx, (w * d_l).to(dlp_ptr.dtype.element_ty), mask=inb)
             if ENT_GRAD:
@@ -332,31 +420,57 @@ class _PolicyLossTriton(torch.autograd.Function):
             HAS_REF=ref_logprob is not None,
             USE_DUAL=cfg["dual_clip"] is not None,
             KL_TYPE=KL_TYPES.index(cfg["kl_type"]) + 1,
+            HAS_CAP=cfg["kl_cap"] is not None,
             G=G,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
         dual = float(cfg["dual_clip"]) if cfg["dual_clip"] is not None else 0.0
+        kl_cap = cfg["kl_cap"] if cfg["kl_cap"] is not None else 0.0  # unused without HAS_CAP
 
         partials = torch.empty((_NUM_FIELDS, B, G), dtype=torch.float32, device=device)
         _policy_loss_fwd_kernel[(B, G)](
-            lp, old, adv, mask, ref, ent, cu, partials,
-            B, layout.seq_len, cfg["clip_low"], cfg["clip_high"], dual, LOG_RATIO_CLAMP,
-            HAS_ENT=entropy is not None, **common,
+            lp,
+            old,
+            adv,
+            mask,
+            ref,
+            ent,
+            cu,
+            partials,
+            B,
+            layout.seq_len,
+            cfg["clip_low"],
+            cfg["clip_high"],
+            dual,
+            LOG_RATIO_CLAMP,
+            kl_cap,
+            HAS_ENT=entropy is not None,
+            **common,
         )
         seq_weight = torch.empty(B, dtype=torch.float32, device=device)
         loss = torch.empty((), dtype=torch.float32, device=device)
         out = torch.empty(_NUM_OUT, dtype=torch.float32, device=device)
         _policy_loss_finalize_kernel[(1,)](
-            partials, seq_weight, loss, out,
-            B, cfg["kl_coef"], cfg["entropy_coef"], layout.norm_len,
-            AGG=AGGREGATIONS.index(cfg["aggregation"]), G=G, BLOCK_B=max(1, FINALIZE_TILE // G), num_warps=4,
+            partials,
+            seq_weight,
+            loss,
+            out,
+            B,
+            cfg["kl_coef"],
+            cfg["entropy_coef"],
+            layout.norm_len,
+            AGG=AGGREGATIONS.index(cfg["aggregation"]),
+            G=G,
+            BLOCK_B=max(1, FINALIZE_TILE // G),
+            num_warps=4,
         )
 
         ctx.save_for_backward(lp, old, adv, mask, ref, cu, seq_weight, out)
         ctx.common = common
         ctx.cfg = cfg
         ctx.dual = dual
+        ctx.kl_cap = kl_cap
         ctx.layout = layout
         ctx.shapes = (logprob.shape, logprob.dtype, None if entropy is None else (entropy.shape, entropy.dtype))
         ctx.mark_non_differentiable(out)
@@ -375,12 +489,32 @@ class _PolicyLossTriton(torch.autograd.Function):
         dlp = alloc(lp.numel(), dtype=lp_dtype, device=lp.device)
         dent = alloc(lp.numel(), dtype=ent_meta[1], device=lp.device) if ent_grad else dlp
         B, G = layout.num_seqs, ctx.common["G"]
+        # The backward reads ref_logprob unless its KL derivative is the constant 1 (uncapped k1).
+        ref_in_bwd = ctx.common["HAS_REF"] and (cfg["kl_type"] != "k1" or cfg["kl_cap"] is not None)
         _policy_loss_bwd_kernel[(B, G)](
-            grad_loss.contiguous(), seq_weight, out,
-            lp, old, adv, mask, ref, cu, dlp, dent,
-            layout.seq_len, cfg["clip_low"], cfg["clip_high"], ctx.dual, LOG_RATIO_CLAMP,
-            cfg["kl_coef"], cfg["entropy_coef"],
-            ENT_GRAD=ent_grad, SCALE_IDX=_OUT_SCALE, **ctx.common,
+            grad_loss.contiguous(),
+            seq_weight,
+            out,
+            lp,
+            old,
+            adv,
+            mask,
+            ref,
+            cu,
+            dlp,
+            dent,
+            layout.seq_len,
+            cfg["clip_low"],
+            cfg["clip_high"],
+            ctx.dual,
+            LOG_RATIO_CLAMP,
+            ctx.kl_cap,
+            cfg["kl_coef"],
+            cfg["entropy_coef"],
+            ENT_GRAD=ent_grad,
+            REF_IN_BWD=ref_in_bwd,
+            SCALE_IDX=_OUT_SCALE,
+            **ctx.common,
         )
         d_entropy = dent.view(ent_meta[0]) if ent_grad else None
         return dlp.view(lp_shape), d_entropy, None, None, None, None, None, None
@@ -411,6 +545,7 @@ def policy_loss(
     ref_logprob: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "k1",
+    kl_cap: float | None = KL_CAP,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     cu_seqlens: Tensor | None = None,
@@ -432,6 +567,10 @@ def policy_loss(
             "seq-mean-token-sum-norm" (see `policy_loss_ref` for the formulas).
         ref_logprob, kl_coef, kl_type: add kl_coef * KL(logprob, ref) per token, kl_type "k1"
             (logprob - ref), "k2" (0.5 (logprob - ref)^2) or "k3" (exp(d) - d - 1, d = ref - logprob).
+        kl_cap: clamp the per-token KL to [-kl_cap, kl_cap] before kl_coef and the aggregation,
+            for every kl_type, so that one token far from the reference cannot dominate a step
+            (uncapped k3 at a log-ratio of 10 is ~22015). Capped tokens get no KL gradient.
+            Default 10 (as verl); must be > 0; None (or inf) disables the cap.
         entropy, entropy_coef: subtract entropy_coef * entropy per token; `entropy` receives a
             gradient when entropy_coef != 0.
         cu_seqlens: int32/int64 [B + 1] sequence offsets for packed 1-D inputs.
@@ -450,9 +589,18 @@ def policy_loss(
     if impl not in IMPLS:
         raise ValueError(f"policy_loss: impl={impl!r}; expected one of {IMPLS}")
     kwargs = dict(
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation,
-        ref_logprob=ref_logprob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy,
-        entropy_coef=entropy_coef, cu_seqlens=cu_seqlens, max_seq_len_norm=max_seq_len_norm,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        aggregation=aggregation,
+        ref_logprob=ref_logprob,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        kl_cap=kl_cap,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+        cu_seqlens=cu_seqlens,
+        max_seq_len_norm=max_seq_len_norm,
     )
     # float64 callers want float64 arithmetic, which the fp32 kernels do not give: torch path.
     use_triton = impl == "triton" or (
@@ -468,9 +616,14 @@ def policy_loss(
         )
     layout = check_inputs(logprob, old_logprob, advantages, loss_mask, **kwargs)
     cfg = dict(
-        clip_low=float(clip_low), clip_high=float(clip_high),
-        dual_clip=None if dual_clip is None else float(dual_clip), aggregation=aggregation,
-        kl_coef=float(kl_coef), kl_type=kl_type, entropy_coef=float(entropy_coef),
+        clip_low=float(clip_low),
+        clip_high=float(clip_high),
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        aggregation=aggregation,
+        kl_coef=float(kl_coef),
+        kl_type=kl_type,
+        kl_cap=effective_kl_cap(kl_cap),
+        entropy_coef=float(entropy_coef),
     )
     loss, out = _PolicyLossTriton.apply(logprob, entropy, old_logprob, advantages, loss_mask, ref_logprob, layout, cfg)
     metrics = {name: out[i] for i, name in enumerate(_OUT_NAMES)}

@@ -15,11 +15,20 @@ when the inputs are float64):
     pg        = min(pg, -A * dual_clip)                 where A < 0 and dual_clip is set
     kl        = k1: logprob - ref          k2: 0.5 * (logprob - ref)^2
                 k3: exp(d) - d - 1 with d = clamp(ref - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    kl        = clamp(kl, -kl_cap, kl_cap)              unless kl_cap is None (or inf)
     l         = pg + kl_coef * kl - entropy_coef * entropy
 
 The log-ratio clamp keeps exp() finite for any finite input (exp(20) ~ 4.9e8); inside the
 clamp nothing changes, outside it the ratio is constant, so its gradient there is 0 (the
 token's pg term is clipped in every realistic setting anyway).
+
+The KL cap (default 10, verl's choice) bounds what one token can add to the loss: uncapped,
+k3 at a log-ratio of 10 is exp(10) - 11 ~ 22015 with a gradient of ~ -22025, so with
+kl_coef > 0 a single token far from the reference would dominate the step. Where the cap is
+active the value is constant, so the token's KL gradient is 0 (torch.clamp's gradient; a value
+exactly at +-kl_cap still passes its gradient). The cap applies to every kl_type (k1 can be
+negative, hence the symmetric range) and comes before kl_coef and the aggregation, so
+`kl_loss` reports the capped KL.
 
 Aggregation of l over the batch, with m the loss mask (1 = trained token) and n_s = sum_t m:
 
@@ -44,6 +53,7 @@ loss == pg_loss + kl_coef * kl_loss - entropy_coef * entropy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +61,9 @@ from torch import Tensor
 
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios (logprob - old, and ref - logprob for k3) are clamped to +-this before exp()."""
+
+KL_CAP = 10.0
+"""Default bound on the per-token KL value (clamped to +-this before kl_coef); as verl does."""
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
@@ -97,6 +110,7 @@ def check_inputs(
     ref_logprob: Tensor | None,
     kl_coef: float,
     kl_type: str,
+    kl_cap: float | None,
     entropy: Tensor | None,
     entropy_coef: float,
     cu_seqlens: Tensor | None,
@@ -113,6 +127,8 @@ def check_inputs(
         raise ValueError(f"policy_loss: clip_high={clip_high} must be >= 0")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"policy_loss: dual_clip={dual_clip} must be > 1 (or None to disable it)")
+    if kl_cap is not None and not kl_cap > 0.0:  # `not >` also rejects NaN
+        raise ValueError(f"policy_loss: kl_cap={kl_cap} must be > 0 (or None to disable the cap)")
     if kl_coef != 0.0 and ref_logprob is None:
         raise ValueError(f"policy_loss: kl_coef={kl_coef} needs ref_logprob")
     if entropy_coef != 0.0 and entropy is None:
@@ -163,7 +179,9 @@ def check_inputs(
         if cu_seqlens is None:
             raise ValueError("policy_loss: 1-D (packed) inputs need cu_seqlens [B + 1]")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"policy_loss: cu_seqlens must be 1-D with B + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"policy_loss: cu_seqlens must be 1-D with B + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}"
+            )
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"policy_loss: cu_seqlens must be int32 or int64; got {cu_seqlens.dtype}")
         num_seqs, seq_len = cu_seqlens.numel() - 1, 0
@@ -207,6 +225,11 @@ def check_inputs(
     )
 
 
+def effective_kl_cap(kl_cap: float | None) -> float | None:
+    """The cap as the implementations apply it: a float, or None when disabled (None or inf)."""
+    return None if kl_cap is None or math.isinf(kl_cap) else float(kl_cap)
+
+
 def _sequence_ids(layout: Layout, total: int, device: torch.device) -> Tensor:
     """Sequence index of every token of the flattened batch."""
     if layout.padded:
@@ -228,6 +251,7 @@ def policy_loss_reference(
     ref_logprob: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "k1",
+    kl_cap: float | None = KL_CAP,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     cu_seqlens: Tensor | None = None,
@@ -240,11 +264,24 @@ def policy_loss_reference(
     ground truth in tests). Gradients flow to `logprob` and `entropy` only.
     """
     layout = check_inputs(
-        logprob, old_logprob, advantages, loss_mask,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation,
-        ref_logprob=ref_logprob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy,
-        entropy_coef=entropy_coef, cu_seqlens=cu_seqlens, max_seq_len_norm=max_seq_len_norm,
+        logprob,
+        old_logprob,
+        advantages,
+        loss_mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        aggregation=aggregation,
+        ref_logprob=ref_logprob,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        kl_cap=kl_cap,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+        cu_seqlens=cu_seqlens,
+        max_seq_len_norm=max_seq_len_norm,
     )
+    cap = effective_kl_cap(kl_cap)
     dtype = torch.promote_types(logprob.dtype, torch.float32)
     device = logprob.device
     total = logprob.numel()
@@ -290,6 +327,9 @@ def policy_loss_reference(
         else:
             d = torch.clamp(ref - lp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             kl = torch.exp(d) - d - 1.0
+        if cap is not None:
+            # Gradient 0 where the cap holds the value (torch.clamp's; the kernel copies it).
+            kl = torch.clamp(kl, -cap, cap)
         per_token = per_token + kl_coef * kl
     ent = None
     if entropy is not None:

@@ -6,6 +6,7 @@ import torch
 from cir.algorithms import (
     Schedule,
     Stage,
+    StageConfig,
     advantage_names,
     compute_advantages,
     informative_groups,
@@ -82,7 +83,11 @@ def test_informative_groups():
 
 def test_schedule_stages():
     sched = Schedule.from_config(
-        [{"step": 0, "tool_budget": 1, "max_response_tokens": 2048}, {"step": 50, "tool_budget": 2}, {"step": 120, "tool_budget": 4, "max_response_tokens": 4096}],
+        [
+            StageConfig(step=0, tool_budget=1, max_response_tokens=2048),
+            StageConfig(step=50, tool_budget=2),
+            StageConfig(step=120, tool_budget=4, max_response_tokens=4096),
+        ],
         default_budget=9,
         default_tokens=9,
     )
@@ -94,5 +99,5 @@ def test_schedule_stages():
     assert Schedule.from_config([], 2, 1024).at(7) == Stage(0, 2, 1024)
     with pytest.raises(ValueError, match="start at step 0"):
         Schedule([Stage(5, 1, 10)])
-    with pytest.raises(ValueError, match="unknown field"):
-        Schedule.from_config([{"step": 0, "budget": 3}], 1, 1)
+    with pytest.raises(ValueError, match="tool_budget must be >= 0"):
+        StageConfig(step=0, tool_budget=-1)

@@ -22,8 +22,23 @@ def _run_cli(tmp_path, *extra: str, timeout: float = 240) -> tuple[subprocess.Co
     # The command must enable Triton's interpreter by itself on a CPU-only machine.
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "cir", "bench", "kernels", "--quick", "--json", str(out_json), "--plot", str(out_png), *extra],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [
+            sys.executable,
+            "-m",
+            "cir",
+            "bench",
+            "kernels",
+            "--quick",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,7 +78,11 @@ def test_quick_cpu_run_writes_json_and_plot(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
     # The point of the fallback: at the larger vocabulary the naive form's peak is higher.
     big = max(shapes, key=lambda s: s[2])
-    peak = {(r["impl"], r["mode"]): r["peak_mib"] for r in rows if (r["shape"]["N"], r["shape"]["H"], r["shape"]["V"]) == big}
+    peak = {
+        (r["impl"], r["mode"]): r["peak_mib"]
+        for r in rows
+        if (r["shape"]["N"], r["shape"]["H"], r["shape"]["V"]) == big
+    }
     if rows[0]["extra"]["rss_tracks_frees"]:
         assert peak[("naive", "fwd+bwd")] > peak[("chunked", "fwd+bwd")] > 0
 
@@ -75,9 +94,7 @@ def test_bad_shape_is_a_clear_error():
 
 
 def test_table_is_aligned():
-    text = bench._format_table(
-        [{"a": "x", "b": 1.23456}, {"a": "longer", "b": None}], [("a", "name"), ("b", "value")]
-    )
+    text = bench._format_table([{"a": "x", "b": 1.23456}, {"a": "longer", "b": None}], [("a", "name"), ("b", "value")])
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert "1.235" in text and lines[3].rstrip().endswith("-")

@@ -15,7 +15,8 @@ import pytest
 from cir.bench import sandbox as bench
 from cir.bench.baseline_pool import PoolBaseline
 from cir.bench.sandbox_corpus import LARGE_PRINT_CHARS, build_corpus, quick_subset
-from cir.bench.sandbox_truth import Limits, Outcome, classify_exit, ground_truth, names_memory_error, run_fresh
+from cir.bench.sandbox_truth import Limits, Outcome, ground_truth, reference_outcomes
+from cir.sandbox import classify, is_memory_error
 
 
 def _corpus_digest(corpus) -> str:
@@ -45,8 +46,21 @@ def test_corpus_size_ids_and_mix():
     assert max(categories.values()) <= 0.15 * len(corpus)
     # The kinds of work the issue names are all there.
     text = "\n".join(s.code for s in corpus)
-    for needle in ("solve(", "simplify(", "factor(", "summation(", "limit(", "integrate(", "Rational(",
-                   "itertools", "Fraction", "math.gcd", "comb(", "np.linalg", "while True"):
+    for needle in (
+        "solve(",
+        "simplify(",
+        "factor(",
+        "summation(",
+        "limit(",
+        "integrate(",
+        "Rational(",
+        "itertools",
+        "Fraction",
+        "math.gcd",
+        "comb(",
+        "np.linalg",
+        "while True",
+    ):
         assert needle in text, needle
 
 
@@ -62,7 +76,8 @@ def test_corpus_snippets_compile_unless_meant_as_syntax_errors():
 def test_large_prints_are_large():
     # Each large-print snippet, run for real, writes at least LARGE_PRINT_CHARS characters.
     large = [s for s in build_corpus() if s.expect == "output_limit"]
-    outs = run_fresh([s.code for s in large], Limits(timeout_s=10, max_output_bytes=10**7), parallel=2, grace_s=5)
+    limits = Limits(timeout_s=10, max_output_bytes=10**7)
+    outs = reference_outcomes([s.code for s in large], limits, parallel=2, grace_s=5)
     for s, o in zip(large, outs):
         assert o.status == "ok", (s.id, o)
         assert len(o.stdout) >= LARGE_PRINT_CHARS, s.id
@@ -116,7 +131,7 @@ def known_truth():
     try:
         names = list(KNOWN)
         t0 = time.monotonic()
-        outs = run_fresh([KNOWN[n][0] for n in names], limits, parallel=2, grace_s=0.5)
+        outs = reference_outcomes([KNOWN[n][0] for n in names], limits, parallel=2, grace_s=0.5)
         elapsed = time.monotonic() - t0
     finally:
         del os.environ["CIR_BENCH_SECRET"]
@@ -135,7 +150,7 @@ def test_ground_truth_error_lines_and_timeout_bound(known_truth):
     outs, elapsed = known_truth
     assert outs["error"].error_line == "ZeroDivisionError: division by zero"
     assert outs["syntax"].error_line.startswith("SyntaxError")
-    assert names_memory_error(outs["numpy_memory"].error_line)
+    assert is_memory_error(outs["numpy_memory"].error_line)
     # The infinite loop was stopped at timeout + grace, not left running.
     assert 1.4 <= outs["timeout"].wall_ms / 1000 < 5.0
     assert elapsed < 20
@@ -144,23 +159,28 @@ def test_ground_truth_error_lines_and_timeout_bound(known_truth):
 def test_ground_truth_kills_the_whole_process_group(tmp_path):
     marker = tmp_path / "grandchild_alive"
     grandchild = f"import time; time.sleep(1.5); open({str(marker)!r}, 'w').close()"
-    code = (f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
-            "print('spawned', flush=True)\nwhile True:\n    pass\n")
-    out = run_fresh([code], Limits(timeout_s=1.0), grace_s=0.3)[0]
+    code = (
+        f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+        "print('spawned', flush=True)\nwhile True:\n    pass\n"
+    )
+    out = reference_outcomes([code], Limits(timeout_s=1.0), grace_s=0.3)[0]
     assert out.status == "timeout"
     assert out.stdout == "spawned\n"  # the grandchild existed when the group was killed
     time.sleep(2.0)
     assert not marker.exists()
 
 
-def test_classify_exit_order():
-    lim = Limits(max_output_bytes=10)
-    assert classify_exit(None, True, 100, "MemoryError", lim) == "timeout"
-    assert classify_exit(0, False, 11, "", lim) == "output_limit"
-    assert classify_exit(0, False, 10, "", lim) == "ok"
-    assert classify_exit(-11, False, 0, "", lim) == "killed"
-    assert classify_exit(1, False, 0, "numpy._core._exceptions._ArrayMemoryError: Unable", lim) == "memory"
-    assert classify_exit(1, False, 0, "ValueError: MemoryError mentioned in a message", lim) == "error"
+def test_reference_status_order():
+    # The reference is judged by the sandbox's own rule; `truncated`: more output than the cap.
+    def status(exit_code, timed_out, truncated, stderr=""):
+        return classify(exit_code=exit_code, stderr=stderr, timed_out=timed_out, truncated=truncated)
+
+    assert status(-9, True, True, "MemoryError") == "timeout"
+    assert status(0, False, True) == "output_limit"
+    assert status(0, False, False) == "ok"
+    assert status(-11, False, False) == "killed"
+    assert status(1, False, False, "numpy._core._exceptions._ArrayMemoryError: Unable") == "memory"
+    assert status(1, False, False, "ValueError: MemoryError mentioned in a message") == "error"
 
 
 def test_ground_truth_cache_reuses_and_refreshes(tmp_path):
@@ -171,6 +191,7 @@ def test_ground_truth_cache_reuses_and_refreshes(tmp_path):
     assert [o.status for o in first] == ["ok", "error", "ok"]
     second, info2 = ground_truth(codes[:2], limits, tmp_path, grace_s=0.5)
     assert info2["computed"] == 0
+
     def view(outs):
         return [(o.status, o.stdout, o.error_line) for o in outs]
 
@@ -221,10 +242,16 @@ def test_cpu_accounting_sees_children():
 
 def test_scoring_counts_spurious_timeouts_and_output_prefix():
     snippets = build_corpus()[:3]
-    truth = [Outcome("ok", "1\n"), Outcome("error", "", "ZeroDivisionError: division by zero"),
-             Outcome("output_limit", "z" * 1000)]
-    got = [Outcome("timeout", ""), Outcome("error", "", "ZeroDivisionError: division by zero"),
-           Outcome("output_limit", "z" * 950 + "\n[output truncated]")]
+    truth = [
+        Outcome("ok", "1\n"),
+        Outcome("error", "", "ZeroDivisionError: division by zero"),
+        Outcome("output_limit", "z" * 1000),
+    ]
+    got = [
+        Outcome("timeout", ""),
+        Outcome("error", "", "ZeroDivisionError: division by zero"),
+        Outcome("output_limit", "z" * 950 + "\n[output truncated]"),
+    ]
     s = bench.score(snippets, truth, got, "full")
     assert s.spurious_timeouts == 1
     assert s.fidelity == pytest.approx(2 / 3)
@@ -253,9 +280,31 @@ def test_cli_quick_end_to_end(tmp_path):
     out_json = tmp_path / "bench.json"
     # One batch per run and a parent that has sympy already: the pool baseline would otherwise
     # spend most of the test importing sympy in fresh workers.
-    cmd = [sys.executable, "-m", "cir", "bench", "sandbox", "--quick", "--timeout", "0.5", "--truth-grace", "1.5",
-           "--n-trivial", "5", "--batch-size", "64", "--baseline", "pebble", "--warm-baseline-parent",
-           "--leak-check", "200", "--truth-cache", str(tmp_path / "cache"), "--json", str(out_json)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cir",
+        "bench",
+        "sandbox",
+        "--quick",
+        "--timeout",
+        "0.5",
+        "--truth-grace",
+        "1.5",
+        "--n-trivial",
+        "5",
+        "--batch-size",
+        "64",
+        "--baseline",
+        "pebble",
+        "--warm-baseline-parent",
+        "--leak-check",
+        "200",
+        "--truth-cache",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out_json),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out_json.read_text())
@@ -265,9 +314,20 @@ def test_cli_quick_end_to_end(tmp_path):
     n = report["config"]["corpus_size"]
     assert n == len(quick_subset(build_corpus()))
     for system in report["systems"].values():
-        for key in ("throughput_no_loops", "throughput_full", "trivial_p50_ms", "trivial_p99_ms", "cpu_s_no_loops",
-                    "cpu_s_full", "spurious_timeouts_no_loops", "spurious_timeouts_full", "fidelity",
-                    "fidelity_no_loops", "mismatches", "status_counts_full"):
+        for key in (
+            "throughput_no_loops",
+            "throughput_full",
+            "trivial_p50_ms",
+            "trivial_p99_ms",
+            "cpu_s_no_loops",
+            "cpu_s_full",
+            "spurious_timeouts_no_loops",
+            "spurious_timeouts_full",
+            "fidelity",
+            "fidelity_no_loops",
+            "mismatches",
+            "status_counts_full",
+        ):
             assert key in system, key
         assert system["throughput_no_loops"] > 0 and system["cpu_s_full"] > 0
         assert sum(system["status_counts_full"].values()) == n

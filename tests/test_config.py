@@ -1,7 +1,7 @@
 import pytest
 
-from cir.config import TrainConfig, load_train_config, preset_path
-from cir.configuration import ConfigError, dump_yaml, load, parse_override
+from cir.config_loader import ConfigError, dump_yaml, load, parse_override
+from cir.training.config import TrainConfig, load_train_config, preset_path
 
 
 def test_presets_load_and_differ():
@@ -13,12 +13,23 @@ def test_presets_load_and_differ():
     assert (paper.algo.clip_low, paper.algo.clip_high) == (0.2, 0.28)
     assert paper.algo.group_size == 16 and paper.algo.prompts_per_step == 128
     assert paper.optim.lr == 1e-6 and paper.algo.kl_coef == 0.0 and paper.algo.entropy_coef == 0.0
-    assert [s["tool_budget"] for s in paper.schedule] == [1, 2, 4]
+    assert [s.tool_budget for s in paper.schedule] == [1, 2, 4]
     assert preset_path("demo").is_file()
 
 
 def test_overrides_types_and_nesting(tmp_path):
-    cfg = load_train_config("paper", ["optim.lr=2e-6", "algo.group_size=8", "algo.dual_clip=3", "run.wandb=true", "data.eval=[aime24, math500]", "algo.dual_clip=null", "model.path=/models/x"])
+    cfg = load_train_config(
+        "paper",
+        [
+            "optim.lr=2e-6",
+            "algo.group_size=8",
+            "algo.dual_clip=3",
+            "run.wandb=true",
+            "data.eval=[aime24, math500]",
+            "algo.dual_clip=null",
+            "model.path=/models/x",
+        ],
+    )
     assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
     assert cfg.algo.group_size == 8
     assert cfg.algo.dual_clip is None
@@ -49,3 +60,36 @@ def test_errors_name_the_key(tmp_path):
     # Section-level checks come from the sections' own validation (rollout).
     with pytest.raises((ConfigError, ValueError), match="on_budget_exhausted"):
         load_train_config(None, ["rollout.on_budget_exhausted=explode"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.aggregation=token-meen", r"algo\.aggregation='token-meen': choose one of token-mean, "),
+        ("algo.kl_type=k4", r"algo\.kl_type='k4': choose one of k1, k2, k3"),
+        ("algo.advantage=ppo", r"algo\.advantage='ppo': choose one of .*reinforce_pp_baseline"),
+        ("algo.loss_impl=cuda", r"algo\.loss_impl='cuda': choose one of auto, triton, torch, reference"),
+        ("algo.kl_cap=0", r"algo\.kl_cap=0\.0: must be > 0"),
+        ("run.engine=vllmm", r"run\.engine='vllmm': choose one of hf"),
+        ("run.rollout_mode=sync", r"run\.rollout_mode='sync': choose one of async, turn_sync"),
+        ("run.device=tpu", r"run\.device='tpu': choose one of auto, cpu, cuda"),
+        ("model.dtype=fp8", r"model\.dtype='fp8': choose one of float32, bfloat16, float16"),
+        ("optim.lr_schedule=step", r"optim\.lr_schedule='step': choose one of constant, cosine, linear"),
+        ("optim.mini_batches=0", r"optim\.mini_batches=0: must be >= 1"),
+        ("rollout.tool_budget=-1", r"rollout\.tool_budget must be >= 0"),
+        ("schedule=[{step: 0, tool_budget: -2}]", r"schedule\[0\]\.tool_budget must be >= 0"),
+        ("schedule=[{step: 0, budget: 2}]", r"schedule\[0\]\.budget"),
+    ],
+)
+def test_choices_and_values_are_rejected_at_load_time_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, [override])
+
+
+def test_each_value_has_one_default():
+    """The sandbox section's defaults are the sandbox's own (one place for the preload list)."""
+    from cir.sandbox import DEFAULT_PRELOAD, SandboxConfig
+
+    cfg = load_train_config("paper")
+    assert cfg.sandbox.preload == list(DEFAULT_PRELOAD) == SandboxConfig().preload
+    assert cfg.algo.kl_cap == 10.0

@@ -134,7 +134,11 @@ def test_field_detection_and_overrides(tmp_path):
         + "\n",
     )
     ps = load_problems(f)
-    assert [(p.id, p.problem, p.answer) for p in ps] == [("mixed-0", "1+1?", "2"), ("mixed-1", "2+2?", "4"), ("u3", "3+3?", "6")]
+    assert [(p.id, p.problem, p.answer) for p in ps] == [
+        ("mixed-0", "1+1?", "2"),
+        ("mixed-1", "2+2?", "4"),
+        ("u3", "3+3?", "6"),
+    ]
     assert ps[2].meta == {"answer": 6, "level": 1}
     g = write(tmp_path / "custom.jsonl", json.dumps({"text": "q", "label": "42", "problem": "ignored"}) + "\n")
     (p,) = load_problems(g, problem_field="text", answer_field="label")
@@ -148,13 +152,19 @@ def test_json_parquet_and_directories(tmp_path):
     assert [p.answer for p in load_problems(tmp_path / "a.json")] == ["0", "1"]
     write(tmp_path / "b.json", json.dumps({"data": [{"problem": "p", "answer": "5"}]}))
     assert load_problems(tmp_path / "b.json")[0].answer == "5"
-    write(tmp_path / "c.json", json.dumps({"problem": "x", "answer": "1"}) + "\n" + json.dumps({"problem": "y", "answer": "2"}) + "\n")
+    write(
+        tmp_path / "c.json",
+        json.dumps({"problem": "x", "answer": "1"}) + "\n" + json.dumps({"problem": "y", "answer": "2"}) + "\n",
+    )
     assert [p.problem for p in load_problems(tmp_path / "c.json")] == ["x", "y"]  # JSON lines named .json
 
     d = tmp_path / "ds"
     d.mkdir()
     write(d / "train.jsonl", json.dumps({"problem": "t", "answer": "1"}) + "\n")
-    write(d / "test.jsonl", json.dumps({"problem": "e", "answer": "2"}) + "\n" + json.dumps({"problem": "f", "answer": "3"}) + "\n")
+    write(
+        d / "test.jsonl",
+        json.dumps({"problem": "e", "answer": "2"}) + "\n" + json.dumps({"problem": "f", "answer": "3"}) + "\n",
+    )
     assert [p.problem for p in load_problems(d)] == ["t"]
     assert [(p.id, p.problem) for p in load_problems(d, split="test")] == [("ds-0", "e"), ("ds-1", "f")]
     assert [p.problem for p in load_problems(d, split="validation")] == ["e", "f", "t"]  # no such split: all files
@@ -192,14 +202,17 @@ def test_unknown_specs_fail_clearly(tmp_path):
 
 def test_bad_json_names_file_and_line(tmp_path):
     good = json.dumps({"problem": "p", "answer": "1"})
-    f = write(tmp_path / "bad.jsonl", f"{good}\n{good}\n{{\"problem\": \"p\", \"answer\": \n{good}\n")
+    f = write(tmp_path / "bad.jsonl", f'{good}\n{good}\n{{"problem": "p", "answer": \n{good}\n')
     with pytest.raises(DatasetError) as err:
         load_problems(f)
     assert f"{f}:3: invalid JSON" in str(err.value)
 
 
 def test_missing_problem_field_names_line_and_fields_present(tmp_path):
-    f = write(tmp_path / "nofield.jsonl", json.dumps({"problem": "p", "answer": "1"}) + "\n" + json.dumps({"text": "p", "answer": "2"}) + "\n")
+    f = write(
+        tmp_path / "nofield.jsonl",
+        json.dumps({"problem": "p", "answer": "1"}) + "\n" + json.dumps({"text": "p", "answer": "2"}) + "\n",
+    )
     with pytest.raises(DatasetError) as err:
         load_problems(f)
     msg = str(err.value)
@@ -212,12 +225,22 @@ def test_missing_problem_field_names_line_and_fields_present(tmp_path):
 def test_empty_or_missing_answer_names_line(tmp_path):
     f = write(
         tmp_path / "noanswer.jsonl",
-        "\n".join(json.dumps(r) for r in [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}, {"problem": "c", "answer": "  "}]) + "\n",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"problem": "a", "answer": "1"},
+                {"problem": "b", "answer": "2"},
+                {"problem": "c", "answer": "  "},
+            ]
+        )
+        + "\n",
     )
     with pytest.raises(DatasetError, match=re.escape(f"{f}:3: empty answer (field 'answer')")):
         load_problems(f)
     g = write(tmp_path / "noanswerfield.jsonl", json.dumps({"problem": "a", "notes": "x"}) + "\n")
-    with pytest.raises(DatasetError, match=re.escape(f"{g}:1: no answer field") + ".*fields present: \\['notes', 'problem'\\]"):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{g}:1: no answer field") + ".*fields present: \\['notes', 'problem'\\]"
+    ):
         load_problems(g)
     h = write(tmp_path / "worked.jsonl", json.dumps({"problem": "a", "solution": "Add.\nThe sum is 4."}) + "\n")
     with pytest.raises(DatasetError, match=re.escape(f"{h}:1: the solution looks like a worked solution")):
@@ -329,7 +352,10 @@ def small_tokenizer(chat_template: str | None = None, bos: bool = False) -> PreT
     if bos:
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"]
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     if chat_template:
         tok.chat_template = chat_template

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from cir.engines.base import Completion, Engine, SamplingParams
+from cir.engines.base import Completion, Engine, SamplingParams, register_stop_rule
 from cir.engines.hf import HFEngine, inverse_cdf_draw, sample_tokens
 from cir.models import tiny_causal_lm
 from cir.tokenization import char_tokenizer, qwen_tokenizer
@@ -127,7 +127,8 @@ def test_sampled_logprobs_match_full_forward(model, tok, engine):
         dict(temperature=0.9, top_k=12, top_p=0.9),
     ]
     params = [
-        SamplingParams(max_new_tokens=25 + 3 * i, seed=100 + i, **settings[i % len(settings)]) for i in range(len(prompts))
+        SamplingParams(max_new_tokens=25 + 3 * i, seed=100 + i, **settings[i % len(settings)])
+        for i in range(len(prompts))
     ]
     completions = engine.generate_batch(prompts, params)
     for prompt, sp, completion in zip(prompts, params, completions):
@@ -182,7 +183,9 @@ def test_seeded_request_independent_of_batch_composition(model, tok):
     assert max(abs(a - b) for a, b in zip(in_batch.logprobs, alone.logprobs)) < 1e-5
     # ... and the seed matters (this test could fail).
     with HFEngine(model, tok) as eng:
-        other_seed = eng.generate_batch([prompt], SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=8))[0]
+        other_seed = eng.generate_batch(
+            [prompt], SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=8)
+        )[0]
     assert other_seed.token_ids != alone.token_ids
 
 
@@ -215,9 +218,7 @@ def test_sample_tokens_follows_the_distribution():
     logits = torch.randn(1, 6).repeat(20000, 1)
     u = torch.rand(20000)
     n = len(u)
-    tokens, logprobs = sample_tokens(
-        logits, torch.full((n,), 0.5), torch.zeros(n, dtype=torch.long), torch.ones(n), u
-    )
+    tokens, logprobs = sample_tokens(logits, torch.full((n,), 0.5), torch.zeros(n, dtype=torch.long), torch.ones(n), u)
     freq = torch.bincount(tokens, minlength=6).double() / n
     expected = torch.softmax(logits[0].double() / 0.5, -1)
     assert (freq - expected).abs().max() < 0.015
@@ -264,7 +265,9 @@ def test_stop_token_is_kept_and_ends_the_completion(tok, engine):
     free = engine.generate_batch([prompt], SamplingParams(max_new_tokens=40, temperature=0))[0]
     stop = free.token_ids[12]
     first = free.token_ids.index(stop)
-    stopped = engine.generate_batch([prompt], SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=(stop,)))[0]
+    stopped = engine.generate_batch([prompt], SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=(stop,)))[
+        0
+    ]
     assert stopped.token_ids == free.token_ids[: first + 1]
     assert stopped.finish_reason == "stop_token" and stopped.stop_token_id == stop
     assert stopped.logprobs == free.logprobs[: first + 1]
@@ -304,7 +307,7 @@ def memorized():
     x = torch.tensor([[local[t] for t in ids]])
     opt = torch.optim.Adam(small.parameters(), lr=1e-2)
     small.train()
-    for step in range(600):
+    for _ in range(600):
         logits = small(x[:, :-1]).logits[0, :, : len(vocab)]
         logits = torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
         loss = torch.nn.functional.cross_entropy(logits, x[0, 1:])
@@ -347,7 +350,9 @@ def test_memorized_model_follows_the_text(memorized):
     qwen, model, ids = memorized
     prompt, rest = _split(ids, qwen, "Let me compute.\n```python\n")
     with HFEngine(model, qwen) as eng:
-        c = eng.generate_batch([prompt], SamplingParams(max_new_tokens=100, temperature=0, stop_token_ids=(qwen.eos_token_id,)))[0]
+        c = eng.generate_batch(
+            [prompt], SamplingParams(max_new_tokens=100, temperature=0, stop_token_ids=(qwen.eos_token_id,))
+        )[0]
     assert c.token_ids == rest and c.finish_reason == "stop_token"
     _assert_logprobs_match(model, prompt, c, 0.0)
 
@@ -370,7 +375,9 @@ def test_stop_string_completed_inside_a_token(memorized, stop_string, completed_
     n = len(c.token_ids)
     assert c.token_ids == rest[:n]  # the completion is the text, cut ...
     text = qwen.decode(c.token_ids)
-    assert stop_string in text and stop_string not in qwen.decode(c.token_ids[:-1])  # ... at the first token that completes it
+    assert stop_string in text and stop_string not in qwen.decode(
+        c.token_ids[:-1]
+    )  # ... at the first token that completes it
     assert text.endswith(stop_string + extra)  # the token is kept whole, extra text included
     if completed_by is not None:
         assert qwen.decode(c.token_ids[-1:]) == completed_by
@@ -378,7 +385,7 @@ def test_stop_string_completed_inside_a_token(memorized, stop_string, completed_
         assert qwen.decode(c.token_ids[-1:]) != stop_string
 
 
-def test_stop_when_ends_at_the_closing_fence(memorized):
+def test_stop_rule_ends_at_the_closing_fence(memorized):
     qwen, model, ids = memorized
     prompt, rest = _split(ids, qwen, "Let me compute")
     seen = []
@@ -387,10 +394,12 @@ def test_stop_when_ends_at_the_closing_fence(memorized):
         seen.append(text)
         return re.search(r"```python\n.*?\n```", text, re.S) is not None
 
-    params = SamplingParams(max_new_tokens=100, temperature=0, stop_when=closed_python_block)
+    # The request names its rule (plain data); the engine resolves the name where it runs.
+    register_stop_rule("test-closed-python-block", closed_python_block, overwrite=True)
+    params = SamplingParams(max_new_tokens=100, temperature=0, stop_rule="test-closed-python-block")
     with HFEngine(model, qwen) as eng:
         c = eng.generate_batch([prompt], params)[0]
-    assert c.finish_reason == "stop_when"
+    assert c.finish_reason == "stop_rule"
     assert c.token_ids == rest[: len(c.token_ids)]
     assert qwen.decode(c.token_ids) == ".\n```python\nprint(12*34)\n```\n"
     # The predicate saw the decoded completion so far, growing token by token.
@@ -403,9 +412,13 @@ def test_earliest_stop_condition_wins(memorized):
     prompt, rest = _split(ids, qwen, "Let me compute.\n```python\n")
     output_token = qwen.encode("output")[0]
     params = SamplingParams(
-        max_new_tokens=100, temperature=0, stop_strings=("408",), stop_token_ids=(output_token,),
-        stop_when=lambda text: "answer" in text,
+        max_new_tokens=100,
+        temperature=0,
+        stop_strings=("408",),
+        stop_token_ids=(output_token,),
+        stop_rule="test-answer-written",
     )
+    register_stop_rule("test-answer-written", lambda text: "answer" in text, overwrite=True)
     with HFEngine(model, qwen) as eng:
         c = eng.generate_batch([prompt], params)[0]
     assert c.finish_reason == "stop_token" and c.token_ids[-1] == output_token
@@ -466,7 +479,10 @@ def test_cancelled_request_leaves_the_batch(model, tok, engine):
 
     async def main():
         long = SamplingParams(max_new_tokens=200, temperature=0)
-        tasks = [asyncio.ensure_future(engine.generate(p, SamplingParams(max_new_tokens=30, temperature=0))) for p in prompts[:3]]
+        tasks = [
+            asyncio.ensure_future(engine.generate(p, SamplingParams(max_new_tokens=30, temperature=0)))
+            for p in prompts[:3]
+        ]
         victim = asyncio.ensure_future(engine.generate(prompts[3], long))
         while engine.stats.decode_steps < 5:
             await asyncio.sleep(0.001)
@@ -528,8 +544,11 @@ def test_bad_requests_fail_clearly(model, tok, engine):
     def broken(text):
         raise RuntimeError("predicate failed")
 
+    register_stop_rule("test-broken", broken, overwrite=True)
+    with pytest.raises(KeyError, match="unknown stop rule 'test-missing'"):
+        engine.generate_batch([[5]], SamplingParams(max_new_tokens=3, stop_rule="test-missing"))
     prompts = _prompts(tok, 2, seed=9)
-    bad = engine.submit(prompts[0], SamplingParams(max_new_tokens=10, temperature=0, stop_when=broken))
+    bad = engine.submit(prompts[0], SamplingParams(max_new_tokens=10, temperature=0, stop_rule="test-broken"))
     good = engine.submit(prompts[1], SamplingParams(max_new_tokens=10, temperature=0))
     with pytest.raises(RuntimeError, match="predicate failed"):
         bad.result()

@@ -50,7 +50,9 @@ def make_mask(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def away_from_clip_edges(lp: torch.Tensor, old: torch.Tensor, edges=(0.8, 1.28, 3.0), rel: float = 1e-4) -> torch.Tensor:
+def away_from_clip_edges(
+    lp: torch.Tensor, old: torch.Tensor, edges=(0.8, 1.28, 3.0), rel: float = 1e-4
+) -> torch.Tensor:
     """Nudge `old` so that no ratio lies within `rel` of a clip edge of the default settings.
 
     The gradient jumps at the edges (-A r on one side, 0 on the other), so a token whose fp32
@@ -71,7 +73,9 @@ def make_inputs(B: int, T: int, *, seed: int, mask: str = "random", spread: floa
     ref = lp + torch.randn(B, T, generator=gen) * spread
     adv = torch.randn(B, generator=gen) if per_seq_adv else torch.randn(B, T, generator=gen)
     ent = torch.rand(B, T, generator=gen) * 2.0
-    return dict(logprob=lp, old_logprob=old, advantages=adv, loss_mask=make_mask(mask, B, T, gen), ref_logprob=ref, entropy=ent)
+    return dict(
+        logprob=lp, old_logprob=old, advantages=adv, loss_mask=make_mask(mask, B, T, gen), ref_logprob=ref, entropy=ent
+    )
 
 
 def run(inputs: dict, impl: str, dtype: torch.dtype = torch.float32, **kw):
@@ -95,13 +99,14 @@ def assert_close_grad(got: torch.Tensor, want: torch.Tensor, what: str):
     torch.testing.assert_close(got64, want64, rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def compare_to_reference(inputs: dict, metric_atol: float = LOSS_ATOL, **kw):
-    """Triton (fp32, interpreter) vs reference (float64): loss, every metric, both gradients.
+def compare_to_reference(inputs: dict, metric_atol: float = LOSS_ATOL, impl: str = "triton", **kw):
+    """`impl` (Triton through the interpreter by default; fp32) vs reference (float64): loss,
+    every metric, both gradients.
 
     `metric_atol` widens the absolute tolerance of the metrics for inputs whose per-token terms
     are huge and cancel (fp32 sums of +-1e4 values carry ~1e-3 absolute error).
     """
-    loss, metrics, d_lp, d_ent = run(inputs, "triton", **kw)
+    loss, metrics, d_lp, d_ent = run(inputs, impl, **kw)
     ref_loss, ref_metrics, ref_d_lp, ref_d_ent = run(inputs, "reference", torch.float64, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert torch.isfinite(loss)
@@ -138,7 +143,13 @@ def test_matches_float64_reference(aggregation, mask):
     inputs = without(make_inputs(5, 1300, seed=seed, mask=mask, spread=0.5), "ref_logprob", "entropy")
     loss, metrics, d_lp, _ = compare_to_reference(inputs, aggregation=aggregation)
     assert set(metrics) == {
-        "pg_loss", "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl", "ratio_mean", "ratio_max"
+        "pg_loss",
+        "clipfrac_upper",
+        "clipfrac_lower",
+        "clipfrac_dual",
+        "approx_kl",
+        "ratio_mean",
+        "ratio_max",
     }
     # Masked tokens get exactly zero gradient; trained tokens are not all zero.
     assert (d_lp[~inputs["loss_mask"]] == 0).all()
@@ -152,7 +163,11 @@ def test_matches_float64_reference(aggregation, mask):
 def test_kl_entropy_and_dual_clip(kl_type, dual_clip):
     inputs = make_inputs(4, 777, seed=7 + len(kl_type) + (dual_clip is None), mask="feedback", spread=0.8)
     loss, metrics, d_lp, d_ent = compare_to_reference(
-        inputs, kl_type=kl_type, kl_coef=0.1, entropy_coef=0.01, dual_clip=dual_clip,
+        inputs,
+        kl_type=kl_type,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        dual_clip=dual_clip,
         aggregation="seq-mean-token-mean",
     )
     assert "kl_loss" in metrics and "entropy" in metrics
@@ -223,7 +238,9 @@ def test_all_masked_batch_gives_zero_loss_and_gradient(aggregation):
     inputs["logprob"][0, :5] = float("nan")
     inputs["old_logprob"][1, :5] = float("inf")
     for impl in ("triton", "reference"):
-        loss, metrics, d_lp, d_ent = run(inputs, impl, aggregation=aggregation, kl_coef=0.1, kl_type="k3", entropy_coef=0.01)
+        loss, metrics, d_lp, d_ent = run(
+            inputs, impl, aggregation=aggregation, kl_coef=0.1, kl_type="k3", entropy_coef=0.01
+        )
         assert loss == 0, impl
         assert all(v == 0 for v in metrics.values()), (impl, metrics)
         assert (d_lp == 0).all() and (d_ent == 0).all(), impl
@@ -253,14 +270,21 @@ def test_garbage_in_masked_positions_is_ignored():
     inputs = make_inputs(3, 400, seed=23, mask="feedback")
     masked = ~inputs["loss_mask"]
     dirty = {k: v.clone() for k, v in inputs.items()}
-    for key, bad in (("logprob", float("nan")), ("old_logprob", float("-inf")), ("ref_logprob", float("inf")),
-                     ("entropy", float("nan")), ("advantages", float("nan"))):
+    for key, bad in (
+        ("logprob", float("nan")),
+        ("old_logprob", float("-inf")),
+        ("ref_logprob", float("inf")),
+        ("entropy", float("nan")),
+        ("advantages", float("nan")),
+    ):
         dirty[key][masked] = bad
     kw = dict(kl_coef=0.1, kl_type="k2", entropy_coef=0.01)
     for impl in ("triton", "reference"):
         clean_res = run(inputs, impl, **kw)
         dirty_res = run(dirty, impl, **kw)
-        assert torch.isfinite(dirty_res[0]) and torch.isfinite(dirty_res[2]).all() and torch.isfinite(dirty_res[3]).all()
+        assert (
+            torch.isfinite(dirty_res[0]) and torch.isfinite(dirty_res[2]).all() and torch.isfinite(dirty_res[3]).all()
+        )
         torch.testing.assert_close(dirty_res[0], clean_res[0])
         torch.testing.assert_close(dirty_res[2], clean_res[2])
         for name in clean_res[1]:
@@ -273,8 +297,12 @@ def test_extreme_log_ratios_are_clamped_without_nan():
     lp = -torch.rand(B, T, generator=gen)
     offsets = torch.tensor([1e4, -1e4, 50.0, -50.0, 19.0, -19.0, 25.0, -25.0]).repeat(B, T // 8)
     inputs = dict(
-        logprob=lp, old_logprob=lp - offsets, advantages=torch.randn(B, T, generator=gen),
-        loss_mask=torch.ones(B, T, dtype=torch.bool), ref_logprob=lp + offsets, entropy=torch.rand(B, T, generator=gen),
+        logprob=lp,
+        old_logprob=lp - offsets,
+        advantages=torch.randn(B, T, generator=gen),
+        loss_mask=torch.ones(B, T, dtype=torch.bool),
+        ref_logprob=lp + offsets,
+        entropy=torch.rand(B, T, generator=gen),
     )
     for kl_type in ("k1", "k2", "k3"):
         loss, metrics, d_lp, _ = compare_to_reference(
@@ -307,6 +335,122 @@ def test_branch_semantics_by_hand():
             torch.testing.assert_close(metrics[name], torch.tensor(0.2), msg=f"{impl} {name}")
         torch.testing.assert_close(metrics["approx_kl"], -log_r.mean(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(metrics["ratio_max"], r.max())
+
+
+# ---------------------------------------------------------------------------- KL cap
+
+
+def one_token_kl(kl_type: str, lp_minus_ref: float, **kw) -> tuple[float, float]:
+    """Per-token KL and d loss / d logprob of a single token in float64 (reference, kl_coef 1).
+
+    Ratio 1 and advantage 0 make the pg term and its gradient 0, so both are the KL's alone.
+    """
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    ref = lp.detach() - lp_minus_ref
+    loss, metrics = policy_loss_reference(
+        lp,
+        lp.detach(),
+        torch.zeros(1, 1, dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.bool),
+        ref_logprob=ref,
+        kl_coef=1.0,
+        kl_type=kl_type,
+        **kw,
+    )
+    loss.backward()
+    assert float(loss.detach()) == float(metrics["kl_loss"])
+    return float(metrics["kl_loss"]), float(lp.grad)
+
+
+def test_kl_cap_bounds_one_token_by_hand():
+    # k3 at a log-ratio ref - logprob = 10: exp(10) - 11 ~ 22015 uncapped, gradient 1 - exp(10).
+    assert one_token_kl("k3", -10.0) == (10.0, 0.0)  # the default cap: exactly 10, no gradient
+    assert one_token_kl("k3", -10.0, kl_cap=10.0) == (10.0, 0.0)
+    for disabled in (None, float("inf")):
+        value, grad = one_token_kl("k3", -10.0, kl_cap=disabled)
+        assert math.isclose(value, math.exp(10.0) - 11.0, rel_tol=1e-14)
+        assert math.isclose(grad, 1.0 - math.exp(10.0), rel_tol=1e-14)
+    # Inside the cap nothing changes; a value exactly at the cap keeps its gradient (torch.clamp's edge).
+    value, grad = one_token_kl("k3", -1.0)
+    assert math.isclose(value, math.e - 2.0, rel_tol=1e-14) and math.isclose(grad, 1.0 - math.e, rel_tol=1e-14)
+    assert one_token_kl("k2", 4.0, kl_cap=8.0) == (8.0, 4.0)
+    # The range is symmetric: k1 is capped on both sides.
+    assert one_token_kl("k1", -12.0) == (-10.0, 0.0)
+    assert one_token_kl("k1", 12.0) == (10.0, 0.0)
+    assert one_token_kl("k1", 3.0) == (3.0, 1.0)
+
+
+def kl64(lp: torch.Tensor, ref: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Uncapped per-token KL in float64, as the reference computes it."""
+    lp, ref = lp.double(), ref.double()
+    if kl_type == "k1":
+        return lp - ref
+    if kl_type == "k2":
+        return 0.5 * (lp - ref) ** 2
+    d = (ref - lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return d.exp() - d - 1
+
+
+def capped_kl_inputs(kl_type: str, kl_cap: float | None, *, seed: int) -> dict:
+    """Small random inputs whose KL values reach well past the cap (and past the log-ratio
+    clamp for k3), with no token within 1e-4 (relative) of an edge where the KL gradient jumps:
+    there an fp32 and a float64 value could fall on different sides of it."""
+    inputs = make_inputs(3, 96, seed=seed, mask="random")
+    gen = torch.Generator().manual_seed(seed + 1)
+    offsets = torch.randn(3, 96, generator=gen) * 6.0
+    offsets[:, :4] = torch.tensor([10.0, -12.0, 30.0, -30.0])  # logprob - ref; trained in every row
+    inputs["loss_mask"][:, :4] = True
+    lp = inputs["logprob"]
+    for _ in range(3):
+        ref = lp + offsets
+        near = ((ref.double() - lp.double()).abs() / LOG_RATIO_CLAMP - 1).abs() < 1e-4
+        if kl_cap is not None:
+            near |= (kl64(lp, ref, kl_type).abs() / kl_cap - 1).abs() < 1e-4
+        offsets = torch.where(near, offsets + 0.01, offsets)
+    assert not near.any()
+    return dict(inputs, ref_logprob=lp + offsets)
+
+
+@pytest.mark.parametrize("kl_cap", [10.0, 0.5, None])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_cap_all_implementations_agree(kl_type, aggregation, kl_cap):
+    """Triton (interpreter) and torch in fp32 against the float64 reference, with the tolerances
+    of `compare_to_reference` (loss and metrics rtol 1e-4, atol 1e-6; gradients rtol 1e-4 + 1e-6
+    max|grad|), finite everywhere; and the cap is active on some trained tokens (both signs for k1)."""
+    seed = 100 + 10 * ["k1", "k2", "k3"].index(kl_type) + AGGREGATIONS.index(aggregation)
+    inputs = capped_kl_inputs(kl_type, kl_cap, seed=seed)
+    kw = dict(kl_type=kl_type, kl_cap=kl_cap, kl_coef=0.1, entropy_coef=0.01, aggregation=aggregation)
+    results = {impl: compare_to_reference(inputs, impl=impl, **kw) for impl in ("triton", "torch")}
+
+    mask = inputs["loss_mask"]
+    raw = kl64(inputs["logprob"], inputs["ref_logprob"], kl_type)[mask]
+    if kl_cap is None:
+        return
+    assert (raw > kl_cap).any(), "no trained token beyond the cap: the test would not test it"
+    if kl_type == "k1":
+        assert (raw < -kl_cap).any()
+    # The capped tokens' gradient is their pg term's alone: the same as with kl_coef = 0.
+    capped = (kl64(inputs["logprob"], inputs["ref_logprob"], kl_type).abs() > kl_cap) & mask
+    for impl, (_, metrics, d_lp, _) in results.items():
+        pg_only = run(inputs, impl, **dict(kw, kl_coef=0.0))[2]
+        torch.testing.assert_close(d_lp[capped], pg_only[capped], rtol=1e-5, atol=1e-9, msg=lambda m: f"{impl}: {m}")
+        assert abs(float(metrics["kl_loss"])) <= kl_cap * (1 + 1e-6) * (
+            1.0 if aggregation in ("token-mean", "seq-mean-token-mean") else float(mask.sum(1).max())
+        )
+
+
+def test_kl_cap_default_is_10():
+    inputs = capped_kl_inputs("k3", 10.0, seed=7)
+    kw = dict(kl_type="k3", kl_coef=0.1)
+    for impl in ("triton", "torch"):
+        default, explicit, off = (
+            run(inputs, impl, **kw),
+            run(inputs, impl, kl_cap=10.0, **kw),
+            run(inputs, impl, kl_cap=None, **kw),
+        )
+        assert torch.equal(default[0], explicit[0]) and torch.equal(default[2], explicit[2])
+        assert off[1]["kl_loss"] > 100 * default[1]["kl_loss"]
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -404,6 +548,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         (dict(entropy_coef=0.1), "entropy"),
         (dict(dual_clip=0.5), "dual_clip"),
         (dict(clip_low=1.5), "clip_low"),
+        (dict(kl_cap=0.0), "kl_cap"),
+        (dict(kl_cap=-10.0), "kl_cap"),
+        (dict(kl_cap=float("nan")), "kl_cap"),
         (dict(old_logprob=torch.zeros(3, 7)), "old_logprob has shape"),
         (dict(advantages=torch.zeros(5)), "advantages has shape"),
         (dict(loss_mask=torch.ones(3, 8, dtype=torch.bool)[:, :7].T), "loss_mask has shape"),
@@ -450,5 +597,7 @@ def test_cuda_kernel_matches_reference_at_scale(aggregation):
 def test_cuda_bf16_and_auto_dispatch():
     inputs = {k: v.cuda() for k, v in without(make_inputs(16, 4096, seed=67), "ref_logprob").items()}
     loss, _ = policy_loss(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()})
-    ref, _ = policy_loss_reference(**{k: v.bfloat16().double() if v.is_floating_point() else v for k, v in inputs.items()})
+    ref, _ = policy_loss_reference(
+        **{k: v.bfloat16().double() if v.is_floating_point() else v for k, v in inputs.items()}
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import cir.rewards
 from cir.rewards import (
     GraderPool,
     RewardConfig,
@@ -25,7 +31,9 @@ from cir.rewards import (
     overlong_penalty,
     register_reward,
     reward_info_from_trajectory,
+    score_trajectories,
 )
+from cir.tokenization import byte_tokenizer
 from cir.trajectory import ToolCall, Trajectory
 
 
@@ -34,6 +42,39 @@ def warm_pool():
     """Start the shared grading workers once for the module (importing math-verify takes ~1-2 s)."""
     get_grader_pool().start()
     yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The package
+
+
+def test_package_exports_every_public_name_of_its_modules():
+    from cir.rewards import answers, grader, registry
+
+    public = {
+        name
+        for module in (answers, grader, registry)
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+    }
+    assert public <= set(cir.rewards.__all__)
+    for name in cir.rewards.__all__:
+        module = {"answers": answers, "grader": grader, "registry": registry}[
+            cir.rewards._LAZY_NAMES.get(name, "answers")
+        ]
+        assert getattr(cir.rewards, name) is getattr(module, name), name
+
+
+def test_answers_import_without_grader_or_registry():
+    # Data loading reads references with `cir.rewards.answers` and must not pull in the grader.
+    code = (
+        "import sys, cir.rewards.answers; "
+        "print(sorted(m for m in sys.modules if m.startswith('cir.rewards') or m == 'math_verify'))"
+    )
+    root = str(Path(cir.rewards.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['cir.rewards', 'cir.rewards.answers']"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +237,13 @@ def test_hanging_grader_in_batch_does_not_spoil_the_others():
 
 
 def test_math_reward_grader_timeout_counts_wrong():
-    rs = compute_rewards("math", [r"\boxed{9^{9^{9}}}", r"\boxed{3}"], ["3", "3"], None, RewardConfig(grader_timeout_s=0.5))
-    assert [(r.reward, r.correct, r.info["reason"]) for r in rs] == [(-1.0, False, "grader_timeout"), (1.0, True, "exact_match")]
+    rs = compute_rewards(
+        "math", [r"\boxed{9^{9^{9}}}", r"\boxed{3}"], ["3", "3"], None, RewardConfig(grader_timeout_s=0.5)
+    )
+    assert [(r.reward, r.correct, r.info["reason"]) for r in rs] == [
+        (-1.0, False, "grader_timeout"),
+        (1.0, True, "exact_match"),
+    ]
     assert grade(r"\frac{6}{2}", "3")  # the shared pool replaced the killed worker and grades on
 
 
@@ -210,7 +256,7 @@ def test_grader_memory_limit_is_applied_to_workers():
             limits = open(limits_file.format(pid=pid)).read()
         except FileNotFoundError:
             pytest.skip("no /proc on this system")
-    line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
+    line = next(row for row in limits.splitlines() if row.startswith("Max address space"))
     assert line.split()[3:5] == [str(1536 << 20), str(1536 << 20)], line
 
 
@@ -230,7 +276,9 @@ def test_math_reward_paper_default():
 
 
 def test_math_reward_format_penalties():
-    cfg = RewardConfig(no_box_penalty=0.5, multi_box_penalty=0.25, unclosed_code_penalty=0.125, tool_budget_penalty=0.0625)
+    cfg = RewardConfig(
+        no_box_penalty=0.5, multi_box_penalty=0.25, unclosed_code_penalty=0.125, tool_budget_penalty=0.0625
+    )
     responses = [
         "no final answer",
         r"maybe \boxed{3}, no: \boxed{4}",  # two distinct boxes, the last is right
@@ -279,7 +327,9 @@ def test_reward_info_from_trajectory():
     traj.append([5, 6, 7], None, trainable=True)
     traj.append([8, 9], None, trainable=False)  # interpreter feedback
     traj.append([10], None, trainable=True)
-    traj.tool_calls.append(ToolCall(code="x", status="budget_exhausted", output="", code_span=(0, 3), feedback_span=(3, 5)))
+    traj.tool_calls.append(
+        ToolCall(code="x", status="budget_exhausted", output="", code_span=(0, 3), feedback_span=(3, 5))
+    )
     traj.finish_reason = "eos"
     info = reward_info_from_trajectory(traj, max_response_length=64)
     assert info["response_length"] == 4
@@ -287,8 +337,60 @@ def test_reward_info_from_trajectory():
     assert info["budget_exhausted"] is True
     # A budget notice is not an execution.
     assert info["num_tool_calls"] == 0
-    traj.tool_calls.insert(0, ToolCall(code="print(1)", status="ok", output="1", code_span=(0, 3), feedback_span=(3, 5)))
+    traj.tool_calls.insert(
+        0, ToolCall(code="print(1)", status="ok", output="1", code_span=(0, 3), feedback_span=(3, 5))
+    )
     assert reward_info_from_trajectory(traj, max_response_length=64)["num_tool_calls"] == 1
+
+
+def test_score_trajectories_equals_compute_rewards_and_leaves_trajectories_alone():
+    tok = byte_tokenizer()
+
+    def trajectory(segments, finish_reason, calls=()):
+        # segments: (text, sampled by the model?); feedback segments are masked out of the length.
+        traj = Trajectory(prompt_ids=tok.encode("Q", add_special_tokens=False))
+        for text, sampled in segments:
+            traj.append(tok.encode(text, add_special_tokens=False), None, trainable=sampled)
+        traj.tool_calls.extend(calls)
+        traj.finish_reason = finish_reason
+        return traj
+
+    code, feedback = "```python\nprint(2)\n```\n", "```output\n2\n```\n"
+    # One token per byte: the spans are character offsets.
+    ran = ToolCall("print(2)", "ok", "2", code_span=(0, len(code)), feedback_span=(len(code), len(code + feedback)))
+    notice = ToolCall(code="x", status="budget_exhausted", output="", code_span=(0, 0), feedback_span=(0, 0))
+    trajs = [
+        trajectory([(code, True), (feedback, False), (r"so $\boxed{2}$.", True)], "eos", [ran]),
+        trajectory([(r"maybe \boxed{3}, no: \boxed{\frac{4}{2}}", True)], "budget", [notice]),
+        trajectory([("x" * 60 + "```python\nprint(", True)], "length"),
+        trajectory([("no answer", True)], "eos"),
+    ]
+    answers = ["2", "2", "2", "2"]
+    cfg = RewardConfig(
+        no_box_penalty=0.5,
+        multi_box_penalty=0.25,
+        unclosed_code_penalty=0.125,
+        tool_budget_penalty=0.0625,
+        overlong_buffer=16,
+        overlong_penalty=1.0,
+    )
+    for t in trajs:
+        t.check()
+    before = copy.deepcopy(trajs)
+
+    results = score_trajectories(trajs, answers, tok, cfg, max_response_tokens=64)
+
+    direct = compute_rewards(
+        None, [t.text(tok) for t in trajs], answers, [reward_info_from_trajectory(t, 64) for t in trajs], cfg
+    )
+    assert results == direct
+    assert [r.correct for r in results] == [True, True, False, False]
+    assert results[0].info["penalties"] == {} and results[0].reward == 1.0  # feedback tokens are not length
+    assert results[1].info["penalties"] == {"multi_box": 0.25, "tool_budget": 0.0625}
+    assert set(results[2].info["penalties"]) == {"no_box", "unclosed_code", "overlong"}
+    assert trajs == before  # rewards are the caller's to store
+    with pytest.raises(ValueError, match="lengths differ"):
+        score_trajectories(trajs, answers[:2], tok, cfg, max_response_tokens=64)
 
 
 def test_reward_config_validation():
@@ -321,7 +423,9 @@ def test_user_reward_registration():
         ok = response_text == reference
         return RewardResult(config.correct_reward if ok else config.wrong_reward, ok)
 
-    rs = compute_rewards(None, ["a", "b"], ["a", "a"], None, RewardConfig(name="test_scaled", correct_reward=3.0, wrong_reward=-2.0))
+    rs = compute_rewards(
+        None, ["a", "b"], ["a", "a"], None, RewardConfig(name="test_scaled", correct_reward=3.0, wrong_reward=-2.0)
+    )
     assert [r.reward for r in rs] == [3.0, -2.0]
 
     with pytest.raises(ValueError, match="already registered"):

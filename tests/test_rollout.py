@@ -127,8 +127,24 @@ def script_table() -> dict[str, list[list]]:
 
 RANDOM = "random"
 # Distinct first words, so the model tells the scripts apart from the first prompt token on.
-PROMPT_WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliet",
-                "Kilo", "Lima", "Mike", "November", "Oscar", "Papa")
+PROMPT_WORDS = (
+    "Alpha",
+    "Bravo",
+    "Charlie",
+    "Delta",
+    "Echo",
+    "Foxtrot",
+    "Golf",
+    "Hotel",
+    "India",
+    "Juliet",
+    "Kilo",
+    "Lima",
+    "Mike",
+    "November",
+    "Oscar",
+    "Papa",
+)
 
 
 def prompt_texts() -> dict[str, str]:
@@ -174,8 +190,11 @@ def replay(tok, sandbox, segments, config: RolloutConfig, session: str | None) -
         assert block is not None and fence_closed(text), f"segment {i} does not close a block: {text!r}"
         result = sandbox.run(block.code, session=session)
         fb = build_feedback(
-            tok, result.feedback().rstrip("\n"), template=config.feedback_template,
-            prefix="" if text.endswith("\n") else "\n", max_tokens=config.max_feedback_tokens,
+            tok,
+            result.feedback().rstrip("\n"),
+            template=config.feedback_template,
+            prefix="" if text.endswith("\n") else "\n",
+            max_tokens=config.max_feedback_tokens,
             marker=config.truncation_marker,
         )
         response += fb.ids
@@ -261,8 +280,9 @@ class World:
 
 
 def base_config(**overrides) -> RolloutConfig:
-    defaults = dict(max_response_tokens=400, tool_budget=4, temperature=0.0, feedback_template=TEMPLATE,
-                    max_feedback_tokens=256)
+    defaults = dict(
+        max_response_tokens=400, tool_budget=4, temperature=0.0, feedback_template=TEMPLATE, max_feedback_tokens=256
+    )
     defaults.update(overrides)
     return RolloutConfig(**defaults)
 
@@ -295,6 +315,8 @@ def world():
 
 class Recorder:
     """The real engine, with every Completion it returns kept in call order (per prompt)."""
+
+    max_model_len = None  # no context limit declared (ShortContext declares one)
 
     def __init__(self, engine):
         self.engine = engine
@@ -452,7 +474,7 @@ def test_loss_mask_covers_feedback_when_the_fence_shares_a_token(world, name):
     first = engine.calls[0][2]
     assert call.code_span == (0, len(first.token_ids))
     assert traj.response_ids[call.code_span[1] - 1] == one_token(tok, fence_text)
-    assert first.finish_reason == "stop_when"
+    assert first.finish_reason == "stop_rule"
     # ... and the feedback follows it: its tokens decode to exactly the feedback text.
     assert call.feedback_span[0] == call.code_span[1]
     assert tok.decode(traj.response_ids[slice(*call.feedback_span)]) == feedback
@@ -478,8 +500,9 @@ def test_token_ids_are_exactly_what_the_engine_sampled(world, mode):
     names = ["three_blocks", "fence_nl2", "fence_text", "error", "quick1"]
     engine = Recorder(world.engine)
     config = base_config(temperature=0.7)  # sampled, so log-probs are those of a real draw
-    trajs = rollout(engine, world.sandbox, [world.prompts[n] for n in names], config, mode=mode,
-                    seeds=list(range(len(names))))
+    trajs = rollout(
+        engine, world.sandbox, [world.prompts[n] for n in names], config, mode=mode, seeds=list(range(len(names)))
+    )
     for name, traj in zip(names, trajs):
         prompt = world.prompts[name]
         mine = [(ids, c) for ids, _, c in engine.calls if ids[: len(prompt)] == prompt]
@@ -513,9 +536,11 @@ def test_budget_stop_ends_at_the_fence(world, budget):
     assert [c.output for c in traj.tool_calls] == [str(i + 1) for i in range(budget)]
     # The response is the script up to and including the fence of block budget+1: no feedback after it.
     segs = world.segments["three_blocks"]
-    end = sum(len(s) for s in segs[: budget + 1]) + sum(c.feedback_span[1] - c.feedback_span[0] for c in traj.tool_calls)
+    end = sum(len(s) for s in segs[: budget + 1]) + sum(
+        c.feedback_span[1] - c.feedback_span[0] for c in traj.tool_calls
+    )
     assert traj.response_ids == world.expected["three_blocks"][:end]
-    assert traj.text(world.tok).endswith("print(%d)\n```\n" % (budget + 1))
+    assert traj.text(world.tok).endswith(f"print({budget + 1})\n```\n")
     assert_mask_exact(traj)
     assert traj.stats()["finish_reason"] == "budget" and traj.stats()["tool_calls"] == budget
 
@@ -699,15 +724,25 @@ def test_unknown_mode_and_mismatched_seeds_fail_clearly(world):
 
 def test_bench_traces_show_the_real_output_of_their_code():
     """The warm-up traces teach the model what the interpreter really prints."""
-    from cir.bench.rollout import make_trace
+    import itertools
 
-    rng = random.Random(3)
-    traces = [make_trace(rng, TEMPLATE) for _ in range(40)]
+    from cir.bench.rollout import latency_traces
+    from cir.tasks.demo import demo_problems, demo_tokenizer
+
+    tokenizer = demo_tokenizer()
+    make_trace = latency_traces(random.Random(3))
+    traces = [make_trace(tokenizer, problem, True, TEMPLATE) for problem in demo_problems(40, seed=3)]
     blocks = []
     for trace in traces:
-        for (text, trained), nxt in zip(trace.pieces, trace.pieces[1:] + [("", True)]):
-            if trained and text.startswith("```python\n"):
-                assert not nxt[1] and nxt[0].startswith("```output\n")
+        # The trace's pieces: runs of trained (model) and untrained (feedback) tokens.
+        pieces, at = [], 0
+        for trained, span in itertools.groupby(trace.loss_mask):
+            n = len(list(span))
+            pieces.append((tokenizer.decode(trace.response_ids[at : at + n]), bool(trained)))
+            at += n
+        for (text, trained), nxt in zip(pieces, pieces[1:] + [("", True)]):
+            if trained and "```python\n" in text:
+                assert not nxt[1] and nxt[0].startswith("\n```output\n")
                 blocks.append((find_code_block(text).code, nxt[0]))
     assert len(blocks) >= 20
     quick = [(code, shown) for code, shown in blocks if "sleep" not in code][:12]
@@ -715,7 +750,7 @@ def test_bench_traces_show_the_real_output_of_their_code():
         results = sandbox.run_batch([code for code, _ in quick])
     for (code, shown), result in zip(quick, results):
         assert result.status == "ok", code
-        assert shown == TEMPLATE.replace("{output}", result.feedback().rstrip("\n"))
+        assert shown == "\n" + TEMPLATE.replace("{output}", result.feedback().rstrip("\n"))
 
 
 def test_bench_rollout_runs_both_schedules(tmp_path):
@@ -726,15 +761,18 @@ def test_bench_rollout_runs_both_schedules(tmp_path):
     out = tmp_path / "bench.json"
     common = ["--problems", "4", "--max-tokens", "48", "--repeats", "1", "--workers", "2", "--json", str(out)]
     saved = tmp_path / "model"
-    args = parser.parse_args(["--warmup-steps", "3", "--warmup-traces", "16", "--hidden-size", "32",
-                              "--save-model", str(saved), *common])
+    args = parser.parse_args(
+        ["--warmup-steps", "3", "--warmup-batch", "16", "--hidden-size", "32", "--save-model", str(saved), *common]
+    )
     assert bench.run(args) == 0
     first = json.loads(out.read_text())
     assert [row["mode"] for row in first["rows"]] == ["async", "turn_sync"]
     assert first["identical_trajectories"] is True
     for row in first["rows"]:
         assert row["trajectories"] == 4 and row["model_tokens"] > 0 and row["tokens_per_s"] > 0
-    assert first["ratio_tokens_per_s"] == pytest.approx(first["rows"][0]["tokens_per_s"] / first["rows"][1]["tokens_per_s"])
+    assert first["ratio_tokens_per_s"] == pytest.approx(
+        first["rows"][0]["tokens_per_s"] / first["rows"][1]["tokens_per_s"]
+    )
     # The saved checkpoint loads through --model and samples the same trajectories.
     assert bench.run(parser.parse_args(["--model", str(saved), *common])) == 0
     second = json.loads(out.read_text())
@@ -763,4 +801,4 @@ def test_model_context_caps_the_response_feedback_included(world):
         assert capped.finish_reason == same.finish_reason
         assert all(len(ids) + p.max_new_tokens <= engine.max_model_len for ids, p, _ in engine.calls)
     with pytest.raises(ValueError, match=r"prompt 0 \(problem p-7\): prompt of \d+ tokens leaves no room"):
-        rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problems=[{"id": "p-7"}])
+        rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])

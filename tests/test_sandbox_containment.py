@@ -16,7 +16,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_sandbox_support import run_contained
 
 # Runs inside the contained subprocess: a fresh sandbox, the snippets, and a report on
@@ -143,11 +142,24 @@ def test_degrades_gracefully_without_root():
     # The run needs the installed package to be readable by that uid, which it is not when
     # the checkout sits in a private (0700) folder, as a `mktemp -d` clone does.
     probe = subprocess.run(
-        [shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "import cir._sandbox"],
-        capture_output=True, text=True, cwd="/", timeout=60,
+        [
+            shutil.which("setpriv"),
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import cir._sandbox",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
     )
     if probe.returncode != 0:
-        pytest.skip(f"uid 65534 cannot import this installation of cir ({probe.stderr.strip().splitlines()[-1:]}); the non-root path is not exercised here")
+        pytest.skip(
+            f"uid 65534 cannot import this installation of cir ({probe.stderr.strip().splitlines()[-1:]}); the non-root path is not exercised here"
+        )
     report = contained_run({"workers": 1, "timeout_s": 3.0, **FAST_START}, codes, user=65534)
     facts = report["facts"]
     assert facts["drop_uid"] is False and facts["uid_range"] is None

@@ -17,10 +17,10 @@ import textwrap
 
 import numpy
 import pytest
+from test_sandbox_support import assert_clean
 
 from cir import _sandbox
 from cir.sandbox import Sandbox
-from test_sandbox_support import assert_clean
 
 REFERENCE = {"native_fork": False, "huge_pages": False, "fill_free_blocks": False}
 
@@ -107,7 +107,9 @@ def test_isolation_facts_name_the_paths_taken(fast, reference):
 @pytest.mark.parametrize("which", ["fast", "reference"])
 def test_every_child_gets_fresh_seeds(which, fast, reference):
     sb = fast if which == "fast" else reference
-    code = "import random, numpy\nprint(random.getrandbits(64), numpy.random.randint(2**31), numpy.random.get_state()[2])"
+    code = (
+        "import random, numpy\nprint(random.getrandbits(64), numpy.random.randint(2**31), numpy.random.get_state()[2])"
+    )
     outs = [sb.run(code).stdout for _ in range(4)] + [r.stdout for r in sb.run_batch([code] * 8)]
     draws = [line.split() for line in outs]
     assert all(len(d) == 3 for d in draws), outs
@@ -194,16 +196,16 @@ def test_native_fork_plan_accepts_the_usual_handlers_only():
     proc = _run_python(
         """
         import json, os, random, threading, logging
-        from cir import _zygote
-        ok, hooks, why = _zygote._native_fork_plan(True)
+        from cir.sandbox import zygote
+        ok, hooks, why = zygote._native_fork_plan(True)
         usual = {"ok": ok, "hooks": [repr(h) for h in hooks], "why": why}
-        off = _zygote._native_fork_plan(False)
+        off = zygote._native_fork_plan(False)
         os.register_at_fork(before=lambda: None)
-        unknown = _zygote._native_fork_plan(True)
+        unknown = zygote._native_fork_plan(True)
         stop = threading.Event()
         t = threading.Thread(target=stop.wait)
         t.start()
-        threaded = _zygote._native_fork_plan(True)
+        threaded = zygote._native_fork_plan(True)
         stop.set()
         t.join()
         print(json.dumps({"usual": usual, "off": off[0], "unknown": unknown[2], "threaded": threaded[2]}))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from test_sandbox_support import assert_clean
 
 from cir.sandbox import Sandbox, run_fresh
-from test_sandbox_support import assert_clean
 
 TIMEOUT_S = 20.0  # generous: a fresh interpreter pays for `import sympy` inside it
 
@@ -43,12 +43,17 @@ SNIPPETS: list[tuple[str, float]] = [
     ("from fractions import Fraction\nprint(Fraction(3, 4) + Fraction(1, 6))", TIMEOUT_S),
     ("from decimal import Decimal, getcontext\ngetcontext().prec = 40\nprint(Decimal(1) / Decimal(7))", TIMEOUT_S),
     ("import itertools\nprint(sum(1 for p in itertools.permutations(range(7)) if p[0] < p[-1]))", TIMEOUT_S),
-    ("import sympy as sp\nx = sp.symbols('x')\nprint(sp.factor(x**4 - 1))\nprint(sp.solve(x**2 - 2, x))\n"
-     "print(sp.summation(1 / sp.Symbol('k')**2, (sp.Symbol('k'), 1, sp.oo)))", TIMEOUT_S),
+    (
+        "import sympy as sp\nx = sp.symbols('x')\nprint(sp.factor(x**4 - 1))\nprint(sp.solve(x**2 - 2, x))\n"
+        "print(sp.summation(1 / sp.Symbol('k')**2, (sp.Symbol('k'), 1, sp.oo)))",
+        TIMEOUT_S,
+    ),
     ("import sympy\nprint(sympy.factorint(2**32 + 1), sympy.isprime(97), sympy.Rational(7, 3) ** 3)", TIMEOUT_S),
     ("import sympy\nsympy.solve(1 / 0)", TIMEOUT_S),
-    ("import numpy as np\nprint(np.arange(12).reshape(3, 4).sum(axis=0))\nprint(np.linalg.inv([[1.0, 2.0], [3.0, 4.0]]))",
-     TIMEOUT_S),
+    (
+        "import numpy as np\nprint(np.arange(12).reshape(3, 4).sum(axis=0))\nprint(np.linalg.inv([[1.0, 2.0], [3.0, 4.0]]))",
+        TIMEOUT_S,
+    ),
     ("import numpy as np\nnp.random.seed(0)\nprint(np.random.randint(0, 100, 5))", TIMEOUT_S),
     ("import numpy as np\nnp.linalg.inv(np.zeros((2, 2)))", TIMEOUT_S),
     ("print('\\n'.join(str(i * i) for i in range(5000)))", TIMEOUT_S),
@@ -71,9 +76,7 @@ def test_same_as_fresh_interpreter(sb):
     ours = [sb.run(code, timeout_s=timeout) for code, timeout in SNIPPETS]
     with ThreadPoolExecutor(max_workers=2) as pool:
         fresh = list(
-            pool.map(
-                lambda item: run_fresh(item[0], timeout_s=item[1], max_output_bytes=sb.max_output_bytes), SNIPPETS
-            )
+            pool.map(lambda item: run_fresh(item[0], timeout_s=item[1], max_output_bytes=sb.max_output_bytes), SNIPPETS)
         )
     mismatches = []
     for code, a, b in zip(codes, ours, fresh):

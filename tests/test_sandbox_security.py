@@ -9,9 +9,9 @@ import socket
 import threading
 
 import pytest
+from test_sandbox_support import assert_clean
 
 from cir.sandbox import Sandbox
-from test_sandbox_support import assert_clean
 
 SECRET_VAR = "CIR_SANDBOX_TEST_SECRET"
 
@@ -80,8 +80,14 @@ def test_parent_environment_is_not_visible(sb):
 
 @pytest.mark.parametrize(
     "path",
-    ["/tmp/cir-escape", "/var/tmp/cir-escape", "/dev/shm/cir-escape", "/etc/cir-escape", __file__ + ".escape",
-     os.path.join(os.path.dirname(os.__file__), "cir_escape.py")],
+    [
+        "/tmp/cir-escape",
+        "/var/tmp/cir-escape",
+        "/dev/shm/cir-escape",
+        "/etc/cir-escape",
+        __file__ + ".escape",
+        os.path.join(os.path.dirname(os.__file__), "cir_escape.py"),
+    ],
 )
 def test_cannot_write_outside_work_dir(sb, path):
     r = sb.run(f"open({path!r}, 'w').write('x')")

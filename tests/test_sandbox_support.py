@@ -227,8 +227,10 @@ def run_contained(
         )
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as timed_out:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            raise AssertionError(f"contained run timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+            raise AssertionError(
+                f"contained run timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}"
+            ) from timed_out
     return Contained(proc.returncode, out, err, tuple(groups))

@@ -19,9 +19,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_extension_importable_from_built_wheel(tmp_path):
     wheel_dir = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", ".", "--no-build-isolation", "--no-deps", "-w", str(wheel_dir),
-         "-C", f"build-dir={tmp_path / 'build'}", "-q"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            ".",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            str(wheel_dir),
+            "-C",
+            f"build-dir={tmp_path / 'build'}",
+            "-q",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert build.returncode == 0, build.stderr[-4000:]
     (wheel,) = glob.glob(str(wheel_dir / "cir-*.whl"))
@@ -30,8 +45,12 @@ def test_extension_importable_from_built_wheel(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel],
-                             capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-4000:]
 
     check = textwrap.dedent(
@@ -45,7 +64,13 @@ def test_extension_importable_from_built_wheel(tmp_path):
         """
     )
     # Run from an empty directory so the source tree cannot be imported by accident.
-    done = subprocess.run([python, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    done = subprocess.run(
+        [python, "-c", check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split() == ["ok", "120"]

@@ -77,9 +77,7 @@ def test_supervisor_is_clean_under_sanitizers(driver, tmp_path):
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:exitcode=99"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
-    done = subprocess.run(
-        [str(driver), str(spec), "600", "6"], capture_output=True, text=True, env=env, timeout=600
-    )
+    done = subprocess.run([str(driver), str(spec), "600", "6"], capture_output=True, text=True, env=env, timeout=600)
     report = done.stderr[-6000:]
     assert "Sanitizer" not in done.stderr, report
     assert done.returncode == 0, f"exit {done.returncode}\n{report}"

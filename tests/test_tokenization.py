@@ -38,7 +38,9 @@ def _random_unicode(rng: random.Random, n: int) -> str:
         if r < 0.3:
             parts.append(chr(rng.randint(0x20, 0x7E)))
         elif r < 0.4:
-            parts.append(rng.choice([" ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", " \n ", "\u00a0", "\u3000", "\u200b"]))
+            parts.append(
+                rng.choice([" ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", " \n ", "\u00a0", "\u3000", "\u200b"])
+            )
         elif r < 0.5:
             parts.append(str(rng.randint(0, 10**12)))
         else:
@@ -83,12 +85,14 @@ def test_qwen_conversion_matches_package_encode(qwen, reference):
         ids = qwen.encode(text, add_special_tokens=False)
         expected = reference.encode(text)
         if ids != expected:
-            at = next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b) if any(
-                a != b for a, b in zip(ids, expected)
-            ) else min(len(ids), len(expected))
+            at = (
+                next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b)
+                if any(a != b for a, b in zip(ids, expected))
+                else min(len(ids), len(expected))
+            )
             pytest.fail(
-                f"first difference at token {at}: ours {ids[at:at + 5]} vs package {expected[at:at + 5]} "
-                f"in {qwen.decode(expected[max(0, at - 5):at + 5])!r}"
+                f"first difference at token {at}: ours {ids[at : at + 5]} vs package {expected[at : at + 5]} "
+                f"in {qwen.decode(expected[max(0, at - 5) : at + 5])!r}"
             )
         # Decoding gives back the text (NFC-normalised, as both tokenizers normalise on encode).
         assert qwen.decode(ids) == unicodedata.normalize("NFC", text)
@@ -188,7 +192,9 @@ def test_byte_tokenizer_round_trip_and_reload_next_to_a_qwen2_config(tmp_path):
     assert len(tok) == 3 + 256
     assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
     rng = random.Random(5)
-    text = "Q: 347*29+118=?\n```python\nprint(347*29+118)\n```\n  tabs\tand é, 漢字, emoji 🙂 <|im_start|>" + "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(300))
+    text = "Q: 347*29+118=?\n```python\nprint(347*29+118)\n```\n  tabs\tand é, 漢字, emoji 🙂 <|im_start|>" + "".join(
+        chr(rng.randint(32, 0x2FFF)) for _ in range(300)
+    )
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == unicodedata.normalize("NFC", text)
     # One token per UTF-8 byte outside the special tokens.

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cir.config import load_train_config
 from cir.metrics import read_metrics
-from cir.trainer import Trainer
+from cir.training.config import load_train_config
+from cir.training.trainer import Trainer
 
 # A small, fast version of the demo (its 2-layer 64-wide model, a short warm start).
 FAST = [
@@ -39,12 +39,24 @@ def warm_model_dir(tmp_path_factory):
     interpreter), saved as a Hugging Face folder that `model.path` can name. About 1.5 min on
     one core; shared by the tests below so each starts from a policy that can already copy an
     expression into code and the output into its answer, but not reliably."""
-    from cir import demo
+    from cir.tasks import demo
 
     torch.manual_seed(0)
     tok = demo.demo_tokenizer()
     model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=4, seed=0)
-    demo.warm_start(model, tok, steps=600, batch_size=64, lr=6e-3, tool_share={"hard": 0.5, "easy": 0.5}, easy_share=0.25, feedback_template="```output\n{output}\n```\n", seed=0, exclude=set(), progress=False)
+    demo.warm_start(
+        model,
+        tok,
+        steps=600,
+        batch_size=64,
+        lr=6e-3,
+        tool_share={"hard": 0.5, "easy": 0.5},
+        easy_share=0.25,
+        feedback_template="```output\n{output}\n```\n",
+        seed=0,
+        exclude=set(),
+        progress=False,
+    )
     out = tmp_path_factory.mktemp("warm_demo_model")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -64,9 +76,9 @@ def test_resume_is_bit_exact(tmp_path, warm_model_dir):
     straight, split = tmp_path / "straight", tmp_path / "split"
     cfg = lambda out, steps: _warm_cfg(out, warm_model_dir, f"run.steps={steps}", *opts)  # noqa: E731
     with Trainer(cfg(straight, 4)) as t:
-        w_init = _weights(t.model)
+        w_init = _weights(t.actor.model)
         t.fit()
-        w_straight = _weights(t.model)
+        w_straight = _weights(t.actor.model)
     assert any(not torch.equal(w_init[k], w_straight[k]) for k in w_init), "training did not change the weights"
     with Trainer(cfg(split, 2)) as t:
         t.fit()
@@ -76,7 +88,7 @@ def test_resume_is_bit_exact(tmp_path, warm_model_dir):
     with Trainer(cfg(split, 4), resume=True) as t:
         assert t.step_count == 2
         t.fit()
-        w_resumed = _weights(t.model)
+        w_resumed = _weights(t.actor.model)
     assert w_straight.keys() == w_resumed.keys()
     for k in w_straight:
         assert torch.equal(w_straight[k], w_resumed[k]), f"{k} differs after resume"
@@ -95,7 +107,7 @@ def test_checkpoint_is_a_transformers_model(tmp_path):
 
     with Trainer(_cfg(tmp_path, "run.steps=1", "run.eval_at_start=false", "data.eval=[]")) as t:
         result = t.fit()
-        weights = _weights(t.model)
+        weights = _weights(t.actor.model)
         probe = t.tokenizer.encode("Q: 12*34+5=?\n", add_special_tokens=False)
     ckpt = result["checkpoint"]
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -110,14 +122,31 @@ def test_checkpoint_is_a_transformers_model(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[-1]["step"] == 1
-    for key in ("reward/mean", "tool/calls_per_traj", "actor/grad_norm", "actor/entropy", "actor/clipfrac_upper", "response/feedback_token_share", "time/update_s", "perf/tokens_per_s"):
+    for key in (
+        "reward/mean",
+        "tool/calls_per_traj",
+        "actor/grad_norm",
+        "actor/entropy",
+        "actor/clipfrac_upper",
+        "response/feedback_token_share",
+        "time/update_s",
+        "perf/tokens_per_s",
+    ):
         assert key in rows[-1], key
 
 
 def test_reward_goes_up_on_the_demo_task(tmp_path, warm_model_dir):
     """A short RL run from the warm start: mean training reward over the last steps beats the
     first steps, and tool use rises (the interpreter is what makes the hard problems solvable)."""
-    cfg = _warm_cfg(tmp_path, warm_model_dir, "run.steps=16", "run.eval_at_start=false", "data.eval=[]", "algo.prompts_per_step=16", "algo.group_size=8")
+    cfg = _warm_cfg(
+        tmp_path,
+        warm_model_dir,
+        "run.steps=16",
+        "run.eval_at_start=false",
+        "data.eval=[]",
+        "algo.prompts_per_step=16",
+        "algo.group_size=8",
+    )
     with Trainer(cfg) as t:
         t.fit()
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward/mean" in r]

@@ -82,23 +82,34 @@ class Check:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quick", action="store_true", help="small shapes for a smoke run (CPU: well under a minute; GPU: two shapes, 64k-token policy loss)",
+        "--quick",
+        action="store_true",
+        help="small shapes for a smoke run (CPU: well under a minute; GPU: two shapes, 64k-token policy loss)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every measurement and check to this JSON file")
     parser.add_argument("--plot", metavar="PATH.png", help="write a PNG plot of the timings and peak memory")
     parser.add_argument(
-        "--shapes", nargs="+", metavar="NxHxV",
+        "--shapes",
+        nargs="+",
+        metavar="NxHxV",
         help="linear_logprob shapes, e.g. 16384x3584x151936 (default on GPU: the product of "
         f"N={DEFAULT_N}, H={DEFAULT_H}, V={DEFAULT_V}; on CPU: {['x'.join(map(str, s)) for s in CPU_SHAPES]})",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="hidden/weight dtype on GPU (default bf16)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="hidden/weight dtype on GPU (default bf16)"
+    )
     parser.add_argument("--with-entropy", action="store_true", help="time linear_logprob with the entropy output too")
     parser.add_argument(
-        "--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-        help="linear_logprob implementations to time on GPU (the CPU section times naive and chunked)"
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(IMPLS),
+        help="linear_logprob implementations to time on GPU (the CPU section times naive and chunked)",
     )
     parser.add_argument(
-        "--policy-tokens", type=int, default=None,
+        "--policy-tokens",
+        type=int,
+        default=None,
         help=f"tokens for the policy_loss timing (default {POLICY_TOKENS}; --quick {QUICK_POLICY_TOKENS})",
     )
 
@@ -209,11 +220,17 @@ def run_checks(device: str, quick: bool) -> list[Check]:
         errs = {k: _max_err(got[k], want[k]) for k in want}
         rel = max(e[1] for e in errs.values())
         label = "triton (interpreter)" if impl == "triton" and device == "cpu" else impl
-        checks.append(Check(
-            name=f"linear_logprob {label} fp32 vs float64 reference", shape=_shape(n, h, v) | {"temperature": 0.7},
-            max_abs_err={k: e[0] for k, e in errs.items()}, max_rel_err=rel, tolerance=1e-4, ok=rel <= 1e-4,
-            note="logprob, entropy, dhidden, dweight; one ignored row",
-        ))
+        checks.append(
+            Check(
+                name=f"linear_logprob {label} fp32 vs float64 reference",
+                shape=_shape(n, h, v) | {"temperature": 0.7},
+                max_abs_err={k: e[0] for k, e in errs.items()},
+                max_rel_err=rel,
+                tolerance=1e-4,
+                ok=rel <= 1e-4,
+                note="logprob, entropy, dhidden, dweight; one ignored row",
+            )
+        )
 
     # policy_loss: padded and packed, k3 KL and entropy terms, feedback-like mask.
     if triton_ok:
@@ -228,7 +245,8 @@ def run_checks(device: str, quick: bool) -> list[Check]:
             near |= (ratio / edge - 1).abs() < 1e-4
         old = torch.where(near, old - 1e-3, old)
         inputs = dict(
-            logprob=lp, old_logprob=old,
+            logprob=lp,
+            old_logprob=old,
             advantages=torch.randn(B, T, generator=gen, dtype=torch.float64),
             loss_mask=torch.rand(B, T, generator=gen) > 0.3,
             ref_logprob=lp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.5,
@@ -258,11 +276,17 @@ def run_checks(device: str, quick: bool) -> list[Check]:
             errs = {k: _max_err(got[k], want[k]) for k in want}
             rel = max(e[1] for e in errs.values())
             label = "triton (interpreter)" if device == "cpu" else "triton"
-            checks.append(Check(
-                name=f"policy_loss {label} fp32 vs float64 reference, {layout}", shape={"B": B, "T": T},
-                max_abs_err={k: e[0] for k, e in errs.items()}, max_rel_err=rel, tolerance=1e-4, ok=rel <= 1e-4,
-                note="loss, every metric, dlogprob, dentropy; seq-mean-token-mean, k3 KL, entropy bonus",
-            ))
+            checks.append(
+                Check(
+                    name=f"policy_loss {label} fp32 vs float64 reference, {layout}",
+                    shape={"B": B, "T": T},
+                    max_abs_err={k: e[0] for k, e in errs.items()},
+                    max_rel_err=rel,
+                    tolerance=1e-4,
+                    ok=rel <= 1e-4,
+                    note="loss, every metric, dlogprob, dentropy; seq-mean-token-mean, k3 KL, entropy bonus",
+                )
+            )
     return checks
 
 
@@ -347,6 +371,7 @@ def run_cpu_timings(shapes, quick: bool) -> list[Timing]:
         hd, wt = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         for impl, f in impls.items():
             for mode in ("fwd", "fwd+bwd"):
+
                 def call(f=f, mode=mode):
                     if mode == "fwd":
                         with torch.no_grad():
@@ -356,9 +381,17 @@ def run_cpu_timings(shapes, quick: bool) -> list[Timing]:
                         _backward_of(f(hd, wt))
 
                 ms, peak = _cpu_measure(call, reps)
-                results.append(Timing("linear_logprob", impl, mode, _shape(n, h, v), ms=ms, peak_mib=peak,
-                                      extra={"dtype": "fp32", "threads": torch.get_num_threads(),
-                                             "rss_tracks_frees": exact_rss}))
+                results.append(
+                    Timing(
+                        "linear_logprob",
+                        impl,
+                        mode,
+                        _shape(n, h, v),
+                        ms=ms,
+                        peak_mib=peak,
+                        extra={"dtype": "fp32", "threads": torch.get_num_threads(), "rss_tracks_frees": exact_rss},
+                    )
+                )
     return results
 
 
@@ -433,11 +466,19 @@ def run_gpu_linear_logprob(
             t_fwd = _gpu_bench(lambda: hidden @ weight.T)
             t_dh = _gpu_bench(lambda: dz @ weight)
             t_dw = _gpu_bench(lambda: dz.T @ hidden)
-            del dz
+            dz = None  # free it before the kernels run (the lambdas above are done with it)
             flops = 2.0 * n * h * v
             roof.append(Timing("roofline", "matmul", "fwd", shape, ms=t_fwd, extra={"tflops": flops / t_fwd / 1e9}))
-            roof.append(Timing("roofline", "matmul", "fwd+bwd", shape, ms=t_fwd + t_dh + t_dw,
-                               extra={"tflops": 3 * flops / (t_fwd + t_dh + t_dw) / 1e9}))
+            roof.append(
+                Timing(
+                    "roofline",
+                    "matmul",
+                    "fwd+bwd",
+                    shape,
+                    ms=t_fwd + t_dh + t_dw,
+                    extra={"tflops": 3 * flops / (t_fwd + t_dh + t_dw) / 1e9},
+                )
+            )
         except torch.cuda.OutOfMemoryError:
             roof.append(Timing("roofline", "matmul", "fwd+bwd", shape, status="oom"))
         torch.cuda.empty_cache()
@@ -451,7 +492,9 @@ def run_gpu_linear_logprob(
             fn = fns[impl]
             if fn is None:
                 for mode in ("fwd", "fwd+bwd"):
-                    rows.append(Timing("linear_logprob", impl, mode, shape, status="unavailable: liger_kernel not importable"))
+                    rows.append(
+                        Timing("linear_logprob", impl, mode, shape, status="unavailable: liger_kernel not importable")
+                    )
                 continue
             if impl == "liger" and with_entropy:
                 rows.append(Timing("linear_logprob", impl, "fwd+bwd", shape, status="unavailable: no entropy output"))
@@ -525,9 +568,10 @@ def run_gpu_policy_loss(tokens: int, device: str = "cuda") -> tuple[list[Timing]
     src = torch.empty(COPY_BYTES // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     t_copy = _gpu_bench(lambda: dst.copy_(src))
-    copy = Timing("copy", "device-copy", "copy", {"bytes": COPY_BYTES}, ms=t_copy,
-                  extra={"gbps": 2 * COPY_BYTES / t_copy / 1e6})
-    del src, dst
+    copy = Timing(
+        "copy", "device-copy", "copy", {"bytes": COPY_BYTES}, ms=t_copy, extra={"gbps": 2 * COPY_BYTES / t_copy / 1e6}
+    )
+    src = dst = None  # free the 2 GiB before the kernels run
 
     seq_len = min(POLICY_SEQ_LEN, tokens)
     B = max(1, tokens // seq_len)
@@ -540,8 +584,14 @@ def run_gpu_policy_loss(tokens: int, device: str = "cuda") -> tuple[list[Timing]
     n_sets = max(1, min(32, -(-4 * l2 // bytes_fwd_bwd)))  # rotate through >= 4x the L2 size
     sets = [_policy_inputs(B, seq_len, device, seed) for seed in range(n_sets)]
     rows = []
-    shape = {"tokens": n_tokens, "B": B, "T": seq_len, "aggregation": "token-mean", "dual_clip": 3.0,
-             "graph_input_sets": n_sets}
+    shape = {
+        "tokens": n_tokens,
+        "B": B,
+        "T": seq_len,
+        "aggregation": "token-mean",
+        "dual_clip": 3.0,
+        "graph_input_sets": n_sets,
+    }
     for impl, label in (("triton", "ours"), ("torch", "eager")):
         for mode, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_fwd_bwd)):
             leaves = [s["logprob"].detach().requires_grad_(mode == "fwd+bwd") for s in sets]
@@ -590,11 +640,28 @@ def _print_report(report: dict) -> None:
     print(f"device: {report['device']}")
     if report["checks"]:
         print("\ncorrectness spot checks (max errors against float64 references)")
-        rows = [{"check": c["name"], "shape": " ".join(f"{k}={v}" for k, v in c["shape"].items()),
-                 "max_rel_err": c["max_rel_err"], "tol": c["tolerance"], "ok": "ok" if c["ok"] else "FAIL"}
-                for c in report["checks"]]
-        print(_format_table(rows, [("check", "check"), ("shape", "shape"), ("max_rel_err", "max rel err"),
-                                   ("tol", "tolerance"), ("ok", "result")]))
+        rows = [
+            {
+                "check": c["name"],
+                "shape": " ".join(f"{k}={v}" for k, v in c["shape"].items()),
+                "max_rel_err": c["max_rel_err"],
+                "tol": c["tolerance"],
+                "ok": "ok" if c["ok"] else "FAIL",
+            }
+            for c in report["checks"]
+        ]
+        print(
+            _format_table(
+                rows,
+                [
+                    ("check", "check"),
+                    ("shape", "shape"),
+                    ("max_rel_err", "max rel err"),
+                    ("tol", "tolerance"),
+                    ("ok", "result"),
+                ],
+            )
+        )
         for c in report["checks"]:
             errs = ", ".join(f"{k} {v:.2e}" for k, v in c["max_abs_err"].items())
             print(f"  {c['name']}: max abs err {errs}")
@@ -603,42 +670,99 @@ def _print_report(report: dict) -> None:
         out = []
         for t in section_rows:
             s = t["shape"]
-            out.append({"shape": f"{s['N']}x{s['H']}x{s['V']}", "impl": t["impl"], "mode": t["mode"],
-                        "ms": t["ms"], "peak_mib": t["peak_mib"], "tflops": t["extra"].get("tflops"),
-                        "roof": t["extra"].get("roofline_frac"), "status": t["status"]})
+            out.append(
+                {
+                    "shape": f"{s['N']}x{s['H']}x{s['V']}",
+                    "impl": t["impl"],
+                    "mode": t["mode"],
+                    "ms": t["ms"],
+                    "peak_mib": t["peak_mib"],
+                    "tflops": t["extra"].get("tflops"),
+                    "roof": t["extra"].get("roofline_frac"),
+                    "status": t["status"],
+                }
+            )
         return out
 
     gpu = report.get("gpu")
     if gpu:
         print("\nlinear_logprob (N x H x V; fwd = no-grad forward, fwd+bwd = training step)")
-        print(_format_table(lin_rows(gpu["linear_logprob"]), [
-            ("shape", "N x H x V"), ("impl", "impl"), ("mode", "mode"), ("ms", "ms"), ("peak_mib", "peak MiB"),
-            ("tflops", "TFLOP/s"), ("roof", "of roofline"), ("status", "status")]))
+        print(
+            _format_table(
+                lin_rows(gpu["linear_logprob"]),
+                [
+                    ("shape", "N x H x V"),
+                    ("impl", "impl"),
+                    ("mode", "mode"),
+                    ("ms", "ms"),
+                    ("peak_mib", "peak MiB"),
+                    ("tflops", "TFLOP/s"),
+                    ("roof", "of roofline"),
+                    ("status", "status"),
+                ],
+            )
+        )
         print(f"\nmatmul roofline (plain {gpu['dtype']} matmuls of the same shapes: logits, dhidden, dweight)")
-        print(_format_table(lin_rows(gpu["roofline"]), [
-            ("shape", "N x H x V"), ("mode", "mode"), ("ms", "ms"), ("tflops", "TFLOP/s"), ("status", "status")]))
-        print(f"\npolicy_loss ({gpu['policy_loss'][0]['shape']['tokens']} tokens; device copy "
-              f"{gpu['copy']['extra']['gbps']:.0f} GB/s)")
-        rows = [{"impl": t["impl"], "mode": t["mode"], "ms": t["ms"], "peak_mib": t["peak_mib"],
-                 "gbps": t["extra"]["gbps"], "speedup": t["extra"].get("speedup_vs_eager"),
-                 "graph_ms": t["extra"].get("graph_ms"), "graph_gbps": t["extra"].get("graph_gbps"),
-                 "graph_frac": t["extra"].get("graph_copy_frac"),
-                 "graph_speedup": t["extra"].get("graph_speedup_vs_eager")} for t in gpu["policy_loss"]]
-        print("  ms: called from Python (host overhead included); graph: CUDA-graph replay, rotating inputs "
-              "(kernel time)")
-        print(_format_table(rows, [("impl", "impl"), ("mode", "mode"), ("ms", "ms"), ("gbps", "GB/s"),
-                                   ("speedup", "x eager"), ("graph_ms", "graph ms"), ("graph_gbps", "graph GB/s"),
-                                   ("graph_frac", "of copy"), ("graph_speedup", "graph x eager"),
-                                   ("peak_mib", "peak MiB")]))
+        print(
+            _format_table(
+                lin_rows(gpu["roofline"]),
+                [("shape", "N x H x V"), ("mode", "mode"), ("ms", "ms"), ("tflops", "TFLOP/s"), ("status", "status")],
+            )
+        )
+        print(
+            f"\npolicy_loss ({gpu['policy_loss'][0]['shape']['tokens']} tokens; device copy "
+            f"{gpu['copy']['extra']['gbps']:.0f} GB/s)"
+        )
+        rows = [
+            {
+                "impl": t["impl"],
+                "mode": t["mode"],
+                "ms": t["ms"],
+                "peak_mib": t["peak_mib"],
+                "gbps": t["extra"]["gbps"],
+                "speedup": t["extra"].get("speedup_vs_eager"),
+                "graph_ms": t["extra"].get("graph_ms"),
+                "graph_gbps": t["extra"].get("graph_gbps"),
+                "graph_frac": t["extra"].get("graph_copy_frac"),
+                "graph_speedup": t["extra"].get("graph_speedup_vs_eager"),
+            }
+            for t in gpu["policy_loss"]
+        ]
+        print(
+            "  ms: called from Python (host overhead included); graph: CUDA-graph replay, rotating inputs (kernel time)"
+        )
+        print(
+            _format_table(
+                rows,
+                [
+                    ("impl", "impl"),
+                    ("mode", "mode"),
+                    ("ms", "ms"),
+                    ("gbps", "GB/s"),
+                    ("speedup", "x eager"),
+                    ("graph_ms", "graph ms"),
+                    ("graph_gbps", "graph GB/s"),
+                    ("graph_frac", "of copy"),
+                    ("graph_speedup", "graph x eager"),
+                    ("peak_mib", "peak MiB"),
+                ],
+            )
+        )
         for t in gpu["policy_loss"]:
             if "graph_status" in t["extra"]:
                 print(f"  {t['impl']} {t['mode']}: CUDA graph timing failed: {t['extra']['graph_status']}")
     cpu = report.get("cpu")
     if cpu:
-        print(f"\nCPU: chunked fallback vs naive torch (fp32, {cpu['threads']} threads; peak = peak RSS growth; "
-              "machine may be shared)")
-        print(_format_table(lin_rows(cpu["linear_logprob"]), [
-            ("shape", "N x H x V"), ("impl", "impl"), ("mode", "mode"), ("ms", "ms"), ("peak_mib", "peak MiB")]))
+        print(
+            f"\nCPU: chunked fallback vs naive torch (fp32, {cpu['threads']} threads; peak = peak RSS growth; "
+            "machine may be shared)"
+        )
+        print(
+            _format_table(
+                lin_rows(cpu["linear_logprob"]),
+                [("shape", "N x H x V"), ("impl", "impl"), ("mode", "mode"), ("ms", "ms"), ("peak_mib", "peak MiB")],
+            )
+        )
 
 
 def _plot(report: dict, path: str) -> None:
@@ -665,8 +789,13 @@ def _plot(report: dict, path: str) -> None:
         for j, impl in enumerate(impls):
             vals = []
             for s in shapes:
-                match = [t for t in rows if t["impl"] == impl and t["mode"] == mode
-                         and f"{t['shape']['N']}x{t['shape']['H']}x{t['shape']['V']}" == s]
+                match = [
+                    t
+                    for t in rows
+                    if t["impl"] == impl
+                    and t["mode"] == mode
+                    and f"{t['shape']['N']}x{t['shape']['H']}x{t['shape']['V']}" == s
+                ]
                 value = (match[0].get(key, match[0]["extra"].get(key))) if match else None
                 vals.append(value if value is not None else 0.0)
             ax.bar([i + j * width for i in range(len(shapes))], vals, width, label=impl)
@@ -680,18 +809,24 @@ def _plot(report: dict, path: str) -> None:
         pl_rows = gpu["policy_loss"]
         xs = range(len(pl_rows))
         last.bar([x - 0.2 for x in xs], [t["ms"] for t in pl_rows], 0.4, label="called from Python")
-        last.bar([x + 0.2 for x in xs], [t["extra"].get("graph_ms") or 0.0 for t in pl_rows], 0.4,
-                 label="CUDA graph (kernel time)")
+        last.bar(
+            [x + 0.2 for x in xs],
+            [t["extra"].get("graph_ms") or 0.0 for t in pl_rows],
+            0.4,
+            label="CUDA graph (kernel time)",
+        )
         last.set_xticks(list(xs), [f"{t['impl']}\n{t['mode']}" for t in pl_rows], fontsize=8)
         last.set_yscale("log")
         last.legend(fontsize=7)
         last.set_title(f"policy_loss, {pl_rows[0]['shape']['tokens']} tokens (ms)", fontsize=9)
     else:
         checks = report["checks"]
-        names = [c["name"].replace(" vs float64 reference", "").replace(" (interpreter)", "\n(interpreter)")
-                 for c in checks]
-        last.barh(names,
-                  [max(c["max_rel_err"], 1e-18) for c in checks], color=["C2" if c["ok"] else "C3" for c in checks])
+        names = [
+            c["name"].replace(" vs float64 reference", "").replace(" (interpreter)", "\n(interpreter)") for c in checks
+        ]
+        last.barh(
+            names, [max(c["max_rel_err"], 1e-18) for c in checks], color=["C2" if c["ok"] else "C3" for c in checks]
+        )
         last.axvline(1e-4, color="k", linestyle="--", linewidth=1, label="tolerance")
         last.set_xscale("log")
         last.tick_params(axis="y", labelsize=6)
@@ -721,8 +856,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         triton_version = None
     try:
-        import liger_kernel  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
 
         liger_version = version("liger-kernel")
     except Exception:
@@ -734,8 +870,12 @@ def run(args: argparse.Namespace) -> int:
         "device": device_name,
         "cuda": cuda,
         "quick": bool(args.quick),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-                     "liger_kernel": liger_version},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "liger_kernel": liger_version,
+        },
         "gpu_measurements": "ran" if cuda else "not run: the GPU timings, roofline and bandwidth figures need CUDA",
     }
 
@@ -748,22 +888,29 @@ def run(args: argparse.Namespace) -> int:
 
     if cuda:
         if shapes is None:
-            shapes = list(QUICK_GPU_SHAPES) if args.quick else [
-                (n, h, v) for n in DEFAULT_N for h in DEFAULT_H for v in DEFAULT_V
-            ]
+            shapes = (
+                list(QUICK_GPU_SHAPES)
+                if args.quick
+                else [(n, h, v) for n in DEFAULT_N for h in DEFAULT_H for v in DEFAULT_V]
+            )
         tokens = args.policy_tokens or (QUICK_POLICY_TOKENS if args.quick else POLICY_TOKENS)
         lin, roof = run_gpu_linear_logprob(shapes, args.dtype, args.impls, args.with_entropy)
         pl_rows, copy = run_gpu_policy_loss(tokens)
         report["gpu"] = {
-            "dtype": args.dtype, "with_entropy": bool(args.with_entropy),
-            "linear_logprob": [asdict(t) for t in lin], "roofline": [asdict(t) for t in roof],
-            "policy_loss": [asdict(t) for t in pl_rows], "copy": asdict(copy),
+            "dtype": args.dtype,
+            "with_entropy": bool(args.with_entropy),
+            "linear_logprob": [asdict(t) for t in lin],
+            "roofline": [asdict(t) for t in roof],
+            "policy_loss": [asdict(t) for t in pl_rows],
+            "copy": asdict(copy),
         }
     else:
-        print("No CUDA device: the GPU measurements (timings against Liger and torch.compile, TFLOP/s "
-              "against the matmul roofline, GB/s against a device copy) need CUDA and were NOT run. "
-              "Running the CPU section: correctness spot checks through Triton's interpreter, and the "
-              "chunked fallback against naive torch.\n")
+        print(
+            "No CUDA device: the GPU measurements (timings against Liger and torch.compile, TFLOP/s "
+            "against the matmul roofline, GB/s against a device copy) need CUDA and were NOT run. "
+            "Running the CPU section: correctness spot checks through Triton's interpreter, and the "
+            "chunked fallback against naive torch.\n"
+        )
         cpu_shapes = shapes or list(QUICK_CPU_SHAPES if args.quick else CPU_SHAPES)
         report["cpu"] = {
             "threads": torch.get_num_threads(),

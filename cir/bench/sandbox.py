@@ -49,9 +49,9 @@ from pathlib import Path
 
 from cir.bench.baseline_pool import BASELINE_KINDS, PoolBaseline, exec_snippet
 from cir.bench.sandbox_corpus import Snippet, build_corpus, quick_subset
-from cir.bench.sandbox_truth import DEFAULT_GRACE_S, Limits, Outcome, ground_truth, last_line
+from cir.bench.sandbox_truth import DEFAULT_GRACE_S, Limits, Outcome, ground_truth, to_outcome
+from cir.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 
-DEFAULT_PRELOAD = ("math", "fractions", "itertools", "sympy", "numpy")
 ORDER_SEED = "cir-bench-sandbox-order"
 TRIVIAL_CODE = "print(1)\n"
 # The baseline rebuilds its pool for each print(1) (a batch of one), ~0.1 s a time: fewer samples
@@ -71,34 +71,66 @@ def register(parser: argparse.ArgumentParser) -> None:
     add("--timeout", type=float, default=2.0, help="wall-clock limit per snippet, seconds (default 2.0)")
     add("--memory-mb", type=int, default=2048, help="address-space limit per snippet, MiB (default 2048)")
     add("--max-output-bytes", type=int, default=65536, help="stdout cap per snippet (default 65536)")
-    add("--n-trivial", type=int, default=None,
-        help="sequential print(1) round trips (default 500; 20 with --quick)")
-    add("--batch-size", type=int, default=64,
-        help="snippets per run_batch call, both systems; the baseline builds a new pool per batch (default 64)")
-    add("--baseline", choices=[*BASELINE_KINDS, "both"], default="pebble",
-        help="pool flavour of the baseline (default pebble; see cir.bench.baseline_pool)")
-    add("--repeats", type=int, default=3,
+    add("--n-trivial", type=int, default=None, help="sequential print(1) round trips (default 500; 20 with --quick)")
+    add(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="snippets per run_batch call, both systems; the baseline builds a new pool per batch (default 64)",
+    )
+    add(
+        "--baseline",
+        choices=[*BASELINE_KINDS, "both"],
+        default="pebble",
+        help="pool flavour of the baseline (default pebble; see cir.bench.baseline_pool)",
+    )
+    add(
+        "--repeats",
+        type=int,
+        default=3,
         help="runs of the corpus without infinite loops per system; throughput and CPU are the medians "
-             "(a run lasts ~1-4 s, so one run is noisy), fidelity and spurious timeouts the worst (default 3)")
+        "(a run lasts ~1-4 s, so one run is noisy), fidelity and spurious timeouts the worst (default 3)",
+    )
     add("--no-baseline", action="store_true", help="measure the sandbox only")
     add("--no-sandbox", action="store_true", help="measure the baseline only")
-    add("--warm-baseline-parent", action="store_true",
+    add(
+        "--warm-baseline-parent",
+        action="store_true",
         help="import the preload modules in this process before the baseline forks its workers, so they inherit "
-             "them (default: workers import what a snippet imports, as in a rollout process without sympy)")
-    add("--leak-check", type=int, nargs="?", const=10000, default=0, metavar="N",
-        help="run N trivial snippets (default N 10000) and sample the sandbox's RSS")
+        "them (default: workers import what a snippet imports, as in a rollout process without sympy)",
+    )
+    add(
+        "--leak-check",
+        type=int,
+        nargs="?",
+        const=10000,
+        default=0,
+        metavar="N",
+        help="run N trivial snippets (default N 10000) and sample the sandbox's RSS",
+    )
     add("--quick", action="store_true", help="a small corpus subset and few trivial runs (a smoke test)")
     add("--json", type=Path, default=None, metavar="OUT.json", help="write all results here")
-    add("--truth-cache", type=Path, default=None, metavar="DIR",
-        help="where ground-truth results are cached (default ~/.cache/cir)")
+    add(
+        "--truth-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where ground-truth results are cached (default ~/.cache/cir)",
+    )
     add("--refresh-truth", action="store_true", help="recompute the ground truth even if cached")
-    add("--truth-parallel", type=int, default=2,
-        help="fresh interpreters run at once for the ground truth (default 2)")
-    add("--truth-grace", type=float, default=DEFAULT_GRACE_S,
+    add("--truth-parallel", type=int, default=2, help="fresh interpreters run at once for the ground truth (default 2)")
+    add(
+        "--truth-grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
         help="extra wall-clock seconds a fresh reference interpreter gets for its own start-up and imports "
-             f"(default {DEFAULT_GRACE_S})")
-    add("--preload", default=",".join(DEFAULT_PRELOAD),
-        help=f"modules the sandbox imports once in its zygote (default {','.join(DEFAULT_PRELOAD)})")
+        f"(default {DEFAULT_GRACE_S})",
+    )
+    add(
+        "--preload",
+        default=",".join(DEFAULT_PRELOAD),
+        help=f"modules the sandbox imports once in its zygote (default {','.join(DEFAULT_PRELOAD)})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,28 +202,30 @@ class SandboxSystem:
     """``cir.sandbox.Sandbox`` behind the interface the harness measures."""
 
     def __init__(self, workers: int, limits: Limits, preload: Sequence[str]) -> None:
-        from cir.sandbox import Sandbox
+        from cir.sandbox.client import Sandbox
 
         self.name = "cir_sandbox"
         self.label = "cir.sandbox"
-        t0 = time.perf_counter()
-        self._sandbox = Sandbox(
+        self.limits = limits
+        config = SandboxConfig(
             workers=workers,
             timeout_s=limits.timeout_s,
             memory_mb=limits.memory_mb,
             max_output_bytes=limits.max_output_bytes,
-            preload=tuple(preload),
+            preload=list(preload),
         )
+        t0 = time.perf_counter()
+        self._sandbox = Sandbox.from_config(config)
         self.startup_s = time.perf_counter() - t0
 
     def run_batch(self, codes: Sequence[str], on_done: Callable[[int], None] | None = None) -> list[Outcome]:
-        results = [to_outcome(r) for r in self._sandbox.run_batch(list(codes))]
+        results = [to_outcome(r, self.limits) for r in self._sandbox.run_batch(list(codes))]
         if on_done is not None:
             on_done(len(codes))
         return results
 
     def run_one(self, code: str) -> Outcome:
-        return to_outcome(self._sandbox.run(code))
+        return to_outcome(self._sandbox.run(code), self.limits)
 
     def helper_pids(self) -> list[int]:
         """The long-lived process the sandbox keeps: its zygote (from ``stats()``)."""
@@ -200,14 +234,6 @@ class SandboxSystem:
 
     def close(self) -> None:
         self._sandbox.close()
-
-
-def to_outcome(result) -> Outcome:
-    """An ``ExecResult`` as an :class:`Outcome`."""
-    error_line = getattr(result, "error_line", None)
-    if error_line is None:
-        error_line = last_line(result.stderr or "")
-    return Outcome(result.status, result.stdout, error_line or "", result.exit_code, float(result.wall_ms))
 
 
 class BaselineSystem:
@@ -282,8 +308,9 @@ def _clip(text: str, n: int = 120) -> str:
 
 
 def describe_mismatch(snippet: Snippet, truth: Outcome, got: Outcome, run: str) -> dict:
-    diff_at = next((i for i, (a, b) in enumerate(zip(truth.stdout, got.stdout)) if a != b),
-                   min(len(truth.stdout), len(got.stdout)))
+    diff_at = next(
+        (i for i, (a, b) in enumerate(zip(truth.stdout, got.stdout)) if a != b), min(len(truth.stdout), len(got.stdout))
+    )
     return {
         "id": snippet.id,
         "category": snippet.category,
@@ -414,14 +441,16 @@ def leak_check(system, n: int, samples: int = 20) -> dict:
         outs = system.run_batch([TRIVIAL_CODE] * k)
         bad = sum(not (o.status == "ok" and o.stdout == "1\n") for o in outs)
         done += k
-        rows.append({
-            "snippets": done,
-            "supervisor_rss_kib": rss_kib(),
-            "zygote_rss_kib": helper_rss_kib(system),
-            "open_fds": open_fd_count(),
-            "children": len(child_pids()),
-            "wrong_results": bad,
-        })
+        rows.append(
+            {
+                "snippets": done,
+                "supervisor_rss_kib": rss_kib(),
+                "zygote_rss_kib": helper_rss_kib(system),
+                "open_fds": open_fd_count(),
+                "children": len(child_pids()),
+                "wrong_results": bad,
+            }
+        )
         progress.set(done)
     progress.close()
     # Growth is measured from the first sample, i.e. after the first chunk warmed everything up.
@@ -449,8 +478,15 @@ def leak_check(system, n: int, samples: int = 20) -> dict:
     }
 
 
-def measure(system, corpus: Sequence[Snippet], truth: Sequence[Outcome], batch_size: int,
-            n_trivial: int, leak_n: int = 0, repeats: int = 1) -> dict:
+def measure(
+    system,
+    corpus: Sequence[Snippet],
+    truth: Sequence[Outcome],
+    batch_size: int,
+    n_trivial: int,
+    leak_n: int = 0,
+    repeats: int = 1,
+) -> dict:
     """Every metric of one system (see the module docstring)."""
     no_loop_idx = [i for i, s in enumerate(corpus) if not s.is_infinite]
     no_loop = [corpus[i] for i in no_loop_idx]
@@ -474,32 +510,34 @@ def measure(system, corpus: Sequence[Snippet], truth: Sequence[Outcome], batch_s
     rss_after = {"supervisor_kib": rss_kib(), "zygote_kib": helper_rss_kib(system)}
 
     s_full = score(corpus, truth, outs_full, "full")
-    result.update({
-        "snippets_no_loops": len(no_loop),
-        "snippets_full": len(corpus),
-        "throughput_no_loops": len(no_loop) / wall_nl,
-        "throughput_no_loops_runs": [len(no_loop) / run[0] for run in runs_nl],
-        "throughput_full": len(corpus) / wall_full,
-        "wall_s_no_loops": wall_nl,
-        "wall_s_full": wall_full,
-        "cpu_s_no_loops": cpu_nl,
-        "cpu_s_full": cpu_full,
-        "cpu_ms_per_snippet_no_loops": 1000.0 * cpu_nl / max(1, len(no_loop)),
-        "trivial_n": len(lat),
-        "trivial_p50_ms": percentile(lat, 50) if lat else None,
-        "trivial_p99_ms": percentile(lat, 99) if lat else None,
-        "trivial_mean_ms": sum(lat) / len(lat) if lat else None,
-        "trivial_wrong": wrong,
-        "spurious_timeouts_no_loops": s_nl.spurious_timeouts,
-        "spurious_timeouts_full": s_full.spurious_timeouts,
-        "fidelity": s_full.fidelity,
-        "fidelity_no_loops": s_nl.fidelity,
-        "error_line_agreement": s_full.error_line_agreement,
-        "status_counts_full": dict(Counter(o.status for o in outs_full)),
-        "rss_before": rss_before,
-        "rss_after": rss_after,
-        "mismatches": s_nl.mismatches + s_full.mismatches,
-    })
+    result.update(
+        {
+            "snippets_no_loops": len(no_loop),
+            "snippets_full": len(corpus),
+            "throughput_no_loops": len(no_loop) / wall_nl,
+            "throughput_no_loops_runs": [len(no_loop) / run[0] for run in runs_nl],
+            "throughput_full": len(corpus) / wall_full,
+            "wall_s_no_loops": wall_nl,
+            "wall_s_full": wall_full,
+            "cpu_s_no_loops": cpu_nl,
+            "cpu_s_full": cpu_full,
+            "cpu_ms_per_snippet_no_loops": 1000.0 * cpu_nl / max(1, len(no_loop)),
+            "trivial_n": len(lat),
+            "trivial_p50_ms": percentile(lat, 50) if lat else None,
+            "trivial_p99_ms": percentile(lat, 99) if lat else None,
+            "trivial_mean_ms": sum(lat) / len(lat) if lat else None,
+            "trivial_wrong": wrong,
+            "spurious_timeouts_no_loops": s_nl.spurious_timeouts,
+            "spurious_timeouts_full": s_full.spurious_timeouts,
+            "fidelity": s_full.fidelity,
+            "fidelity_no_loops": s_nl.fidelity,
+            "error_line_agreement": s_full.error_line_agreement,
+            "status_counts_full": dict(Counter(o.status for o in outs_full)),
+            "rss_before": rss_before,
+            "rss_after": rss_after,
+            "mismatches": s_nl.mismatches + s_full.mismatches,
+        }
+    )
     if isinstance(system, BaselineSystem) and n_trivial > 0:
         warm = system.warm_pool_latencies(n_trivial)
         result["trivial_warm_pool_p50_ms"] = percentile(warm, 50)
@@ -556,8 +594,10 @@ def render_table(report: dict) -> str:
                 row.append(f"{a / c:.2f}x" if ratio and a is not None and c else "")
         rows.append(row)
     if ours is not None:
-        for key, label in (("supervisor_kib", "supervisor RSS before -> after (MiB)"),
-                           ("zygote_kib", "zygote RSS before -> after (MiB)")):
+        for key, label in (
+            ("supervisor_kib", "supervisor RSS before -> after (MiB)"),
+            ("zygote_kib", "zygote RSS before -> after (MiB)"),
+        ):
             before, after = ours["rss_before"].get(key), ours["rss_after"].get(key)
             cell = f"{_mib(before)} -> {_mib(after)}"
             rows.append([label] + [cell if s is ours else "" for s in systems] + [""] * len(baselines))
@@ -584,28 +624,36 @@ def render_report(report: dict) -> str:
         f"machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
         f"load average {report['machine']['loadavg_start']} -> {report['machine']['loadavg_end']}",
         f"ground truth: {gt['computed']} computed, {gt['from_cache']} from cache ({gt['cache_file']})"
-        + (f"; finished after more than the timeout (status ambiguous): {', '.join(gt['near_timeout'])}"
-           if gt["near_timeout"] else ""),
+        + (
+            f"; finished after more than the timeout (status ambiguous): {', '.join(gt['near_timeout'])}"
+            if gt["near_timeout"]
+            else ""
+        ),
         "",
         render_table(report),
     ]
     leak = report["systems"].get("cir_sandbox", {}).get("leak_check")
     if leak:
         s = leak["samples"]
-        out += ["", f"leak check ({leak['snippets']} print(1) snippets): supervisor RSS "
-                f"{_mib(s[0]['supervisor_rss_kib'])} -> {_mib(s[-1]['supervisor_rss_kib'])} MiB, zygote RSS "
-                f"{_mib(s[0]['zygote_rss_kib'])} -> {_mib(s[-1]['zygote_rss_kib'])} MiB, open fds "
-                f"{s[0]['open_fds']} -> {s[-1]['open_fds']}, wrong results {leak['wrong_results']}: "
-                f"{'flat' if leak['flat'] else 'GROWING'}"]
-    for key, system in report["systems"].items():
+        out += [
+            "",
+            f"leak check ({leak['snippets']} print(1) snippets): supervisor RSS "
+            f"{_mib(s[0]['supervisor_rss_kib'])} -> {_mib(s[-1]['supervisor_rss_kib'])} MiB, zygote RSS "
+            f"{_mib(s[0]['zygote_rss_kib'])} -> {_mib(s[-1]['zygote_rss_kib'])} MiB, open fds "
+            f"{s[0]['open_fds']} -> {s[-1]['open_fds']}, wrong results {leak['wrong_results']}: "
+            f"{'flat' if leak['flat'] else 'GROWING'}",
+        ]
+    for system in report["systems"].values():
         mm = system["mismatches"]
         if not mm:
             continue
         out += ["", f"{system['label']}: {len(mm)} mismatches against the ground truth"]
         for m in mm[:40]:
-            out.append(f"  [{m['run']}] {m['id']} ({m['category']}): expected {m['expected_status']} "
-                       f"{m['expected_stdout']!r}, got {m['got_status']} {m['got_stdout']!r}"
-                       + (f" / error {m['got_error_line']!r}" if m["got_error_line"] else ""))
+            out.append(
+                f"  [{m['run']}] {m['id']} ({m['category']}): expected {m['expected_status']} "
+                f"{m['expected_stdout']!r}, got {m['got_status']} {m['got_stdout']!r}"
+                + (f" / error {m['got_error_line']!r}" if m["got_error_line"] else "")
+            )
         if len(mm) > 40:
             out.append(f"  ... {len(mm) - 40} more in the JSON")
     if report.get("targets"):
@@ -682,8 +730,9 @@ def run(args: argparse.Namespace) -> int:
         progress.total = total  # only the snippets missing from the cache are run
         progress.set(done)
 
-    truth, truth_info = ground_truth(codes, limits, args.truth_cache, args.refresh_truth, args.truth_parallel, on_truth,
-                                     grace_s=args.truth_grace)
+    truth, truth_info = ground_truth(
+        codes, limits, args.truth_cache, args.refresh_truth, args.truth_parallel, on_truth, grace_s=args.truth_grace
+    )
     progress.close()
     truth_info["status_counts"] = dict(Counter(t.status for t in truth))
     truth_info["expect_disagreements"] = [
@@ -696,16 +745,27 @@ def run(args: argparse.Namespace) -> int:
 
     report: dict = {
         "config": {
-            "workers": args.workers, "timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb,
-            "max_output_bytes": limits.max_output_bytes, "batch_size": args.batch_size, "n_trivial": n_trivial,
-            "quick": bool(args.quick), "preload": list(preload), "corpus_size": len(corpus),
-            "no_loop_size": sum(not s.is_infinite for s in corpus), "leak_check": args.leak_check,
+            "workers": args.workers,
+            "timeout_s": limits.timeout_s,
+            "memory_mb": limits.memory_mb,
+            "max_output_bytes": limits.max_output_bytes,
+            "batch_size": args.batch_size,
+            "n_trivial": n_trivial,
+            "quick": bool(args.quick),
+            "preload": list(preload),
+            "corpus_size": len(corpus),
+            "no_loop_size": sum(not s.is_infinite for s in corpus),
+            "leak_check": args.leak_check,
             "baseline": None if args.no_baseline else args.baseline,
             "baseline_parent_preimported": not args.no_baseline and args.warm_baseline_parent,
             "categories": dict(Counter(s.category for s in corpus)),
         },
-        "machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0], "loadavg_start": loadavg_start},
+        "machine": {
+            "platform": f"{platform.system()} {platform.machine()}",
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "loadavg_start": loadavg_start,
+        },
         "ground_truth": truth_info,
         "systems": {},
     }
@@ -721,7 +781,15 @@ def run(args: argparse.Namespace) -> int:
             exit_code = 1
     if ours is not None:
         try:
-            report["systems"]["cir_sandbox"] = measure(ours, corpus, truth, args.batch_size, n_trivial, args.leak_check, repeats=1 if args.quick else args.repeats)
+            report["systems"]["cir_sandbox"] = measure(
+                ours,
+                corpus,
+                truth,
+                args.batch_size,
+                n_trivial,
+                args.leak_check,
+                repeats=1 if args.quick else args.repeats,
+            )
         finally:
             ours.close()
         report["systems"]["cir_sandbox"]["leftover_children_after_close"] = len(child_pids())
@@ -737,7 +805,9 @@ def run(args: argparse.Namespace) -> int:
         for kind in kinds:
             say(f"baseline: {kind} pool of {args.workers} workers, rebuilt per batch of {args.batch_size}...")
             base = BaselineSystem(args.workers, limits, kind)
-            report["systems"][base.name] = measure(base, corpus, truth, args.batch_size, n_trivial, repeats=1 if args.quick else args.repeats)
+            report["systems"][base.name] = measure(
+                base, corpus, truth, args.batch_size, n_trivial, repeats=1 if args.quick else args.repeats
+            )
 
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["targets"] = _targets(report)

@@ -665,8 +665,20 @@ def numpy_work(rng: random.Random) -> str:
     """)
 
 
-_WORDS = ["MISSISSIPPI", "BANANA", "COMBINATORICS", "ALGEBRA", "PARALLEL", "GEOMETRY",
-          "SUCCESS", "BOOKKEEPER", "COMMITTEE", "ADDRESS", "STATISTICS", "INTEGER"]
+_WORDS = [
+    "MISSISSIPPI",
+    "BANANA",
+    "COMBINATORICS",
+    "ALGEBRA",
+    "PARALLEL",
+    "GEOMETRY",
+    "SUCCESS",
+    "BOOKKEEPER",
+    "COMMITTEE",
+    "ADDRESS",
+    "STATISTICS",
+    "INTEGER",
+]
 
 
 def strings(rng: random.Random) -> str:
@@ -711,8 +723,9 @@ def strings(rng: random.Random) -> str:
             print(len(s), sum(map(int, s)), s[:10])
         """)
     shift = rng.randint(1, 25)
-    phrase = rng.choice(["THE QUICK BROWN FOX", "FIND THE REMAINDER", "SUM OF ALL PRIMES",
-                         "HOW MANY INTEGERS", "COUNT THE SQUARES"])
+    phrase = rng.choice(
+        ["THE QUICK BROWN FOX", "FIND THE REMAINDER", "SUM OF ALL PRIMES", "HOW MANY INTEGERS", "COUNT THE SQUARES"]
+    )
     return _c(f"""
         text = "{phrase}"
         enc = "".join(chr((ord(ch) - 65 + {shift}) % 26 + 65) if ch.isalpha() else ch for ch in text)
@@ -1111,7 +1124,7 @@ def error_syntax(rng: random.Random) -> str:
             for i in range({n})
                 print(i)
         """),
-        "x = {n}\n    y = x + 1\nprint(y)\n".format(n=n),
+        f"x = {n}\n    y = x + 1\nprint(y)\n",
         _c(f"""
             x = = {n}
             print(x)
@@ -1290,7 +1303,7 @@ def large_output(rng: random.Random) -> str:
         """)
     n = rng.randint(110000, 200000)
     return _c(f"""
-        print("{rng.choice('abc')}" * {n})
+        print("{rng.choice("abc")}" * {n})
     """)
 
 

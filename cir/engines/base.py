@@ -8,8 +8,10 @@ batches whatever requests are in flight at each decoding step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,6 +20,29 @@ import torch
 # completes the condition is kept. Used for "the closing fence of a python block", which a
 # plain stop string cannot express (the opening fence contains the same backticks).
 StopPredicate = Callable[[str], bool]
+
+# Stop rules by name, so a request names its rule as plain data that can cross a process
+# boundary; the engine resolves the name where it runs. Values are the predicate itself or
+# "module:attribute", imported on first use.
+_STOP_RULES: dict[str, StopPredicate | str] = {"python_block_closed": "cir.rollout.fences:fence_closed"}
+
+
+def register_stop_rule(name: str, predicate: StopPredicate | str, *, overwrite: bool = False) -> None:
+    """Make `predicate` (or "module:attribute") available to engines as `SamplingParams.stop_rule`."""
+    if name in _STOP_RULES and not overwrite:
+        raise ValueError(f"stop rule {name!r} is already registered (pass overwrite=True)")
+    _STOP_RULES[name] = predicate
+
+
+def stop_rule(name: str) -> StopPredicate:
+    """The predicate registered as `name`."""
+    if name not in _STOP_RULES:
+        raise KeyError(f"unknown stop rule {name!r}; registered: {', '.join(sorted(_STOP_RULES))}")
+    rule = _STOP_RULES[name]
+    if isinstance(rule, str):
+        module, attribute = rule.split(":")
+        rule = _STOP_RULES[name] = getattr(importlib.import_module(module), attribute)
+    return rule
 
 
 @dataclass(frozen=True)
@@ -29,7 +54,7 @@ class SamplingParams:
     seed: int | None = None  # per-request generator seed; None: the engine's own stream
     stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is kept in the output
     stop_strings: tuple[str, ...] = ()  # stop once the completion's text contains one of these
-    stop_when: StopPredicate | None = field(default=None, compare=False)
+    stop_rule: str | None = None  # a registered StopPredicate's name (`register_stop_rule`)
 
 
 @dataclass
@@ -38,7 +63,7 @@ class Completion:
     # Log-probability of each sampled token under softmax(logits / temperature) over the full
     # vocabulary (before top-p/top-k truncation): the quantity the trainer recomputes.
     logprobs: list[float]
-    finish_reason: str  # "stop_token" | "stop_string" | "stop_when" | "length"
+    finish_reason: str  # "stop_token" | "stop_string" | "stop_rule" | "length"
     stop_token_id: int | None = None
     stop_string: str | None = None
 
@@ -50,15 +75,27 @@ class Engine(Protocol):
     @property
     def tokenizer(self): ...
 
-    # Optional: `max_model_len` (int), the most tokens prompt + completion may hold. The
-    # rollout loop then keeps every trajectory within it.
+    @property
+    def max_model_len(self) -> int | None:
+        """The most tokens prompt + completion may hold (None: no limit known). The rollout
+        keeps every trajectory within it."""
+        ...
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """Continue `prompt_ids`; returns only the new tokens."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take new policy weights (HF parameter names) before the next rollout."""
+        """Take new policy weights (full tensors under Hugging Face names; one bucket of them
+        per call) before the next rollout. Copies: the engine keeps no reference to them."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what generation holds (e.g. the KV cache on a GPU) while the trainer updates."""
+        ...
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed, before the next rollout."""
         ...
 
     def close(self) -> None: ...

@@ -40,13 +40,13 @@ import concurrent.futures
 import copy
 import random
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cir.engines.base import Completion, SamplingParams
+from cir.engines.base import Completion, SamplingParams, StopPredicate, stop_rule
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -148,7 +148,7 @@ class _RowKVCache(Cache):
             v = v[rows, :, drop_cols:]
             layer.set_live(k, v, headroom=max(64, k.shape[2] // 2))
 
-    def merge(self, other: "_RowKVCache") -> tuple[int, int]:
+    def merge(self, other: _RowKVCache) -> tuple[int, int]:
         """Append `other`'s rows below ours, right-aligning both windows (left padding).
 
         Returns the extra left padding given to (our rows, other's rows).
@@ -291,6 +291,7 @@ class _Request:
     rng: random.Random | None
     stop_ids: frozenset[int]
     needs_text: bool
+    stop_predicate: StopPredicate | None  # the request's `stop_rule`, resolved
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     # Incremental detokenisation: text of token_ids[:read_offset]; a window starting at
@@ -317,15 +318,17 @@ class HFEngine:
 
     Args:
         model: a causal LM (e.g. `Qwen2ForCausalLM`) using "sdpa" or "eager" attention.
-        tokenizer: its tokenizer (used to decode text for stop strings / `stop_when`).
+        tokenizer: its tokenizer (used to decode text for stop strings and stop rules).
         max_batch_size: most requests decoded together; more wait in a queue.
         device, dtype: where and in what precision to run. With `share_model=True` the model is
             used as it is and these must match it (moving it would move the trainer's model);
             with `share_model=False` the engine works on its own copy, moved here.
         seed: seeds the stream that gives requests without `SamplingParams.seed` their own
             random stream (in submission order), so a whole run is reproducible.
-        share_model: use `model` itself (the trainer's updates are seen at once and
-            `load_weights` with the same tensors costs nothing) instead of a private copy.
+        share_model: use `model` itself instead of a private copy (no second copy of the
+            weights in memory; the caller keeps it in eval mode and must not update it while a
+            request is in flight). The trainer's engine holds a private copy and receives new
+            weights only through `load_weights`.
         max_prefill_tokens: bound on padded prompt tokens per prefill forward (memory).
     """
 
@@ -345,8 +348,10 @@ class HFEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         param = next(model.parameters())
         if share_model:
-            if device is not None and torch.device(device) != param.device and not (
-                torch.device(device).type == param.device.type and torch.device(device).index is None
+            if (
+                device is not None
+                and torch.device(device) != param.device
+                and not (torch.device(device).type == param.device.type and torch.device(device).index is None)
             ):
                 raise ValueError(
                     f"share_model=True: the model is on {param.device}, not {device}; move it first "
@@ -466,6 +471,12 @@ class HFEngine:
                     )
                 target.copy_(tensor)
 
+    def sleep(self) -> None:
+        """Nothing to free: the KV cache lives only while requests run."""
+
+    def wake(self) -> None:
+        """Nothing to take back (see `sleep`)."""
+
     def close(self) -> None:
         """Stop the worker; requests still queued or running fail with RuntimeError."""
         with self._lock:
@@ -511,9 +522,10 @@ class HFEngine:
                 f"generate: prompt of {len(prompt)} tokens leaves no room to generate: the model has "
                 f"max_position_embeddings={self._max_positions}"
             )
-        needs_text = bool(params.stop_strings) or params.stop_when is not None
+        predicate = None if params.stop_rule is None else stop_rule(params.stop_rule)
+        needs_text = bool(params.stop_strings) or predicate is not None
         if needs_text and self._tokenizer is None:
-            raise ValueError("generate: stop_strings / stop_when need the engine to have a tokenizer")
+            raise ValueError("generate: stop_strings / stop_rule need the engine to have a tokenizer")
         rng = None
         if params.temperature > 0:
             if params.seed is not None:
@@ -530,6 +542,7 @@ class HFEngine:
             rng=rng,
             stop_ids=frozenset(params.stop_token_ids),
             needs_text=needs_text,
+            stop_predicate=predicate,
         )
 
     def _submit(self, requests: list[_Request]) -> None:
@@ -553,27 +566,20 @@ class HFEngine:
                     return
                 admitted = self._take_pending()
             with self._model_lock, torch.inference_mode():
-                was_training = self._model.training
-                if was_training:  # e.g. the trainer's shared model; no dropout while sampling
-                    self._model.eval()
-                try:
-                    if admitted:
-                        try:
-                            self._prefill(admitted)
-                        except BaseException as error:  # the running batch is untouched until the merge
-                            for request in admitted:
-                                _fail(request, error)
-                    if self._rows:
-                        try:
-                            self._decode_step()
-                        except BaseException as error:  # the cache state is unknown: fail the batch
-                            for request in self._rows:
-                                _fail(request, error)
-                            self._rows, self._cache = [], None
-                            self._pad, self._last = self._pad[:0], self._last[:0]
-                finally:
-                    if was_training:
-                        self._model.train()
+                if admitted:
+                    try:
+                        self._prefill(admitted)
+                    except BaseException as error:  # the running batch is untouched until the merge
+                        for request in admitted:
+                            _fail(request, error)
+                if self._rows:
+                    try:
+                        self._decode_step()
+                    except BaseException as error:  # the cache state is unknown: fail the batch
+                        for request in self._rows:
+                            _fail(request, error)
+                        self._rows, self._cache = [], None
+                        self._pad, self._last = self._pad[:0], self._last[:0]
 
     def _take_pending(self) -> list[_Request]:
         taken: list[_Request] = []
@@ -726,7 +732,7 @@ class HFEngine:
             r.logprobs.append(logprob_list[i])
             try:
                 done = self._finish_reason(r, token)
-            except BaseException as error:  # e.g. a stop_when predicate that raised
+            except BaseException as error:  # e.g. a stop rule that raised
                 _fail(r, error)
                 continue
             if done is None:
@@ -759,8 +765,8 @@ class HFEngine:
                 for s in r.params.stop_strings:
                     if s and r.text.find(s, max(0, before - len(s) + 1)) >= 0:
                         return "stop_string", None, s
-                if r.params.stop_when is not None and r.params.stop_when(r.text):
-                    return "stop_when", None, None
+                if r.stop_predicate is not None and r.stop_predicate(r.text):
+                    return "stop_rule", None, None
         if len(r.token_ids) >= r.max_new:
             return "length", None, None
         return None

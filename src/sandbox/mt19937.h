@@ -1,6 +1,6 @@
 // MT19937 seeding, exactly as the interpreter's `random` module and numpy's legacy global
 // generator seed their Mersenne Twister, so that a forked snippet process can be given fresh
-// seeds by writing the generators' state directly (see cir._zygote, native fork).
+// seeds by writing the generators' state directly (see cir.sandbox.zygote, native fork).
 #pragma once
 
 #include <cstddef>

@@ -1,21 +1,10 @@
-"""Run model-written Python snippets fast and isolated.
+"""The sandbox a trainer talks to: `Sandbox` (sync, batch and asyncio entry points) and the
+settings it starts its warm interpreter with.
 
-A :class:`Sandbox` keeps one warm interpreter (the *zygote*: a Python process with sympy,
-numpy, ... imported and exercised once) and forks it for every snippet, so a snippet pays
-neither interpreter start-up nor imports. The C++ core (``cir._sandbox``) queues requests,
-feeds a fixed number of worker slots, captures output through pipes, enforces the limits
-and restarts the zygote if it dies; the GIL is released while it waits.
-
-Each snippet runs in a fresh process that looks like ``python -c CODE``: same exit status,
-stdout and traceback, its own empty working directory, a clean environment, rlimits on
-address space, CPU time, file size, processes and open files, no network, an unprivileged
-uid when the trainer runs as root, and nothing it started survives it. See
-:attr:`Sandbox.isolation` for what is active on the current machine.
-
-    with Sandbox(workers=4) as sb:
-        sb.run("print(2 + 2)").stdout            # '4\\n'
-        sb.run_batch(["1/0", "print(1)"])        # order kept
-        await sb.arun(code, session="traj-17")   # asyncio; sees earlier cells of traj-17
+The C++ core (``cir._sandbox.Supervisor``) queues requests, feeds the worker slots, captures
+output, enforces the limits and restarts the zygote if it dies; the GIL is released while it
+waits. This module turns its outcomes into `ExecResult`s, keeps session histories and routes
+completions to asyncio futures.
 """
 
 from __future__ import annotations
@@ -25,146 +14,35 @@ import json
 import logging
 import math
 import os
-import re
-import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING
+
+from cir.sandbox.config import DEFAULT_PRELOAD, MiB
+from cir.sandbox.isolation import (
+    child_environment,
+    describe_isolation,
+    isolation_warnings,
+)
+from cir.sandbox.results import ExecResult, classify, truncation_marker
+
+if TYPE_CHECKING:
+    from cir.sandbox.config import SandboxConfig
 
 log = logging.getLogger("cir.sandbox")
 
-MiB = 1024 * 1024
-DEFAULT_PRELOAD: tuple[str, ...] = ("math", "fractions", "itertools", "sympy", "numpy")
-STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed")
-
-# The zygote bootstrap: restore the caller's import path, then hand over to cir._zygote.
-_BOOTSTRAP = "import sys, json; sys.path[:] = json.loads(sys.argv[1]); from cir._zygote import main; main()"
+# The zygote bootstrap: restore the caller's import path, then hand over to the zygote module.
+_BOOTSTRAP = "import sys, json; sys.path[:] = json.loads(sys.argv[1]); from cir.sandbox.zygote import main; main()"
 
 
 class SandboxError(RuntimeError):
     """The sandbox itself failed (could not start, was closed): not a snippet's fault."""
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """The outcome of one snippet.
-
-    status: "ok" | "error" | "timeout" | "memory" | "output_limit" | "killed", decided in
-        that order of precedence: "timeout" (the snippet ran past its wall-clock or CPU
-        limit), "memory" (MemoryError, or died by a signal after using nearly all its memory),
-        "output_limit" (output cut at max_output_bytes, marked in the text), "killed" (died
-        by a signal not caused by the limits above), "error" (non-zero exit, e.g. an uncaught
-        exception: exit 1 with a traceback on stderr), "ok".
-    exit_code: as a shell reports it: 0, 1, ..., or -signal.
-    wall_ms, cpu_ms: wall-clock time from the start of the snippet, CPU time (user + system,
-        including children it waited for).
-    """
-
-    status: str
-    stdout: str
-    stderr: str
-    exit_code: int
-    wall_ms: float
-    cpu_ms: float
-
-    @property
-    def error_line(self) -> str:
-        """The last non-empty line of stderr (the exception line of a traceback), or ""."""
-        return last_line(self.stderr)
-
-    def feedback(self) -> str:
-        """What the model is shown: stdout when the snippet succeeded; otherwise stdout (if
-        any) followed by the error line, or by a notice for a timeout/memory/signal."""
-        if self.status == "ok":
-            return self.stdout
-        if self.status == "error":
-            notice = self.error_line or f"Process exited with status {self.exit_code}"
-        elif self.status == "timeout":
-            notice = "TimeoutError: the code ran past its time limit"
-        elif self.status == "memory":
-            notice = self.error_line if _is_memory_error(self.error_line) else "MemoryError: the code ran out of memory"
-        elif self.status == "output_limit":
-            notice = self.error_line if self.exit_code not in (0, -signal.SIGKILL) else ""
-            if not self.stdout:
-                return self.stderr
-        else:  # killed
-            notice = f"Process killed by {_signal_name(-self.exit_code)}"
-        if not self.stdout:
-            return notice
-        if not notice:
-            return self.stdout
-        return self.stdout + ("" if self.stdout.endswith("\n") else "\n") + notice
-
-
-def last_line(text: str) -> str:
-    for line in reversed(text.splitlines()):
-        if line.strip():
-            return line.rstrip()
-    return ""
-
-
-_MEMORY_ERROR = re.compile(r"^(?:[\w.]+\.)?_?\w*MemoryError(?::|$)")
-
-
-def _is_memory_error(line: str) -> bool:
-    return bool(_MEMORY_ERROR.match(line))
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(
-    *, exit_code: int, stderr: str, timed_out: bool, truncated: bool, maxrss_kb: int = 0, memory_mb: float | None = None
-) -> str:
-    """The status of a finished snippet (see :class:`ExecResult`). Shared by the sandbox and
-    :func:`run_fresh`, so both are judged by the same rule."""
-    if timed_out or exit_code == -signal.SIGXCPU:
-        return "timeout"
-    if exit_code == 1 and _is_memory_error(last_line(stderr)):
-        return "memory"
-    if (
-        exit_code in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGKILL)
-        and memory_mb
-        and maxrss_kb >= 0.9 * memory_mb * 1024
-    ):
-        return "memory"
-    if truncated:
-        return "output_limit"
-    if exit_code < 0:
-        return "killed"
-    if exit_code != 0:
-        return "error"
-    return "ok"
-
-
-def truncation_marker(limit: int) -> str:
-    return f"\n[... output truncated at {limit} bytes]"
-
-
-def child_environment(workdir: str) -> dict[str, str]:
-    """The whole environment of a snippet (nothing is inherited from the trainer)."""
-    path = os.pathsep.join(dict.fromkeys([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]))
-    return {
-        "PATH": path,
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        # The zygote must stay single-threaded to fork safely; BLAS pools would break that.
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
 
 
 @dataclass
@@ -270,7 +148,22 @@ class Sandbox:
     `code`; only its output is reported. The time limit applies to `code` alone (the replay
     gets twice the time the cells took originally, plus the limit). A cell that fails on
     replay (e.g. it depends on randomness) is skipped. ``close_session`` forgets it all.
+
+    Lifetime: `close` (or leaving the ``with`` block) stops the zygote and lets go of the C++
+    supervisor. A sandbox never closed is closed when it is garbage-collected, or at the
+    latest when the interpreter exits (see `_CoreHandle`).
     """
+
+    @classmethod
+    def from_config(cls, cfg: SandboxConfig) -> Sandbox:
+        """The sandbox a run's ``sandbox.*`` config describes (other settings: defaults)."""
+        return cls(
+            workers=cfg.workers,
+            timeout_s=cfg.timeout_s,
+            memory_mb=cfg.memory_mb,
+            max_output_bytes=cfg.max_output_bytes,
+            preload=tuple(cfg.preload),
+        )
 
     def __init__(
         self,
@@ -319,7 +212,7 @@ class Sandbox:
         self._bridge = _AsyncBridge()
         self._closed = False
 
-        self._core = _sandbox.Supervisor(
+        supervisor = _sandbox.Supervisor(
             **launch_settings(
                 workers=workers,
                 preload=preload,
@@ -339,15 +232,19 @@ class Sandbox:
             host_tmp_dir=tempfile.gettempdir(),
             startup_timeout_s=float(startup_timeout_s),
         )
-        self._finalizer = weakref.finalize(self, self._core.close)
+        self._handle = _CoreHandle(supervisor)
+        # Runs on close(), when the sandbox is collected, or at interpreter exit (finalizers
+        # are atexit hooks), whichever comes first. It holds the handle, never the sandbox.
+        self._finalizer = weakref.finalize(self, _CoreHandle.release, self._handle)
+        self._final_stats: dict = {}
         try:
-            self._core.wait_ready(float(startup_timeout_s))
+            supervisor.wait_ready(float(startup_timeout_s))
         except RuntimeError as exc:
-            self._core.close()
+            self._finalizer()
             raise SandboxError(f"the sandbox could not start: {exc}") from None
-        self.isolation_facts: dict = json.loads(self._core.ready_json or "{}")
+        self.isolation_facts: dict = json.loads(supervisor.ready_json or "{}")
         self.isolation_facts["uid_range"] = (
-            (self._core.uid_base, self._core.uid_base + self._core.uid_slots - 1)
+            (supervisor.uid_base, supervisor.uid_base + supervisor.uid_slots - 1)
             if self.isolation_facts.get("drop_uid")
             else None
         )
@@ -404,14 +301,16 @@ class Sandbox:
         finally:
             bar.close()
             # Only left on error (e.g. KeyboardInterrupt): kill them and collect the outcomes,
-            # so nothing stays behind in the core.
-            for _, rid in submitted:
-                self._core.cancel(rid)
-            for _, rid in submitted:
-                try:
-                    self._core.wait(rid)
-                except Exception:  # noqa: BLE001 - already failing; the first error wins
-                    pass
+            # so nothing stays behind in the core (a closed core has failed them all already).
+            core = self._handle.supervisor
+            if core is not None:
+                for _, rid in submitted:
+                    core.cancel(rid)
+                for _, rid in submitted:
+                    try:
+                        core.wait(rid)
+                    except Exception:  # noqa: BLE001 - already failing; the first error wins
+                        pass
         return results  # type: ignore[return-value]
 
     async def arun(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
@@ -434,15 +333,20 @@ class Sandbox:
         try:
             outcome = await future
         except asyncio.CancelledError:
-            self._core.cancel(rid)
+            core = self._handle.supervisor
+            if core is not None:  # (a closed core has ended the snippet already)
+                core.cancel(rid)
             self._forget_future(rid, loop)
             raise
         return self._finish(outcome, code, session)
 
     def _drain_notified(self) -> None:
+        core = self._handle.supervisor
+        if core is None:  # released at exit; close() drained what was left
+            return
         bridge = self._bridge
         with bridge.lock:
-            done = self._core.take_notified()
+            done = core.take_notified()
             items = [(bridge.futures.pop(rid, None), outcome) for rid, outcome in done]
             for future, _ in items:
                 if future is not None:
@@ -471,9 +375,10 @@ class Sandbox:
         count = self._bridge.pending_per_loop.get(loop, 0) - 1
         if count <= 0:
             self._bridge.pending_per_loop.pop(loop, None)
-            if not loop.is_closed():
+            core = self._handle.supervisor  # None once closed: close() removed the readers
+            if core is not None and not loop.is_closed():
                 try:
-                    loop.remove_reader(self._core.notify_fd)
+                    loop.remove_reader(core.notify_fd)
                 except (RuntimeError, ValueError):
                     pass
         else:
@@ -491,7 +396,8 @@ class Sandbox:
         after the zygote died), lost (died twice), restarts (of the zygote), queued, inflight,
         occupied_slots (inflight + finished processes still being torn down), zygote_pid (host
         pid), ready, sessions."""
-        s = dict(self._core.stats())
+        core = self._handle.supervisor
+        s = dict(core.stats()) if core is not None else dict(self._final_stats)
         with self._sessions_lock:
             s["sessions"] = len(self._sessions)
         return s
@@ -501,17 +407,22 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        self._core.close()
+        core = self._handle.supervisor
+        if core is None:  # already released at interpreter exit
+            return
+        core.close()
         # Pending arun() calls get their "sandbox closed" outcome (raised as SandboxError).
         self._drain_notified()
         with self._bridge.lock:
             for loop in list(self._bridge.pending_per_loop):
                 if not loop.is_closed():
                     try:
-                        loop.remove_reader(self._core.notify_fd)
+                        loop.remove_reader(core.notify_fd)
                     except (RuntimeError, ValueError):
                         pass
             self._bridge.pending_per_loop.clear()
+        self._final_stats = dict(core.stats())
+        self._finalizer()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -520,6 +431,14 @@ class Sandbox:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------
+    @property
+    def _core(self):
+        """The C++ supervisor; SandboxError once it has been let go of."""
+        core = self._handle.supervisor
+        if core is None:
+            raise SandboxError("sandbox is closed")
+        return core
+
     def _job(self, code: str, timeout_s: float | None, session: str | None) -> dict:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, got {type(code).__name__}")
@@ -586,6 +505,31 @@ class Sandbox:
         return ExecResult(status, stdout, stderr, exit_code, float(o["wall_ms"]), float(o["cpu_ms"]))
 
 
+class _CoreHandle:
+    """Owns a sandbox's C++ supervisor (the ``cir._sandbox.Supervisor`` Python object) until
+    `release` closes it and drops it.
+
+    The supervisor object must be gone before the interpreter finishes shutting down:
+    nanobind counts the instances still alive at that point as leaked and prints a report.
+    A sandbox object itself may well survive the shutdown: the interpreter never frees what
+    a daemon thread's frames can reach, and a daemon thread started from a script's
+    ``__main__`` (a progress monitor, a logger, a server) reaches the script's globals
+    through its function. So the sandbox only holds this handle, and `release` empties it
+    on close() or at the latest at exit, while the interpreter is still whole.
+    """
+
+    __slots__ = ("supervisor",)
+
+    def __init__(self, supervisor) -> None:
+        self.supervisor = supervisor
+
+    @staticmethod
+    def release(handle: _CoreHandle) -> None:
+        supervisor, handle.supervisor = handle.supervisor, None
+        if supervisor is not None:
+            supervisor.close()  # idempotent; it also stops the zygote when close() was never called
+
+
 def _interpreter_path() -> str:
     """What to exec for the zygote: this very interpreter. Through /proc/self/exe when that is
     it, which also works where the interpreter's directory cannot be traversed by our uid."""
@@ -620,182 +564,3 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="snippet", file=sys.stderr, dynamic_ncols=True)
-
-
-# -- describing the isolation ----------------------------------------------------------------
-
-
-def describe_isolation(facts: dict, *, network: bool = False) -> str:
-    """One line per mechanism, as active on this machine."""
-    ns = facts.get("namespaces", {})
-    mounts = facts.get("mounts") or {}
-    lines = []
-    active = [name for name in ("pid", "net", "mount", "ipc", "user") if ns.get(name)]
-    lines.append("namespaces: " + (", ".join(active) if active else "none"))
-    if facts.get("drop_uid"):
-        lo, hi = facts.get("uid_range") or (facts.get("uid_base"), None)
-        lines.append(f"identity: one unprivileged uid/gid per worker slot ({lo}..{hi}), no capabilities, no_new_privs")
-    else:
-        lines.append("identity: snippets run as the trainer's uid (not root: no privilege to drop), no capabilities, no_new_privs")
-    if ns.get("pid"):
-        lines.append("processes: pid namespace (the zygote is its init); everything a snippet starts is killed when it ends")
-    elif facts.get("drop_uid"):
-        lines.append("processes: everything of the slot uid is killed when a snippet ends (subreaper zygote)")
-    else:
-        lines.append("processes: process group + orphan sweep of the subreaper zygote")
-    if mounts.get("readonly_root") and mounts.get("private_tmp"):
-        lines.append(
-            "filesystem: all mounts read-only; private tmpfs /tmp (work dirs) and empty /dev/shm; "
-            "writable only: the snippet's own work dir"
-        )
-    elif mounts.get("private_tmp"):
-        lines.append("filesystem: private /tmp; other mounts keep their permissions")
-    else:
-        lines.append("filesystem: work dirs on the host /tmp; file permissions only")
-    if mounts.get("private_proc"):
-        lines.append("/proc: shows only the sandbox's processes")
-    if network:
-        lines.append("network: allowed (network=True)")
-    elif ns.get("net"):
-        lines.append("network: empty network namespace (loopback down, no interfaces)")
-    elif facts.get("seccomp_blocks_inet"):
-        lines.append("network: AF_INET/AF_INET6 sockets refused by seccomp")
-    else:
-        lines.append("network: NOT isolated")
-    if facts.get("seccomp"):
-        lines.append("seccomp: namespaces, mount, bpf, perf, io_uring, keyctl, module and x32 syscalls refused")
-    lines.append("limits: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0, wall clock, output size")
-    return "\n".join(lines)
-
-
-def isolation_warnings(facts: dict, *, network: bool = False) -> list[str]:
-    ns = facts.get("namespaces", {})
-    mounts = facts.get("mounts") or {}
-    out = []
-    if not facts.get("drop_uid"):
-        out.append("snippets run under the trainer's own uid (no root to drop from)")
-    if not network and not ns.get("net") and not facts.get("seccomp_blocks_inet"):
-        out.append("network is NOT isolated (no network namespace, no seccomp)")
-    if not ns.get("pid") and not facts.get("drop_uid") and not facts.get("orphan_sweep"):
-        out.append("detached descendants of snippets may survive them (no pid namespace, uid or orphan sweep)")
-    if not mounts.get("readonly_root"):
-        out.append("the filesystem is not read-only for snippets; only file permissions protect it")
-    if facts.get("python_readable_by_snippets") is False:
-        out.append(
-            "the Python installation is not readable by the sandbox uid (a parent directory is "
-            "private) and no mount namespace can re-expose it: snippets can only import preloaded modules"
-        )
-    for w in mounts.get("warnings", []):
-        out.append(f"mount set-up: {w}")
-    return out
-
-
-# -- ground truth -------------------------------------------------------------------------------
-
-
-def run_fresh(
-    code: str,
-    *,
-    timeout_s: float = 5.0,
-    memory_mb: int = 2048,
-    max_output_bytes: int = 64 * 1024,
-    cpu_time_s: float | None = None,
-    max_file_bytes: int = 16 * MiB,
-    max_open_files: int = 256,
-    python: str = sys.executable,
-) -> ExecResult:
-    """Runs `code` with ``python -c`` in a fresh interpreter under the same limits as the
-    sandbox (RLIMIT_AS, CPU, FSIZE, NOFILE; wall clock; stdin a pipe nobody writes to; the
-    snippet environment; an empty temporary cwd) and classifies it with the same rule.
-
-    It is the reference the sandbox is compared against. It is NOT isolated: it runs as the
-    calling user. Use it only for trusted code (tests, benchmarks).
-    """
-    cpu = cpu_time_s if cpu_time_s is not None else timeout_s + 1.0
-
-    def limit_child() -> None:
-        os.setsid()
-        as_bytes = memory_mb * MiB
-        resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(cpu), math.ceil(cpu) + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    with tempfile.TemporaryDirectory(prefix="cir-fresh-") as workdir:
-        stdin_r, stdin_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [python, "-c", code],
-                stdin=stdin_r,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=child_environment(workdir),
-                preexec_fn=limit_child,
-            )
-        finally:
-            os.close(stdin_r)
-        chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-
-        def pump(stream, key: str) -> None:
-            for block in iter(lambda: stream.read1(65536), b""):
-                chunks[key].append(block)
-
-        readers = [
-            threading.Thread(target=pump, args=(proc.stdout, "out"), daemon=True),
-            threading.Thread(target=pump, args=(proc.stderr, "err"), daemon=True),
-        ]
-        for t in readers:
-            t.start()
-        timed_out = threading.Event()
-
-        def on_timeout() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        start = time.monotonic()
-        timer = threading.Timer(timeout_s, on_timeout)
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall_ms = (time.monotonic() - start) * 1000
-        timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        for t in readers:
-            t.join(timeout=5)
-        os.close(stdin_w)
-        proc.stdout.close()
-        proc.stderr.close()
-    out, err = b"".join(chunks["out"]), b"".join(chunks["err"])
-    truncated_stream = 0
-    if len(out) + len(err) > max_output_bytes:
-        # The sandbox reads both pipes as they fill; stdout usually overflows first.
-        if len(out) > max_output_bytes:
-            out, err, truncated_stream = out[:max_output_bytes], b"", 1
-        else:
-            err, truncated_stream = err[: max_output_bytes - len(out)], 2
-    stdout = out.decode("utf-8", "replace")
-    stderr = err.decode("utf-8", "replace")
-    if truncated_stream == 1:
-        stdout += truncation_marker(max_output_bytes)
-    elif truncated_stream == 2:
-        stderr += truncation_marker(max_output_bytes)
-    # Output past the limit: the sandbox kills the snippet, so the reference says the same.
-    exit_code = -signal.SIGKILL if truncated_stream else proc.returncode
-    status_name = classify(
-        exit_code=exit_code,
-        stderr=stderr,
-        timed_out=timed_out.is_set(),
-        truncated=bool(truncated_stream),
-        maxrss_kb=usage.ru_maxrss,
-        memory_mb=memory_mb,
-    )
-    cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000
-    return ExecResult(status_name, stdout, stderr, exit_code, wall_ms, cpu_ms)

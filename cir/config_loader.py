@@ -1,4 +1,8 @@
-"""Typed configuration: dataclasses loaded from YAML, with ``key=value`` overrides.
+"""The config loader: typed dataclasses loaded from YAML, with ``key=value`` overrides.
+
+Each section's dataclass lives beside the code it configures (`RolloutConfig` in
+`cir.rollout`, `AlgoConfig` in `cir.algorithms`, ...); `cir.training.config` composes them into
+the run's `TrainConfig`. This module only knows how to read, check and print dataclasses.
 
 ``load(TrainConfig, "run.yaml", ["algo.group_size=8", "optim.lr=2e-6"])`` reads the file,
 applies the overrides (dotted paths into nested dataclasses; values parsed as YAML scalars,
@@ -49,7 +53,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, allowed))}")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -104,12 +108,17 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known under {prefix or 'top level'}: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known under {prefix or 'top level'}: {', '.join(sorted(fields))}"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except ConfigError as e:
+        # A section's own check (`__post_init__`) names its field; prefix the section.
+        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -155,7 +164,9 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: T | None = None) -> T:
+def load(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: T | None = None
+) -> T:
     """Load `cls` from `base` (or the class defaults), then a YAML file, then overrides."""
     data: dict = to_dict(base) if base is not None else to_dict(cls())
     if path is not None:

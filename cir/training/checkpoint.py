@@ -5,8 +5,8 @@ Layout of ``<out_dir>/checkpoints/step_000040/``:
 - ``model.safetensors`` + ``config.json`` + ``generation_config.json``: the policy in the
   Hugging Face layout (``AutoModelForCausalLM.from_pretrained(dir)`` loads it);
 - tokenizer files (``tokenizer.json`` ...);
-- ``trainer_state.pt``: optimizer and LR-scheduler state, RNG states (python, numpy, torch),
-  the problem sampler's position, the step, and any extra state the trainer adds.
+- ``trainer_state.pt``: the actor's state (optimizer and LR scheduler), RNG states (python,
+  numpy, torch), the problem sampler's position, the step, and any extra state the trainer adds.
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash while
 saving never leaves a half-written checkpoint that ``--resume`` would pick up.
@@ -14,7 +14,6 @@ saving never leaves a half-written checkpoint that ``--resume`` would pick up.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -48,34 +47,19 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
-    tokenizer,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
+    actor,
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
 ) -> Path:
-    """Save step `step` under `out_dir/checkpoints/`; keep only the newest `keep` (None: all)."""
+    """Save step `step` of `actor` (its Hugging Face folder and its optimizer and scheduler
+    state) under `out_dir/checkpoints/`; keep only the newest `keep` (None: all)."""
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    # Unwrap wrappers (e.g. compiled or distributed modules) so names are the HF names.
-    inner = getattr(model, "module", model)
-    inner.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        tmp / STATE_FILE,
-    )
+    actor.save_pretrained(tmp)
+    torch.save({"step": step, **actor.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -90,7 +74,11 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -106,26 +94,3 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     # The state holds numpy RNG arrays and python tuples, so the full unpickler is needed;
     # it is our own file, written by save_checkpoint.
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load the safetensors weights of `ckpt` into an already-built model, exactly."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {ckpt}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    inner = getattr(model, "module", model)
-    missing, unexpected = inner.load_state_dict(state, strict=False)
-    # Tied weights are saved once; anything else missing is an error.
-    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied and not (m == "lm_head.weight" and getattr(inner.config, "tie_word_embeddings", False))]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -33,8 +33,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="JSONL input: one JSON string (code) or object with 'code' per line")
     parser.add_argument("-o", "--output", default=None, help="write the JSONL results here (default: stdout)")
     parser.add_argument("--workers", type=int, default=None, help="snippets run at once (default: CPU count)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="wall-clock limit per snippet in seconds (default 5)")
-    parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per snippet in MiB (default 2048)")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="wall-clock limit per snippet in seconds (default 5)"
+    )
+    parser.add_argument(
+        "--memory-mb", type=int, default=2048, help="address-space limit per snippet in MiB (default 2048)"
+    )
     parser.add_argument(
         "--max-output-bytes", type=int, default=64 * 1024, help="stdout+stderr kept per snippet (default 65536)"
     )
@@ -101,11 +105,17 @@ def run(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"cir sandbox run: {exc}", file=sys.stderr)
         return 2
-    from cir.sandbox import Sandbox, SandboxError
+    from cir.sandbox.client import (  # (asyncio & co. only once a run starts)
+        Sandbox,
+        SandboxError,
+    )
 
     try:
         with Sandbox(
-            workers=args.workers, timeout_s=args.timeout, memory_mb=args.memory_mb, max_output_bytes=args.max_output_bytes
+            workers=args.workers,
+            timeout_s=args.timeout,
+            memory_mb=args.memory_mb,
+            max_output_bytes=args.max_output_bytes,
         ) as sandbox:
             results = sandbox.run_batch(
                 [r.code for r in requests],

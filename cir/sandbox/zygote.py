@@ -438,8 +438,19 @@ def _other_threads_to_join(threading) -> bool:
 
 # Modules the child-side code below needs; imported in the zygote so a child never has to
 # read them from disk (it may not be allowed to).
-_RUNTIME_MODULES = ("atexit", "builtins", "importlib.machinery", "io", "linecache", "resource", "signal",
-                    "threading", "traceback", "types", "warnings")
+_RUNTIME_MODULES = (
+    "atexit",
+    "builtins",
+    "importlib.machinery",
+    "io",
+    "linecache",
+    "resource",
+    "signal",
+    "threading",
+    "traceback",
+    "types",
+    "warnings",
+)
 
 
 def _readable_by_others(paths: list[str]) -> bool:
@@ -621,9 +632,9 @@ class _ChildContext:
         self.own_code = {_ChildContext.run.__code__, _ChildContext.execute.__code__}
         # Every page a child touches is copied, so it reuses the standard streams the zygote
         # created at start-up over pipes, as for a captured python -c, and never used.
-        self.reuse_streams = all(
-            stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (0, 1, 2)
-        ) and all(s is not None for s in (sys.stdin, sys.stdout, sys.stderr))
+        self.reuse_streams = all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (0, 1, 2)) and all(
+            s is not None for s in (sys.stdin, sys.stdout, sys.stderr)
+        )
 
     # -- in the zygote, once ------------------------------------------------------------------
     def prepare_zygote(self) -> None:
@@ -698,12 +709,12 @@ class _ChildContext:
         for pipes: stdout block-buffered, stderr line-buffered."""
         import io
 
-        stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors)
+        stdin = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors)
         stdout = io.TextIOWrapper(
-            io.open(1, "wb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors, newline="\n"
+            open(1, "wb", closefd=False), encoding=self.stdout_encoding, errors=self.stdout_errors, newline="\n"
         )
         stderr = io.TextIOWrapper(
-            io.open(2, "wb", closefd=False),
+            open(2, "wb", closefd=False),
             encoding=self.stderr_encoding,
             errors="backslashreplace",
             newline="\n",
@@ -726,7 +737,8 @@ class _ChildContext:
         try:
             for cell in cells:
                 try:
-                    exec(compile(cell.decode("utf-8", "surrogateescape"), "<string>", "exec", dont_inherit=True), main_globals)
+                    source = cell.decode("utf-8", "surrogateescape")
+                    exec(compile(source, "<string>", "exec", dont_inherit=True), main_globals)
                 except BaseException:  # noqa: BLE001 - a cell that failed on replay is skipped
                     pass
         finally:

@@ -1,0 +1,50 @@
+"""`algo.*`: the RL objective (advantage estimator, policy loss, batch shape, dynamic sampling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cir.algorithms.advantages import advantage_names
+from cir.algorithms.losses import policy_loss_names
+from cir.config_loader import ConfigError
+
+Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KernelImpl = Literal["auto", "triton", "torch", "reference"]
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "reinforce_pp_baseline"  # a registered estimator (cir.algorithms.advantage_names())
+    policy_loss: str = "ppo_clip"  # a registered policy loss (cir.algorithms.policy_loss_names())
+    group_size: int = 16  # samples per prompt
+    prompts_per_step: int = 128  # over all ranks
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from the next prompts
+    max_refill_rounds: int = 2
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = None
+    aggregation: Aggregation = "token-mean"
+    kl_coef: float = 0.0
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    # Each token's KL term is clamped to [-kl_cap, kl_cap], so one token far from the reference
+    # cannot dominate a step (k3 is exp(d) - d - 1: 22,015 at a log-ratio of 10). null: no cap.
+    kl_cap: float | None = 10.0
+    entropy_coef: float = 0.0
+    logprob_impl: KernelImpl = "auto"  # cir.kernels.linear_logprob
+    loss_impl: KernelImpl = "auto"  # the policy loss: fused kernel or the plain reference
+
+    def __post_init__(self) -> None:
+        if self.advantage not in advantage_names():
+            raise ConfigError(f"advantage={self.advantage!r}: choose one of {', '.join(advantage_names())}")
+        if self.policy_loss not in policy_loss_names():
+            raise ConfigError(f"policy_loss={self.policy_loss!r}: choose one of {', '.join(policy_loss_names())}")
+        for name in ("group_size", "prompts_per_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_refill_rounds < 0:
+            raise ConfigError(f"max_refill_rounds={self.max_refill_rounds}: must be >= 0")
+        if self.kl_cap is not None and not self.kl_cap > 0:
+            raise ConfigError(f"kl_cap={self.kl_cap}: must be > 0 (or null for no cap)")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"dual_clip={self.dual_clip}: must be > 1 (or null)")

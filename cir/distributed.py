@@ -1,0 +1,94 @@
+"""Rank, world size and the few reductions the RL math needs, present in one process too.
+
+Every number the trainer computes over "the batch" is a number over the *global* batch: the
+whitening statistics of REINFORCE++, the token and sequence totals that a loss aggregation
+divides by, the metrics it logs. `DistributedContext` is the one place where those totals are
+summed over ranks. With world size 1 (a plain `cir train`) each reduction is the identity, so
+the single-process and the multi-process code paths are the same code.
+
+Problems are sharded by position in the step's global list, and sampling seeds are derived
+from that global position, so which rank rolls out a problem never changes what is sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}")
+
+    @classmethod
+    def from_environment(cls) -> DistributedContext:
+        """The context of this process: torch.distributed's when it is initialised (torchrun),
+        else a world of one."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, writes reports and exports checkpoints."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `tensor` over ranks (a new tensor; the input is untouched)."""
+        out = tensor.clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Sums over ranks of a few scalars, in one float64 reduction."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        return self.all_reduce_sum(torch.tensor(list(values), dtype=torch.float64)).tolist()
+
+    def weighted_mean_var(
+        self, values: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total weight, mean and (population) variance of `values` weighted by `weights`, over
+        all ranks.
+
+        Two passes (the mean first, then the squared deviations from it), as a one-pass
+        sum-of-squares formula loses precision when the mean is large against the spread.
+        Returns 0-d tensors of `values`' dtype; mean and variance are 0 when the total is 0.
+        """
+        total, weighted = self.all_reduce_sum(torch.stack([weights.sum(), (weights * values).sum()])).unbind()
+        if total <= 0:
+            return total, values.new_zeros(()), values.new_zeros(())
+        mean = weighted / total
+        var = self.all_reduce_sum((weights * (values - mean) ** 2).sum()) / total
+        return total, mean, var
+
+    def mean_metrics(self, metrics: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:
+        """Metrics averaged over ranks, each rank's values weighted by `weight` (e.g. its
+        number of trajectories). Every rank must pass the same keys in the same order."""
+        if self.world_size == 1:
+            return {k: float(v) for k, v in metrics.items()}
+        keys = list(metrics)
+        sums = self.sum_floats([float(metrics[k]) * weight for k in keys] + [weight])
+        total = sums[-1]
+        return {k: (s / total if total else 0.0) for k, s in zip(keys, sums[:-1])}
+
+    def shard_bounds(self, n: int) -> tuple[int, int]:
+        """[start, end) of this rank's contiguous share of `n` items (sizes differ by at most 1)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        start, end = self.shard_bounds(len(items))
+        return list(items[start:end])

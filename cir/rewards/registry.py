@@ -1,0 +1,288 @@
+"""Rewards registered by name, and the built-in ``"math"`` reward.
+
+`register_reward` / `register_batch_reward` add a reward, `compute_rewards` scores a batch of
+responses with the one a run names, and `score_trajectories` does the same from finished
+trajectories (the step the trainer and evaluation share). The built-in ``"math"`` reward is
+the paper's +1 / -1 with optional format and overlong penalties configured by `RewardConfig`.
+
+``trajectory_info`` keys the built-in reward reads (build them with
+`reward_info_from_trajectory`): ``response_length`` (model-sampled tokens of the response),
+``max_response_length`` (the current response-length limit, needed for the overlong
+penalty), ``finish_reason``, ``budget_exhausted`` (the model tried to run code after its
+tool budget was spent) and optionally ``unclosed_code`` (overrides the text check).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cir.rewards.answers import _scan_boxes, normalize_answer
+from cir.rewards.grader import GradeOutcome, grade_outcomes
+
+if TYPE_CHECKING:
+    from cir.trajectory import Trajectory
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    correct: bool
+    info: dict = field(default_factory=dict)
+
+
+RewardFn = Callable[..., RewardResult]  # (response_text, reference, *, trajectory_info) -> RewardResult
+BatchRewardFn = Callable[..., list[RewardResult]]  # (responses, references, infos, config) -> list
+
+
+@dataclass
+class RewardConfig:
+    """The reward: which function, and the built-in ``"math"`` reward's knobs.
+
+    Penalties are non-negative amounts subtracted from the reward (0 turns them off).
+
+    name: registered reward function (``"math"``, or one registered with `register_reward`).
+    correct_reward / wrong_reward: reward for a correct / wrong (or missing) final answer.
+    no_box_penalty: the response has no boxed answer.
+    multi_box_penalty: the response boxes more than one distinct answer (the last one counts).
+    unclosed_code_penalty: the response ends inside an unclosed python block.
+    tool_budget_penalty: the model tried to run code after its tool budget was spent.
+    overlong_buffer / overlong_penalty: soft overlong penalty. With the length limit L
+        (``trajectory_info["max_response_length"]``) and buffer B, a response of n model
+        tokens loses nothing for n <= L - B, then linearly more, up to `overlong_penalty`
+        at n >= L. Off when either is 0.
+    grader_timeout_s: per-answer grading deadline; a slower grader counts the answer wrong.
+    """
+
+    name: str = "math"
+    correct_reward: float = 1.0
+    wrong_reward: float = -1.0
+    no_box_penalty: float = 0.0
+    multi_box_penalty: float = 0.0
+    unclosed_code_penalty: float = 0.0
+    tool_budget_penalty: float = 0.0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 0.0
+    grader_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "no_box_penalty",
+            "multi_box_penalty",
+            "unclosed_code_penalty",
+            "tool_budget_penalty",
+            "overlong_penalty",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"RewardConfig.{name} is an amount subtracted from the reward and must be >= 0, "
+                    f"got {getattr(self, name)}"
+                )
+        if self.overlong_buffer < 0:
+            raise ValueError(f"RewardConfig.overlong_buffer must be >= 0, got {self.overlong_buffer}")
+        if self.grader_timeout_s <= 0:
+            raise ValueError(f"RewardConfig.grader_timeout_s must be > 0, got {self.grader_timeout_s}")
+
+
+@dataclass
+class _RewardEntry:
+    fn: RewardFn
+    takes_config: bool
+    batch_fn: BatchRewardFn | None = None
+
+
+_REWARDS: dict[str, _RewardEntry] = {}
+
+
+def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering ``fn(response_text, reference, *, trajectory_info[, config])``
+    under `name` (see the `cir.rewards` docstring for an example)."""
+
+    def decorate(fn: RewardFn) -> RewardFn:
+        if name in _REWARDS and not overwrite:
+            raise ValueError(f"a reward named {name!r} is already registered (pass overwrite=True to replace it)")
+        params = inspect.signature(fn).parameters
+        if "trajectory_info" not in params:
+            raise TypeError(f"reward {name!r}: the function must take a keyword argument 'trajectory_info'")
+        _REWARDS[name] = _RewardEntry(fn=fn, takes_config="config" in params)
+        return fn
+
+    return decorate
+
+
+def register_batch_reward(name: str) -> Callable[[BatchRewardFn], BatchRewardFn]:
+    """Decorator adding a batch form ``fn(responses, references, infos, config) -> list`` to
+    the reward already registered as `name`; `compute_rewards` then uses it."""
+
+    def decorate(fn: BatchRewardFn) -> BatchRewardFn:
+        if name not in _REWARDS:
+            raise KeyError(f"register the per-response reward {name!r} before its batch form")
+        _REWARDS[name].batch_fn = fn
+        return fn
+
+    return decorate
+
+
+def get_reward(name: str) -> RewardFn:
+    """The per-response reward function registered as `name`."""
+    if name not in _REWARDS:
+        raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REWARDS)}")
+    return _REWARDS[name].fn
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REWARDS)
+
+
+def compute_rewards(
+    name: str | None,
+    responses: Sequence[str],
+    references: Sequence[str],
+    infos: Sequence[dict] | None = None,
+    config: RewardConfig | None = None,
+) -> list[RewardResult]:
+    """Rewards for a batch of responses (what the trainer calls once per step).
+
+    name: the registered reward (None: ``config.name``). infos: one `trajectory_info` dict
+    per response (None: empty dicts). Uses the reward's batch form when it has one.
+    """
+    config = config or RewardConfig()
+    name = name or config.name
+    if name not in _REWARDS:
+        raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REWARDS)}")
+    infos = list(infos) if infos is not None else [{} for _ in responses]
+    if not len(responses) == len(references) == len(infos):
+        raise ValueError(
+            f"{len(responses)} responses, {len(references)} references and {len(infos)} infos: lengths differ"
+        )
+    entry = _REWARDS[name]
+    if entry.batch_fn is not None:
+        results = entry.batch_fn(list(responses), list(references), infos, config)
+        if len(results) != len(responses):
+            raise RuntimeError(f"reward {name!r} returned {len(results)} results for {len(responses)} responses")
+        return results
+    extra = {"config": config} if entry.takes_config else {}
+    return [entry.fn(r, ref, trajectory_info=info, **extra) for r, ref, info in zip(responses, references, infos)]
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) -> float:
+    """The soft overlong penalty (<= 0): 0 up to ``max_length - buffer`` tokens, then linear
+    down to ``-penalty`` at ``max_length`` (and beyond)."""
+    if buffer <= 0 or penalty <= 0:
+        return 0.0
+    if buffer > max_length:
+        raise ValueError(f"overlong buffer ({buffer}) is larger than the length limit ({max_length})")
+    free = max_length - buffer
+    if length <= free:
+        return 0.0
+    return -penalty * min(1.0, (length - free) / buffer)
+
+
+_PYTHON_OPEN = re.compile(r"```(?:python|py)\b")
+
+
+def has_unclosed_code_block(text: str) -> bool:
+    """True when the last python block of `text` has no closing fence."""
+    opens = list(_PYTHON_OPEN.finditer(text))
+    return bool(opens) and "```" not in text[opens[-1].end() :]
+
+
+def reward_info_from_trajectory(trajectory, max_response_length: int | None = None) -> dict:
+    """The `trajectory_info` dict the built-in reward reads, from a `cir.trajectory.Trajectory`."""
+    calls = getattr(trajectory, "tool_calls", [])
+    return {
+        "response_length": int(trajectory.num_model_tokens),
+        "max_response_length": max_response_length,
+        "finish_reason": trajectory.finish_reason,
+        "budget_exhausted": trajectory.finish_reason == "budget"
+        or any(getattr(c, "status", "") == "budget_exhausted" for c in calls),
+        "num_tool_calls": int(getattr(trajectory, "num_tool_calls", len(calls))),  # executions, not budget notices
+    }
+
+
+def score_trajectories(
+    trajectories: Sequence[Trajectory],
+    answers: Sequence[str],
+    tokenizer,
+    config: RewardConfig,
+    max_response_tokens: int | None,
+) -> list[RewardResult]:
+    """Rewards of finished trajectories, one per trajectory, with the reward `config` names.
+
+    answers: the reference answer of each trajectory's problem. max_response_tokens: the
+    response-length limit the trajectories were sampled under (the overlong penalty measures
+    against it). The trajectories are only read: the caller decides where the results go.
+    """
+    # Decoding is fine here: the text is only graded, never turned back into training tokens.
+    texts = [t.text(tokenizer) for t in trajectories]
+    infos = [reward_info_from_trajectory(t, max_response_tokens) for t in trajectories]
+    return compute_rewards(None, texts, answers, infos, config)
+
+
+def _math_shaping(
+    response_text: str, trajectory_info: dict, config: RewardConfig
+) -> tuple[str | None, dict[str, float], int]:
+    """The final answer, the penalties that apply (name -> amount) and the number of distinct boxes."""
+    boxes = _scan_boxes(response_text)
+    answer = boxes[-1] if boxes else None
+    distinct = {normalize_answer(b) for b in boxes if b is not None}
+    penalties: dict[str, float] = {}
+    if answer is None and config.no_box_penalty:
+        penalties["no_box"] = config.no_box_penalty
+    if len(distinct) > 1 and config.multi_box_penalty:
+        penalties["multi_box"] = config.multi_box_penalty
+    unclosed = trajectory_info.get("unclosed_code")
+    if unclosed is None:
+        unclosed = has_unclosed_code_block(response_text)
+    if unclosed and config.unclosed_code_penalty:
+        penalties["unclosed_code"] = config.unclosed_code_penalty
+    exhausted = trajectory_info.get("budget_exhausted") or trajectory_info.get("finish_reason") == "budget"
+    if exhausted and config.tool_budget_penalty:
+        penalties["tool_budget"] = config.tool_budget_penalty
+    if config.overlong_penalty and config.overlong_buffer:
+        length, limit = trajectory_info.get("response_length"), trajectory_info.get("max_response_length")
+        if length is None or limit is None:
+            raise KeyError(
+                "the overlong penalty needs trajectory_info['response_length'] and ['max_response_length'] "
+                "(see reward_info_from_trajectory)"
+            )
+        amount = -overlong_penalty(int(length), int(limit), config.overlong_buffer, config.overlong_penalty)
+        if amount:
+            penalties["overlong"] = amount
+    return answer, penalties, len(distinct)
+
+
+def _math_result(
+    answer: str | None, outcome: GradeOutcome, penalties: dict[str, float], num_boxes: int, config: RewardConfig
+) -> RewardResult:
+    base = config.correct_reward if outcome.correct else config.wrong_reward
+    info = {
+        "answer": answer,
+        "reason": outcome.reason,
+        "num_distinct_boxes": num_boxes,
+        "penalties": penalties,
+    }
+    if outcome.detail:
+        info["detail"] = outcome.detail
+    return RewardResult(reward=base - sum(penalties.values()), correct=outcome.correct, info=info)
+
+
+@register_reward("math")
+def math_reward(
+    response_text: str, reference: str, *, trajectory_info: dict, config: RewardConfig | None = None
+) -> RewardResult:
+    """+`correct_reward` when the last boxed answer equals the reference, else `wrong_reward`,
+    minus the configured format and overlong penalties."""
+    return math_reward_batch([response_text], [reference], [trajectory_info], config or RewardConfig())[0]
+
+
+@register_batch_reward("math")
+def math_reward_batch(
+    responses: list[str], references: list[str], infos: list[dict], config: RewardConfig
+) -> list[RewardResult]:
+    shaped = [_math_shaping(r, info or {}, config) for r, info in zip(responses, infos)]
+    outcomes = grade_outcomes([(s[0], ref) for s, ref in zip(shaped, references)], config.grader_timeout_s)
+    return [_math_result(a, o, p, n, config) for (a, p, n), o in zip(shaped, outcomes)]

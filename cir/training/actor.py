@@ -1,0 +1,233 @@
+"""The actor: the one owner of the policy's weights, optimizer and learning-rate schedule.
+
+Everything the trainer does with the policy goes through this interface:
+
+- `update(batch)`: old and reference log-probs where needed, then the masked clipped loss over
+  micro-batches and one optimizer step per mini-batch (per PPO epoch); returns metrics;
+- `state_dict()` / `load_state_dict()`: optimizer and scheduler state, for checkpoints;
+- `save_pretrained(path)`: the policy as a Hugging Face folder;
+- `iter_weights(bucket_bytes)`: the only way weights leave the trainer, as buckets of full
+  tensors under Hugging Face names; `sync_weights(actor, engine)` hands them to an engine.
+
+`LocalActor` is the single-process implementation. A sharded (FSDP2) actor implements the same
+methods; the trainer cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
+from cir.distributed import DistributedContext
+from cir.training.batch import MicroBatch, TrainBatch
+from cir.training.logprobs import token_logprobs
+from cir.training.optim import OptimConfig, lr_multiplier
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+# Weights leave the actor in buckets of about this many bytes (a bounded staging cost per
+# hand-off, however large the model).
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+class Actor(Protocol):
+    tokenizer: object
+
+    def update(self, batch: TrainBatch) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def save_pretrained(self, path: Path) -> None: ...
+
+    def iter_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[NamedTensors]: ...
+
+
+def sync_weights(actor: Actor, engine, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Hand the actor's current weights to `engine`, one bucket at a time."""
+    for bucket in actor.iter_weights(bucket_bytes):
+        engine.load_weights(bucket)
+
+
+def micro_batch_loss(model, mb: MicroBatch, algo: AlgoConfig, *, temperature: float, max_response_tokens: int):
+    """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient."""
+    logprob, entropy = token_logprobs(model, mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
+    old = mb.old_logprobs if mb.old_logprobs is not None else logprob.detach()
+    loss, metrics = compute_policy_loss(
+        algo.policy_loss,
+        logprob,
+        old,
+        mb.advantages,
+        mb.loss_mask,
+        clip_low=algo.clip_low,
+        clip_high=algo.clip_high,
+        dual_clip=algo.dual_clip,
+        aggregation=algo.aggregation,
+        ref_logprob=mb.ref_logprobs,
+        kl_coef=algo.kl_coef,
+        kl_type=algo.kl_type,
+        kl_cap=algo.kl_cap,
+        entropy=entropy,
+        entropy_coef=algo.entropy_coef,
+        cu_seqlens=mb.cu_seqlens,
+        max_seq_len_norm=max_response_tokens,
+        impl=algo.loss_impl,
+    )
+    # How far the trainer's log-probs are from the sampler's (same weights): should be ~0;
+    # a large value means the engine and the trainer disagree (e.g. a tokenization drift).
+    m = mb.loss_mask
+    n = m.sum().clamp(min=1)
+    metrics = dict(metrics)
+    metrics["logprob_diff_sampler"] = ((logprob.detach() - mb.sampler_logprobs).abs() * m).sum() / n
+    if entropy is not None and "entropy" not in metrics:
+        metrics["entropy"] = (entropy.detach() * m).sum() / n
+    return loss, metrics
+
+
+class LocalActor:
+    """The policy in this process (CPU or one GPU).
+
+    `total_optimizer_steps` sets the length of the LR schedule's decay. With `algo.kl_coef > 0`
+    a frozen copy of the initial policy serves as the KL reference.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        optim: OptimConfig,
+        algo: AlgoConfig,
+        *,
+        total_optimizer_steps: int,
+        dist: DistributedContext | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.optim_config = optim
+        self.algo = algo
+        self.dist = dist or DistributedContext()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(optim, total_optimizer_steps))
+        self.ref_model = self._frozen_copy() if algo.kl_coef > 0 else None
+
+    def _frozen_copy(self):
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    # -- the update ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _fill_old_and_ref_logprobs(self, batch: TrainBatch, on_policy: bool) -> None:
+        impl = self.algo.logprob_impl
+        for mb in batch.micro_batches:
+            if not on_policy:
+                mb.old_logprobs = token_logprobs(
+                    self.model, mb, temperature=batch.temperature, with_entropy=False, impl=impl
+                )[0]
+            if self.ref_model is not None:
+                mb.ref_logprobs = token_logprobs(
+                    self.ref_model, mb, temperature=batch.temperature, with_entropy=False, impl=impl
+                )[0]
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        oc, algo = self.optim_config, self.algo
+        # Strictly on-policy (one epoch, one mini-batch): the old policy is the current one, so
+        # its log-probs come from the same forward (ratio exactly 1) and need no extra pass.
+        on_policy = oc.ppo_epochs == 1 and oc.mini_batches == 1
+        if not on_policy or self.ref_model is not None:
+            self._fill_old_and_ref_logprobs(batch, on_policy)
+        self.model.train()
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        grad_norms = []
+        for _ in range(oc.ppo_epochs):
+            for mini in batch.mini_batches:
+                total_tokens, total_seqs = self.dist.sum_floats(
+                    [sum(mb.num_model_tokens for mb in mini), sum(mb.num_seqs for mb in mini)]
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in mini:
+                    loss, m = micro_batch_loss(
+                        self.model,
+                        mb,
+                        algo,
+                        temperature=batch.temperature,
+                        max_response_tokens=batch.max_response_tokens,
+                    )
+                    w = micro_batch_weight(
+                        algo.aggregation,
+                        tokens=mb.num_model_tokens,
+                        seqs=mb.num_seqs,
+                        total_tokens=int(total_tokens),
+                        total_seqs=int(total_seqs),
+                        world_size=self.dist.world_size,
+                    )
+                    (loss * w).backward()
+                    tw = mb.num_model_tokens
+                    weight_total += tw
+                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * tw
+                    for k, v in m.items():
+                        sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
+                grad_norms.append(self._optimizer_step())
+        self.model.eval()
+        out = {k: v / max(weight_total, 1) for k, v in sums.items()}
+        out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        out["actor/advantage_abs_mean"] = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
+        out = self.dist.mean_metrics(out, weight=max(weight_total, 1))
+        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self) -> float:
+        clip = self.optim_config.grad_clip
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        else:
+            print("[cir] non-finite grad norm, optimizer step skipped", file=sys.stderr, flush=True)
+        self.scheduler.step()
+        return norm
+
+    # -- state and weights -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_pretrained(self, path: Path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+    def iter_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[NamedTensors]:
+        """Buckets of (Hugging Face name, full tensor), tied weights under each of their names.
+        The tensors are the live parameters (no copy): a consumer copies what it keeps."""
+        bucket: NamedTensors = []
+        size = 0
+        for name, tensor in self.model.state_dict(keep_vars=False).items():
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket

@@ -1,0 +1,54 @@
+"""`optim.*`: the optimizer, its learning-rate schedule and the update's batch shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from cir.config_loader import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0: no clipping
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per RL step (per epoch)
+    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}: must be > 0")
+        for name in ("ppo_epochs", "mini_batches", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+
+
+def lr_multiplier(cfg: OptimConfig, total_optimizer_steps: int) -> Callable[[int], float]:
+    """The LR factor by optimizer step: linear warm-up, then the schedule's decay over
+    `total_optimizer_steps` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+    total = max(1, total_optimizer_steps)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        frac = min(1.0, step / total)
+        if cfg.lr_schedule == "cosine":
+            decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        elif cfg.lr_schedule == "linear":
+            decay = 1.0 - (1 - cfg.min_lr_ratio) * frac
+        else:
+            decay = 1.0
+        return warm * decay
+
+    return factor

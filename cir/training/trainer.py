@@ -1,0 +1,473 @@
+"""The trainer: the RL loop of `cir train`, reading top to bottom like one step's data flow.
+
+One step (`Trainer.step`):
+
+    stage      = schedule.at(step)                            # tool budget, response length
+    collected  = collect(stage)                               # sample problems, roll out, score
+                                                              # (dynamic sampling refills here)
+    advantages = compute_advantages(rewards, groups)          # group baseline, global whitening
+    batch      = build_train_batch(trajectories, advantages)  # the one hand-off to tensors
+    metrics    = actor.update(batch)                          # masked clipped loss, optimizer
+    sync_weights(actor, engine)                               # new weights to the engine
+    metrics   -> JSONL / TensorBoard / wandb
+
+Each line calls into the module that owns it: `cir.rollout`, `cir.rewards`, `cir.algorithms`,
+`cir.training.batch`, `cir.training.actor`, `cir.metrics`. The trainer names no concrete engine
+(`cir.engines.make_engine`) and no task (`cir.tasks`). Everything needed to continue exactly is
+checkpointed (`cir.training.checkpoint`); `--resume` continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from cir.algorithms import Schedule, compute_advantages, informative_groups, missing_groups
+from cir.config_loader import ConfigError, dump_yaml, to_dict
+from cir.data import DatasetError, Problem, ProblemSampler, load_problem_set
+from cir.distributed import DistributedContext
+from cir.engines.factory import DEFAULT_ENGINE, EngineName, make_engine
+from cir.metrics import MetricsLogger, plot_curves, read_metrics, step_metrics, truncate_metrics, write_jsonl
+from cir.models import check_model_path, load_policy
+from cir.prompts import get_prompt, prompt_token_ids
+from cir.rewards import RewardResult, score_trajectories
+from cir.rollout import rollout
+from cir.sandbox import Sandbox
+from cir.training import checkpoint as ckpt
+from cir.training.actor import LocalActor, sync_weights
+from cir.training.batch import build_train_batch
+from cir.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from cir.training.config import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    """`run.*`: the loop around the steps (length, engine, evaluation, checkpoints, logging)."""
+
+    steps: int = 200
+    seed: int = 0
+    out_dir: str = "runs/cir"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    engine: EngineName = DEFAULT_ENGINE  # cir.engines.ENGINES
+    engine_max_batch: int = 256
+    rollout_mode: Literal["async", "turn_sync"] = "async"
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only before and after training
+    eval_samples: int = 1
+    eval_temperature: float = 0.0
+    eval_at_start: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "cir"
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps={self.steps}: must be >= 0")
+        if self.eval_samples < 1:
+            raise ConfigError(f"eval_samples={self.eval_samples}: must be >= 1")
+
+
+@dataclass
+class Collected:
+    """One step's rollouts: every trajectory with its reward, and the ones that are trained on."""
+
+    trajectories: list[Trajectory]
+    rewards: list[RewardResult]
+    trained: list[Trajectory]
+    trained_rewards: list[RewardResult]
+    reward_seconds: float
+
+
+def _log(msg: str) -> None:
+    print(f"[cir] {msg}", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample_seed(*parts: int) -> int:
+    """A sampling seed that is a pure function of its parts (stable across processes)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def load_run_problems(cfg: TrainConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """The training problems and the held-out sets; a bad source is a ConfigError naming its key."""
+    dc = cfg.data
+    try:
+        eval_sets = {
+            Path(name).stem: load_problem_set(name, split="test", cfg=cfg, limit=dc.eval_limit) for name in dc.eval
+        }
+    except DatasetError as e:
+        raise ConfigError(f"data.eval: {e}") from None
+    try:
+        train = load_problem_set(dc.train, split="train", cfg=cfg)
+    except DatasetError as e:
+        raise ConfigError(f"data.train={dc.train!r}: {e}") from None
+    if not train:
+        raise ConfigError(f"data.train={dc.train!r} holds no problems")
+    return train, eval_sets
+
+
+def check_run_inputs(cfg: TrainConfig) -> None:
+    """What can be checked in milliseconds, before anything heavy starts: the model and
+    tokenizer paths, the prompt template. (Data is loaded, hence checked, right after.)"""
+    check_model_path(cfg.model.path)
+    if cfg.model.tokenizer is not None:
+        check_model_path(cfg.model.tokenizer, key="model.tokenizer")
+    try:
+        get_prompt(cfg.data.prompt)
+    except KeyError as e:
+        raise ConfigError(f"data.prompt={cfg.data.prompt!r}: {e.args[0]}") from None
+
+
+class Trainer:
+    """Holds the run's parts (actor, engine, sandbox, problem stream, logger) and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, dist: DistributedContext | None = None):
+        self.cfg = cfg
+        self.dist = dist or DistributedContext.from_environment()
+        self.out_dir = Path(cfg.run.out_dir)
+        # Cheap checks and data first: a typo shows in seconds, not after minutes of model loading.
+        check_run_inputs(cfg)
+        resume_from = self._resume_path(resume)
+        self.train_problems, self.eval_sets = load_run_problems(cfg)
+        self.template = get_prompt(cfg.data.prompt)
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        seed_everything(cfg.run.seed + self.dist.rank)
+        self.device = resolve_device(cfg.run.device)
+        if resume_from is not None:
+            _log(f"resuming from {resume_from}")
+        model, self.tokenizer, self.extra_metrics = load_policy(cfg, self.device, checkpoint=resume_from)
+        oc = cfg.optim
+        self.actor = LocalActor(
+            model,
+            self.tokenizer,
+            oc,
+            cfg.algo,
+            total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
+            dist=self.dist,
+        )
+        self.sampler = ProblemSampler(self.train_problems, batch_size=cfg.algo.prompts_per_step, seed=cfg.run.seed)
+        self.schedule = Schedule.from_config(cfg.schedule, cfg.rollout.tool_budget, cfg.rollout.max_response_tokens)
+        self.step_count = 0
+        if resume_from is not None:
+            self._load_state(resume_from)
+
+        self.engine = make_engine(
+            cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
+        )
+        self.sandbox = Sandbox.from_config(cfg.sandbox)
+        # On resume, the held-out evaluation logged at step 0 (if any) is the run's "before".
+        self._logged_before: dict | None = None
+        if resume_from is not None:
+            # Steps logged after the checkpoint (a run that crashed later) are redone now.
+            kept = truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
+            step0 = {k: v for row in kept if row.get("step") == 0 for k, v in row.items() if k.startswith("eval/")}
+            self._logged_before = step0 or None
+        self.logger = MetricsLogger(
+            self.out_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            wandb_project=cfg.run.wandb_project,
+            config=to_dict(cfg),
+            resume=resume_from is not None,
+        )
+        (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def _resume_path(self, resume: bool | str) -> Path | None:
+        if not resume:
+            return None
+        if isinstance(resume, str) and resume not in ("", "latest"):
+            path = Path(resume)
+        else:
+            path = ckpt.latest_checkpoint(self.out_dir)
+            if path is None:
+                raise ConfigError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}")
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ConfigError(f"--resume: {path} is not a cir checkpoint (no {ckpt.STATE_FILE})")
+        return path
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        extra = {"sampler": self.sampler.state_dict()}
+        return ckpt.save_checkpoint(
+            self.out_dir, self.step_count, self.actor, extra=extra, keep=self.cfg.run.keep_checkpoints
+        )
+
+    def _load_state(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        self.step_count = int(state["step"])
+        self.actor.load_state_dict(state)
+        self.sampler.load_state_dict(state["extra"]["sampler"])
+        ckpt.set_rng_state(state["rng"])
+
+    # -- one RL step -----------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        cfg, stage = self.cfg, self.schedule.at(self.step_count)
+        t_start = time.perf_counter()
+        collected = self.collect(stage)
+        t_rollout = time.perf_counter() - t_start - collected.reward_seconds
+
+        t0 = time.perf_counter()
+        trained = collected.trained
+        advantages = compute_advantages(
+            cfg.algo.advantage,
+            torch.tensor([r.reward for r in collected.trained_rewards], dtype=torch.float32),
+            torch.tensor([t.group for t in trained], dtype=torch.long),
+            num_tokens=torch.tensor([t.num_model_tokens for t in trained]),
+            dist=self.dist,
+        )
+        batch = build_train_batch(
+            trained,
+            advantages,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            mini_batches=cfg.optim.mini_batches,
+            micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+            max_response_tokens=stage.max_response_tokens,
+        )
+        update_metrics = self.actor.update(batch) if trained else {}
+        t_update = time.perf_counter() - t0
+
+        sync_weights(self.actor, self.engine)
+        self.step_count += 1
+        times = {
+            "rollout": t_rollout,
+            "reward": collected.reward_seconds,
+            "update": t_update,
+            "step": time.perf_counter() - t_start,
+        }
+        metrics = step_metrics(
+            collected.trajectories,
+            collected.rewards,
+            trained=len(trained),
+            stage=stage,
+            epoch=self.sampler.epoch,
+            times=times,
+        )
+        return {**self.dist.mean_metrics(metrics, weight=len(collected.trajectories)), **update_metrics}
+
+    def collect(self, stage) -> Collected:
+        """Roll out this rank's share of the step's problems and score them. With dynamic
+        sampling, groups whose rewards are all equal are dropped and the batch is refilled from
+        the next problems, for at most `algo.max_refill_rounds` more rounds."""
+        algo = self.cfg.algo
+        rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
+        problems = self.sampler.next_batch()
+        everything, rewards, kept, kept_rewards, t_reward = [], [], [], [], 0.0
+        for round_ in range(rounds):
+            batch = self.rollout_problems(problems, stage, salt=round_)
+            t0 = time.perf_counter()
+            answers = {self._group(round_, i): p.answer for i, p in enumerate(problems)}
+            scored = score_trajectories(
+                batch, [answers[t.group] for t in batch], self.tokenizer, self.cfg.reward, stage.max_response_tokens
+            )
+            t_reward += time.perf_counter() - t0
+            everything += batch
+            rewards += scored
+            if not algo.dynamic_sampling:
+                kept, kept_rewards = batch, scored
+                break
+            keep = informative_groups(
+                torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
+            ).tolist()
+            kept += [t for t, k in zip(batch, keep) if k]
+            kept_rewards += [r for r, k in zip(scored, keep) if k]
+            missing = missing_groups(len(kept) // algo.group_size, algo.prompts_per_step, self.dist)
+            if missing <= 0:
+                break
+            problems = self.sampler.take(missing)
+        start, end = self.dist.shard_bounds(algo.prompts_per_step)
+        limit = (end - start) * algo.group_size
+        return Collected(everything, rewards, kept[:limit], kept_rewards[:limit], t_reward)
+
+    @staticmethod
+    def _group(round_: int, position: int) -> int:
+        """The group id of the problem at global `position` of refill round `round_`."""
+        return round_ * 1_000_000 + position
+
+    def rollout_problems(self, problems: list[Problem], stage, salt: int = 0) -> list[Trajectory]:
+        """`group_size` trajectories for each of this rank's share of `problems`. Seeds are a pure
+        function of (run seed, step, round, global position, sample), so neither a resumed run
+        nor the number of ranks changes what is sampled."""
+        cfg = self.cfg
+        g = cfg.algo.group_size
+        rollout_cfg = replace(cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
+        start, end = self.dist.shard_bounds(len(problems))
+        prompts, seeds, ids, groups = [], [], [], []
+        for i in range(start, end):
+            p = problems[i]
+            ids_i = prompt_token_ids(self.template, p.problem, self.tokenizer)
+            for j in range(g):
+                prompts.append(ids_i)
+                seeds.append(sample_seed(cfg.run.seed, self.step_count, salt, i, j))
+                ids.append(p.id)
+                groups.append(self._group(salt, i))
+        return rollout(
+            self.engine,
+            self.sandbox,
+            prompts,
+            rollout_cfg,
+            mode=cfg.run.rollout_mode,
+            seeds=seeds,
+            problem_ids=ids,
+            groups=groups,
+        )
+
+    # -- evaluation and the loop ----------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        from cir.evaluate import evaluate
+
+        stage = self.schedule.at(self.step_count)
+        cfg = replace(self.cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
+        out: dict[str, float] = {}
+        for name, problems in self.eval_sets.items():
+            res = evaluate(
+                self.engine,
+                self.sandbox,
+                problems,
+                template=self.template,
+                rollout_config=cfg,
+                reward_config=self.cfg.reward,
+                samples=self.cfg.run.eval_samples,
+                temperature=self.cfg.run.eval_temperature,
+                seed=self.cfg.run.seed,
+                mode=self.cfg.run.rollout_mode,
+            )
+            prefix = "eval/" if len(self.eval_sets) == 1 else f"eval/{name}/"
+            out.update({prefix + k: v for k, v in res.metrics.items()})
+            self._write_eval_rows(name, res.rows)
+        return out
+
+    def _write_eval_rows(self, name: str, rows: list[dict]) -> None:
+        """Every held-out sample (problem, response as decoded, grade, tool calls) of this
+        evaluation, to `eval/step_NNNNNN_<set>.jsonl` in the run folder."""
+        folder = self.out_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / f"step_{self.step_count:06d}_{name}.jsonl", rows)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        start_step = self.step_count
+        before = None
+        if cfg.run.eval_at_start and self.eval_sets and start_step == 0:
+            t0 = time.perf_counter()
+            before = self.evaluate()
+            self.logger.log(0, {**before, **self.extra_metrics})
+            _log(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
+        elif start_step > 0:
+            before = self._logged_before
+        bar = None
+        if cfg.run.progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.run.steps,
+                initial=start_step,
+                desc="train",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
+        last = {}
+        try:
+            while self.step_count < cfg.run.steps:
+                metrics = self.step()
+                step = self.step_count
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                    metrics.update(self.evaluate())
+                self.logger.log(step, metrics)
+                last = metrics
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        reward=f"{metrics['reward/mean']:.2f}",
+                        acc=f"{metrics['reward/accuracy']:.2f}",
+                        tools=f"{metrics['tool/calls_per_traj']:.2f}",
+                    )
+                else:
+                    _log(
+                        f"step {step}: reward {metrics['reward/mean']:.3f} acc {metrics['reward/accuracy']:.3f} tool calls {metrics['tool/calls_per_traj']:.2f} ({metrics['time/step_s']:.1f}s)"
+                    )
+                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            # Keep what was trained: a checkpoint that --resume continues from.
+            if bar is not None:
+                bar.close()
+                bar = None
+            path = self.save()
+            _log(f"interrupted at step {self.step_count}; saved {path} (continue with --resume)")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        after = None
+        if self.eval_sets:
+            after = self.evaluate()
+            self.logger.log(self.step_count, after)
+            _log(f"held-out after training: {_brief(after)}")
+        path = self.save()
+        _log(f"checkpoint: {path}")
+        plot = None
+        if cfg.run.plot:
+            plot = plot_curves(read_metrics(self.logger.path), self.out_dir / "curves.png")
+            if plot:
+                _log(f"curves: {plot}")
+        return {
+            "before": before,
+            "after": after,
+            "last": last,
+            "checkpoint": str(path),
+            "plot": str(plot) if plot else None,
+        }
+
+    def close(self) -> None:
+        for name in ("engine", "sandbox"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _brief(m: dict) -> str:
+    keys = [k for k in m if k.endswith("accuracy") or k.endswith("tool_calls")]
+    return ", ".join(f"{k.replace('eval/', '')} {m[k]:.3f}" for k in sorted(keys))

@@ -1,0 +1,56 @@
+"""The distributed context with world size 1 is the plain computation; sharding covers a list
+exactly once in order; REINFORCE++'s whitening reduced through it equals the plain formula."""
+
+import pytest
+import torch
+
+from cir.algorithms import compute_advantages
+from cir.distributed import DistributedContext
+
+
+def test_world_of_one_reductions_equal_the_plain_computation():
+    dist = DistributedContext()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, dtype=torch.float64, generator=g)
+    w = torch.rand(37, dtype=torch.float64, generator=g) * 5
+    summed = dist.all_reduce_sum(x)
+    assert torch.equal(summed, x) and summed is not x  # a copy, never the caller's tensor
+    assert dist.sum_floats([1.5, 2.0, -3.25]) == [1.5, 2.0, -3.25]
+    total, mean, var = dist.weighted_mean_var(x, w)
+    plain_mean = (w * x).sum() / w.sum()
+    assert float(total) == float(w.sum())
+    assert float(mean) == float(plain_mean)
+    assert float(var) == float((w * (x - plain_mean) ** 2).sum() / w.sum())
+    total, mean, var = dist.weighted_mean_var(x, torch.zeros_like(w))
+    assert (float(total), float(mean), float(var)) == (0.0, 0.0, 0.0)
+    assert dist.mean_metrics({"a": 1.25, "b": -2.0}, weight=7) == {"a": 1.25, "b": -2.0}
+
+
+def test_reinforce_pp_whitening_is_the_token_weighted_formula():
+    g = torch.Generator().manual_seed(1)
+    rewards = (torch.rand(24, generator=g) > 0.5).float() * 2 - 1
+    groups = torch.arange(24) // 4
+    tokens = torch.randint(1, 50, (24,), generator=g)
+    got = compute_advantages("reinforce_pp_baseline", rewards, groups, num_tokens=tokens, dist=DistributedContext())
+    r = rewards.double()
+    centred = r - torch.stack([r[groups == k].mean() for k in groups.tolist()])
+    w = tokens.double()
+    mu = (w * centred).sum() / w.sum()
+    sd = ((w * (centred - mu) ** 2).sum() / w.sum()).sqrt()
+    torch.testing.assert_close(got, ((centred - mu) / (sd + 1e-6)).float(), rtol=0, atol=1e-7)
+    assert torch.equal(got, compute_advantages("reinforce_pp_baseline", rewards, groups, num_tokens=tokens))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [0, 1, 7, 16])
+def test_shards_cover_the_list_once_in_order(world, n):
+    items = list(range(n))
+    shards = [DistributedContext(rank=r, world_size=world).shard(items) for r in range(world)]
+    assert [x for s in shards for x in s] == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_rank_outside_the_world_is_rejected():
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        DistributedContext(rank=2, world_size=2)
+    assert DistributedContext.from_environment() == DistributedContext()
