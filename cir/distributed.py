@@ -25,6 +25,7 @@ T = TypeVar("T")
 class DistributedContext:
     rank: int = 0
     world_size: int = 1
+    device: str = "cpu"  # where reductions run: "cuda" under NCCL, "cpu" under gloo
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -35,8 +36,13 @@ class DistributedContext:
         """The context of this process: torch.distributed's when it is initialised (torchrun),
         else a world of one."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(), device=device)
         return cls()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     @property
     def is_main(self) -> bool:
@@ -45,16 +51,25 @@ class DistributedContext:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of `tensor` over ranks (a new tensor; the input is untouched)."""
-        out = tensor.clone()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out
+        if self.world_size == 1:
+            return tensor.clone()
+        out = tensor.to(self.device, copy=True)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out.to(tensor.device)
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Sums over ranks of a few scalars, in one float64 reduction."""
         if self.world_size == 1:
             return [float(v) for v in values]
         return self.all_reduce_sum(torch.tensor(list(values), dtype=torch.float64)).tolist()
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over ranks."""
+        if self.world_size == 1:
+            return int(value)
+        out = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return int(out.item())
 
     def weighted_mean_var(
         self, values: torch.Tensor, weights: torch.Tensor
@@ -79,9 +94,9 @@ class DistributedContext:
         if self.world_size == 1:
             return {k: float(v) for k, v in metrics.items()}
         keys = list(metrics)
-        sums = self.sum_floats([float(metrics[k]) * weight for k in keys] + [weight])
-        total = sums[-1]
-        return {k: (s / total if total else 0.0) for k, s in zip(keys, sums[:-1])}
+        totals = self.sum_floats([float(metrics[k]) * weight for k in keys] + [weight])
+        weight_sum = totals[-1]
+        return {k: (t / weight_sum if weight_sum else 0.0) for k, t in zip(keys, totals[:-1])}
 
     def shard_bounds(self, n: int) -> tuple[int, int]:
         """[start, end) of this rank's contiguous share of `n` items (sizes differ by at most 1)."""
@@ -92,3 +107,20 @@ class DistributedContext:
     def shard(self, items: Sequence[T]) -> list[T]:
         start, end = self.shard_bounds(len(items))
         return list(items[start:end])
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistributedContext:
+    """Join the process group when launched by `torchrun` (WORLD_SIZE > 1): NCCL with one GPU per
+    rank where CUDA is available, gloo otherwise. A collective that waits longer than
+    `timeout_s` fails instead of hanging, so one rank's crash ends the job."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistributedContext()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistributedContext.from_environment()

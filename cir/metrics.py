@@ -66,6 +66,18 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NullMetricsLogger:
+    """The logger of ranks other than 0: metrics are reduced over ranks and written by rank 0."""
+
+    path = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
         v = v.item()
@@ -164,19 +176,27 @@ def plot_curves(
 
 
 def step_metrics(
-    trajectories, rewards, *, trained: int, stage, epoch: int, times: dict[str, float]
+    trajectories, rewards, *, trained: int, stage, epoch: int, times: dict[str, float], dist=None
 ) -> dict[str, float]:
-    """The numbers of one RL step (every trajectory rolled out, `trained` of them kept):
-    reward, tool use, response shape, schedule, data and time."""
-    import numpy as np
+    """The numbers of one RL step over every rank (`trajectories`: this rank's, all rolled out;
+    `trained` of them kept): reward, tool use, response shape, schedule, data and time.
 
-    from cir.rollout import rollout_stats
+    Counts are summed over ranks first and turned into means and rates afterwards, so a rate is
+    the global one (not an average of per-rank rates); times are this rank's."""
+    from cir.distributed import DistributedContext
+    from cir.rollout.stats import rates, rollout_totals
 
-    stats = rollout_stats(trajectories)
-    model_tokens = sum(t.num_model_tokens for t in trajectories)
+    dist = dist or DistributedContext()
+    local = rollout_totals(trajectories)
+    local["reward_sum"] = sum(r.reward for r in rewards)
+    local["correct"] = sum(bool(r.correct) for r in rewards)
+    local["trained"] = trained
+    totals = dict(zip(local, dist.sum_floats(list(local.values()))))
+    stats = rates(totals)
+    n = max(totals["trajectories"], 1)
     return {
-        "reward/mean": float(np.mean([r.reward for r in rewards])),
-        "reward/accuracy": float(np.mean([bool(r.correct) for r in rewards])),
+        "reward/mean": totals["reward_sum"] / n,
+        "reward/accuracy": totals["correct"] / n,
         "tool/calls_per_traj": stats.get("tool_calls_per_traj", 0.0),
         "tool/error_rate": stats.get("exec_error_rate", 0.0),
         "tool/timeout_rate": stats.get("timeout_rate", 0.0),
@@ -185,13 +205,14 @@ def step_metrics(
         "response/truncated_share": stats.get("finish_length", 0.0),
         "schedule/tool_budget": stage.tool_budget,
         "schedule/max_response_tokens": stage.max_response_tokens,
-        "data/trajectories": len(trajectories),
-        "data/trajectories_trained": trained,
+        "data/trajectories": totals["trajectories"],
+        "data/trajectories_trained": totals["trained"],
         "data/epoch": epoch,
         "time/rollout_s": times["rollout"],
         "time/sandbox_busy_s": sum(c.wall_ms for t in trajectories for c in t.tool_calls) / 1000.0,
         "time/reward_s": times["reward"],
         "time/update_s": times["update"],
         "time/step_s": times["step"],
-        "perf/tokens_per_s": model_tokens / max(times["rollout"], 1e-9),
+        # Tokens of every rank over this rank's rollout time: the job's generation throughput.
+        "perf/tokens_per_s": totals["model_tokens"] / max(times["rollout"], 1e-9),
     }

@@ -19,6 +19,7 @@ from cir.rewards import (
     GraderPool,
     RewardConfig,
     RewardResult,
+    answer_only_in_tool_output,
     compute_rewards,
     extract_all_boxed,
     extract_boxed,
@@ -27,11 +28,14 @@ from cir.rewards import (
     grade,
     grade_batch,
     grade_outcomes,
+    grading_text,
     has_unclosed_code_block,
+    model_text,
     overlong_penalty,
     register_reward,
     reward_info_from_trajectory,
     score_trajectories,
+    without_code_blocks,
 )
 from cir.tokenization import byte_tokenizer
 from cir.trajectory import ToolCall, Trajectory
@@ -380,8 +384,10 @@ def test_score_trajectories_equals_compute_rewards_and_leaves_trajectories_alone
 
     results = score_trajectories(trajs, answers, tok, cfg, max_response_tokens=64)
 
+    # Graded on the model's own words (the feedback spans left out; issue 11: the full decoded
+    # text, output blocks included, was the flaw).
     direct = compute_rewards(
-        None, [t.text(tok) for t in trajs], answers, [reward_info_from_trajectory(t, 64) for t in trajs], cfg
+        None, [model_text(t, tok) for t in trajs], answers, [reward_info_from_trajectory(t, 64) for t in trajs], cfg
     )
     assert results == direct
     assert [r.correct for r in results] == [True, True, False, False]
@@ -391,6 +397,42 @@ def test_score_trajectories_equals_compute_rewards_and_leaves_trajectories_alone
     assert trajs == before  # rewards are the caller's to store
     with pytest.raises(ValueError, match="lengths differ"):
         score_trajectories(trajs, answers[:2], tok, cfg, max_response_tokens=64)
+
+
+def _tool_printed_box_trajectory(tok, restated: str):
+    """The code prints the answer in a box; the model then writes `restated` (maybe nothing)."""
+    code, feedback = "```python\nprint(r'\\boxed{7}')\n```\n", "```output\n\\boxed{7}\n```\n"
+    traj = Trajectory(prompt_ids=tok.encode("Q", add_special_tokens=False))
+    code_span = traj.append(tok.encode("Let me compute.\n" + code, add_special_tokens=False), None, trainable=True)
+    fb_span = traj.append(tok.encode(feedback, add_special_tokens=False), None, trainable=False)
+    traj.append(tok.encode(restated + "<|endoftext|>", add_special_tokens=False), None, trainable=True)
+    traj.tool_calls.append(ToolCall("print(r'\\boxed{7}')", "ok", "\\boxed{7}", code_span, fb_span))
+    traj.finish_reason = "eos"
+    traj.check()
+    return traj
+
+
+def test_box_printed_by_code_is_not_the_models_answer_unless_asked():
+    tok = byte_tokenizer()
+    silent = _tool_printed_box_trajectory(tok, "Done.")
+    restated = _tool_printed_box_trajectory(tok, "So the answer is $\\boxed{7}$.")
+    # The model's own text is exactly its sampled segments, the output block left out.
+    assert model_text(silent, tok) == "Let me compute.\n```python\nprint(r'\\boxed{7}')\n```\nDone.<|endoftext|>"
+    assert "```output" in silent.text(tok) and "```output" not in model_text(silent, tok)
+    assert grading_text(silent, tok, grade_tool_output=True) == silent.text(tok)
+    assert answer_only_in_tool_output(model_text(silent, tok), silent.text(tok))
+    assert not answer_only_in_tool_output(model_text(restated, tok), restated.text(tok))
+
+    default = score_trajectories([silent, restated], ["7", "7"], tok, RewardConfig(), max_response_tokens=256)
+    assert [r.correct for r in default] == [False, True]
+    assert default[0].info["answer"] is None and default[0].reward == -1.0
+    with_output = score_trajectories(
+        [silent, restated], ["7", "7"], tok, RewardConfig(grade_tool_output=True), max_response_tokens=256
+    )
+    assert [r.correct for r in with_output] == [True, True]
+    # A box written in the model's code is code, not a stated answer; one after it is.
+    assert without_code_blocks("a ```python\nprint(r'\\boxed{1}')\n```\nb") == "a \n\nb"
+    assert extract_boxed(without_code_blocks("```python\nx = r'\\boxed{1}'\n``` so \\boxed{2}")) == "2"
 
 
 def test_reward_config_validation():

@@ -802,3 +802,83 @@ def test_model_context_caps_the_response_feedback_included(world):
         assert all(len(ids) + p.max_new_tokens <= engine.max_model_len for ids, p, _ in engine.calls)
     with pytest.raises(ValueError, match=r"prompt 0 \(problem p-7\): prompt of \d+ tokens leaves no room"):
         rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines that do not evaluate the closing-fence rule (vLLM): the rollout decides
+
+
+class StopStringOnly(Recorder):
+    """The real engine, declaring that it evaluates no stop rule: the rollout sends the stand-in
+    stop string "```", which also fires on opening fences, and continues after false stops."""
+
+    stop_rules = frozenset()
+
+
+class NoStop(Recorder):
+    """An engine that stops late: it ignores stop strings and rules (only stop tokens and the
+    length end a completion), as an engine emitting several tokens per step might."""
+
+    stop_rules = frozenset()
+
+    async def generate(self, prompt_ids, params):
+        return await super().generate(prompt_ids, SamplingParams(**{**params.__dict__, "stop_strings": ()}))
+
+
+def _same_trajectory(a, b) -> None:
+    assert a.response_ids == b.response_ids
+    assert a.loss_mask == b.loss_mask
+    assert a.finish_reason == b.finish_reason
+    assert [(c.code, c.status, c.output, c.code_span, c.feedback_span) for c in a.tool_calls] == [
+        (c.code, c.status, c.output, c.code_span, c.feedback_span) for c in b.tool_calls
+    ]
+    assert a.sampler_logprobs == pytest.approx(b.sampler_logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", [StopStringOnly, NoStop])
+def test_engine_without_the_stop_rule_gives_the_same_greedy_trajectories(world, wrapper):
+    names = ["fence_nl", "fence_nl2", "fence_text", "fence_indent", "fence_bare", "three_blocks", "error"]
+    prompts = [world.prompts[n] for n in names]
+    exact = rollout(world.engine, world.sandbox, prompts, base_config())
+    engine = wrapper(world.engine)
+    got = rollout(engine, world.sandbox, prompts, base_config())
+    for name, a, b in zip(names, exact, got):
+        _same_trajectory(a, b)
+        assert b.response_ids == world.expected[name]
+        assert_mask_exact(b)
+    if wrapper is StopStringOnly:
+        # Every block's opening fence was a false stop: one more generate call per block.
+        reasons = [c.finish_reason for _, _, c in engine.calls]
+        assert reasons.count("stop_string") == 2 * sum(len(t.tool_calls) for t in got)
+        assert all(p.stop_rule is None and p.stop_strings == ("```",) for _, p, _ in engine.calls)
+
+
+def test_false_stops_continue_with_the_next_turns_seed(world):
+    """Sampled: each generate call, continuations included, takes the seed of its turn, so both
+    schedules still agree; the continuation's context is the prompt plus the response so far."""
+    names = [RANDOM] * 3 + ["three_blocks"]
+    prompts = [world.prompts[n] for n in names]
+    config = base_config(temperature=1.0)
+    engine = StopStringOnly(world.engine)
+    a = rollout(engine, world.sandbox, prompts, config, mode="async", seeds=[5, 6, 7, 8])
+    b = rollout(StopStringOnly(world.engine), world.sandbox, prompts, config, mode="turn_sync", seeds=[5, 6, 7, 8])
+    for x, y in zip(a, b):
+        _same_trajectory(x, y)
+        assert_mask_exact(x)
+    prompt = world.prompts["three_blocks"]
+    mine = [(ids, p) for ids, p, _ in engine.calls if ids[: len(prompt)] == prompt]
+    assert [p.seed for _, p in mine] == [derive_seed(8, turn) for turn in range(len(mine))]
+
+
+def test_false_stop_at_the_length_limit_ends_the_trajectory(world):
+    prompt = world.prompts["three_blocks"]
+    segment = world.segments["three_blocks"][0]
+    # The token that completes the opening fence's backticks: the first (false) stop.
+    fence_at = next(k for k in range(1, len(segment) + 1) if "```" in world.tok.decode(segment[:k]))
+    for room in (fence_at, fence_at + 1, fence_at + 3):
+        exact = run(rollout_one(world.engine, world.sandbox, prompt, base_config(max_response_tokens=room)))
+        got = run(
+            rollout_one(StopStringOnly(world.engine), world.sandbox, prompt, base_config(max_response_tokens=room))
+        )
+        _same_trajectory(exact, got)
+        assert got.finish_reason == "length" and len(got.response_ids) == room

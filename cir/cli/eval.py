@@ -1,8 +1,11 @@
 """`cir eval`: evaluate a model on math benchmarks with the code interpreter.
 
-Benchmarks are reported as in the paper by default: MATH500 greedy, the others mean accuracy
-over 16 samples at temperature 1. Bad input (a model folder or a benchmark that does not
-exist) ends with one line and exit code 2 before the model is loaded.
+Benchmarks are run as in the paper by default: MATH500 greedy, the others 16 samples at
+temperature 1. In `--out`: one JSONL of every sample per benchmark (appended as each problem
+finishes), `results.json`, `report.md` and `pass_at_k.png`. Rerunning with the same `--out`
+reuses the samples already there. Bad input (a model folder, a benchmark or a prompt that does
+not exist, a benchmark row without an answer, an `--out` written with other settings) ends
+with one line and exit code 2 before the model is loaded and before anything is written.
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ PAPER_PROTOCOL = {
     "olymmath-en-easy": (16, 1.0),
     "olymmath-en-hard": (16, 1.0),
 }
+SETTINGS_FILE = "eval_settings.json"
+# Settings that change what a sample is: an `--out` written under other values is not reused.
+SAMPLE_SETTINGS = (
+    "model",
+    "prompt",
+    "tool_budget",
+    "max_response_tokens",
+    "seed",
+    "grade_tool_output",
+    "engine",
+    "benchmarks",
+)
 
 
 def register(parser) -> None:
@@ -34,7 +49,7 @@ def register(parser) -> None:
     parser.add_argument(
         "--benchmarks",
         default="math500,aime24,aime25,amc23,olymmath-en-easy,olymmath-en-hard",
-        help="comma-separated benchmark names, JSONL paths or HF dataset names",
+        help="comma-separated benchmark short names, JSONL paths or HF dataset names",
     )
     parser.add_argument(
         "--benchmark-dir", default=None, help="folder holding the benchmark JSONL files (default: $CIR_BENCHMARK_DIR)"
@@ -46,31 +61,39 @@ def register(parser) -> None:
         "--temperature", type=float, default=None, help="sampling temperature (default: the paper's protocol)"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most this many problems per benchmark")
-    parser.add_argument("--prompt", default="cir", help="prompt template name")
-    parser.add_argument("--tool-budget", type=int, default=4)
+    parser.add_argument("--prompt", default="cir", help="prompt template name (cir: plain text; cir-chat: chat)")
+    parser.add_argument("--tool-budget", type=int, default=4, help="executions per sample")
     parser.add_argument("--max-response-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--grade-tool-output",
+        action="store_true",
+        help="grade the whole response, interpreter output included (default: the model's own text only)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPU count)")
     parser.add_argument("--engine", default="hf", choices=ENGINES, help="generation engine")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-batch", type=int, default=64, help="engine: most sequences decoded together")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write per-sample JSONL and a summary JSON into this folder")
+    parser.add_argument("--out", default=None, help="folder for the samples, results.json and the report")
 
 
 def run(args) -> int:
     try:
         benchmarks = _check_inputs(args)
+        protocols = {name: _protocol(name, args) for name in benchmarks}
+        settings = _settings(args, protocols)
+        out = Path(args.out) if args.out else None
+        before = _check_resumable(out, settings) if out else None
     except ConfigError as e:
         print(f"cir eval: {e}", file=sys.stderr)
         return 2
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from cir.engines import make_engine
-    from cir.evaluate import evaluate
-    from cir.metrics import write_jsonl
-    from cir.prompts import get_prompt
+    from cir.engines.factory import make_engine_from_folder
+    from cir.prompts import get_prompt, prompt_token_ids
+    from cir.rewards import RewardConfig
     from cir.rollout import RolloutConfig
     from cir.sandbox import Sandbox
 
@@ -79,49 +102,171 @@ def run(args) -> int:
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     template = get_prompt(args.prompt)
-    cfg = RolloutConfig(max_response_tokens=args.max_response_tokens, tool_budget=args.tool_budget)
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-    summary = {}
-    engine = make_engine(args.engine, model, tokenizer, max_batch_size=args.max_batch, seed=args.seed, share_model=True)
-    with Sandbox(workers=args.workers or None) as sandbox, engine:
-        for name, problems in benchmarks.items():
-            samples, temperature = PAPER_PROTOCOL.get(Path(name).stem, (1, 0.0))
-            samples = args.samples if args.samples is not None else samples
-            temperature = args.temperature if args.temperature is not None else temperature
-            t0 = time.perf_counter()
-            try:
-                res = evaluate(
-                    engine,
-                    sandbox,
-                    problems,
-                    template=template,
-                    rollout_config=cfg,
-                    samples=samples,
-                    temperature=temperature,
-                    seed=args.seed,
-                    progress=_progress(len(problems) * samples, name),
-                )
-            except ValueError as e:
-                print(f"cir eval: {name}: {e}", file=sys.stderr)
-                return 2
-            res.metrics["seconds"] = time.perf_counter() - t0
-            summary[name] = res.metrics
-            print(
-                f"{name:<20} acc {res.metrics['accuracy']:.1%}  tool calls {res.metrics['tool_calls']:.2f}  exec errors {res.metrics['exec_error_rate']:.1%}  ({len(problems)} problems x {samples}, T={temperature}, {res.metrics['seconds']:.0f}s)"
+    if template.use_chat_template and not getattr(tokenizer, "chat_template", None):
+        print(f"cir eval: note: the tokenizer has no chat template; --prompt {args.prompt} is sent as plain text")
+    engine = make_engine_from_folder(
+        args.engine, args.model, tokenizer, dtype=dtype, device=device, max_batch_size=args.max_batch, seed=args.seed
+    )
+    with engine:
+        try:
+            _check_prompt_lengths(benchmarks, template, tokenizer, engine.max_model_len, prompt_token_ids)
+        except ConfigError as e:
+            print(f"cir eval: {e}", file=sys.stderr)
+            return 2
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            # Benchmarks sampled earlier into this folder stay on record (their temperatures).
+            earlier = (before or {}).get("benchmarks", {})
+            _write_json(out / SETTINGS_FILE, {**settings, "benchmarks": {**earlier, **settings["benchmarks"]}})
+        rollout_cfg = RolloutConfig(max_response_tokens=args.max_response_tokens, tool_budget=args.tool_budget)
+        reward_cfg = RewardConfig(grade_tool_output=args.grade_tool_output)
+        with Sandbox(workers=args.workers or None) as sandbox:
+            results = _evaluate_all(
+                args, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out
             )
-            if out:
-                write_jsonl(out / f"{Path(name).stem}.jsonl", res.rows)
-    if summary:
-        avg = sum(m["accuracy"] for m in summary.values()) / len(summary)
-        print(f"{'average':<20} acc {avg:.1%}")
-        summary["average"] = {"accuracy": avg}
+    from cir.evaluation.report import markdown_report, plot_pass_at_k, terminal_table, write_results_json
+
+    print(terminal_table(results))
     if out:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_results_json(out / "results.json", results)
+        (out / "report.md.tmp").write_text(markdown_report(results))
+        (out / "report.md.tmp").replace(out / "report.md")
+        plot_pass_at_k(out / "pass_at_k.png", results)
+        print(f"cir eval: wrote {out}/results.json, report.md, pass_at_k.png and one JSONL per benchmark")
     return 0
+
+
+def _evaluate_all(args, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out):
+    from cir.evaluation import evaluate
+    from cir.evaluation.grading import answer_groups
+    from cir.evaluation.metrics import breakdowns, overall, summarise
+    from cir.evaluation.samples_file import SamplesFile
+
+    summaries, seconds, reused_total = {}, {}, 0
+    for name, problems in benchmarks.items():
+        samples, temperature = protocols[name]
+        store = SamplesFile(out / f"{_stem(name)}.jsonl") if out else None
+        done = store.rows if store else {}
+        t0 = time.perf_counter()
+        res = evaluate(
+            engine,
+            sandbox,
+            problems,
+            template=template,
+            rollout_config=rollout_cfg,
+            reward_config=reward_cfg,
+            samples=samples,
+            temperature=temperature,
+            seed=args.seed,
+            progress=_progress(len(problems) * samples, name),
+            done=done,
+            on_problem=store.append if store else None,
+        )
+        seconds[name] = time.perf_counter() - t0
+        reused_total += res.reused
+        if res.reused:
+            print(f"cir eval: {name}: reused {res.reused} of {len(res.rows)} samples from {store.path}")
+        if store:
+            store.finalize(res.rows)
+        by_problem: dict[str, list[dict]] = {}
+        for row in res.rows:
+            by_problem.setdefault(str(row["id"]), []).append(row)
+        labels = answer_groups(
+            [([r["extracted_answer"] for r in rs], [r["correct"] for r in rs]) for rs in by_problem.values()],
+            reward_cfg.grader_timeout_s,
+        )
+        groups = dict(zip(by_problem, labels))
+        summary = summarise(res.rows, temperature=temperature, groups=groups)
+        summary["by"] = breakdowns(res.rows, temperature=temperature, groups=groups)
+        summaries[name] = summary
+        print(
+            f"{name:<20} score {summary['score']:.1%} ({summary['protocol']}, {len(problems)} problems, "
+            f"{seconds[name]:.0f}s)"
+        )
+    return {
+        "settings": settings,
+        "benchmarks": summaries,
+        "overall": overall(summaries),
+        "run": {"seconds": seconds, "reused_samples": reused_total},
+    }
+
+
+def _protocol(name: str, args) -> tuple[int, float]:
+    samples, temperature = PAPER_PROTOCOL.get(_stem(name), (1, 0.0))
+    samples = args.samples if args.samples is not None else samples
+    temperature = args.temperature if args.temperature is not None else temperature
+    if samples < 1:
+        raise ConfigError(f"--samples {samples}: must be >= 1")
+    if temperature < 0:
+        raise ConfigError(f"--temperature {temperature}: must be >= 0")
+    return samples, temperature
+
+
+def _stem(name: str) -> str:
+    return Path(name).stem if name.lower().endswith((".jsonl", ".json", ".parquet")) else name.replace("/", "__")
+
+
+def _settings(args, protocols: dict) -> dict:
+    return {
+        # A local folder by its full path, so `./m` and `/abs/m` are the same model on resume.
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model),
+        "tokenizer": args.tokenizer,
+        "prompt": args.prompt,
+        "tool_budget": args.tool_budget,
+        "max_response_tokens": args.max_response_tokens,
+        "seed": args.seed,
+        "grade_tool_output": bool(args.grade_tool_output),
+        "engine": args.engine,
+        "benchmarks": {name: {"samples": s, "temperature": t} for name, (s, t) in protocols.items()},
+        "limit": args.limit,
+    }
+
+
+def _check_resumable(out: Path, settings: dict) -> dict | None:
+    """The settings an earlier run recorded in `out` (None: a fresh folder). An `--out`
+    holding samples made under other settings is refused (their samples would be mixed with
+    new ones); a different number of samples or problems is fine."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--out {out}: cannot read {SETTINGS_FILE} ({e}); use another --out") from None
+    for key in SAMPLE_SETTINGS:
+        old, new = before.get(key), settings[key]
+        if key == "benchmarks":
+            old = {n: b["temperature"] for n, b in (old or {}).items()}
+            new = {n: b["temperature"] for n, b in new.items()}
+            clash = {n: (old[n], t) for n, t in new.items() if n in old and old[n] != t}
+            if clash:
+                name, (was, now) = next(iter(clash.items()))
+                raise ConfigError(f"--out {out}: {name} was sampled at temperature {was}, now {now}; use another --out")
+        elif old != new:
+            raise ConfigError(f"--out {out}: its samples were made with {key}={old!r}, now {new!r}; use another --out")
+    return before
+
+
+def _check_prompt_lengths(benchmarks, template, tokenizer, max_model_len, prompt_token_ids) -> None:
+    if max_model_len is None:
+        return
+    for name, problems in benchmarks.items():
+        for p in problems:
+            n = len(prompt_token_ids(template, p.problem, tokenizer))
+            if n >= max_model_len:
+                raise ConfigError(
+                    f"--benchmarks: {name}: problem {p.id}: the prompt has {n} tokens, no room for a response "
+                    f"in the model's context of {max_model_len} tokens"
+                )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _progress(total: int, desc: str):
@@ -135,7 +280,7 @@ def _progress(total: int, desc: str):
 
 def _check_inputs(args) -> dict:
     """The model path, prompt and every benchmark, checked and loaded before the model is."""
-    from cir.data import DatasetError, load_problems
+    from cir.data import BENCHMARKS, DatasetError, load_problems
     from cir.models import check_model_path
     from cir.prompts import get_prompt
 
@@ -146,10 +291,31 @@ def _check_inputs(args) -> dict:
         get_prompt(args.prompt)
     except KeyError as e:
         raise ConfigError(f"--prompt {args.prompt}: {e.args[0]}") from None
+    for flag, value, least in (
+        ("--tool-budget", args.tool_budget, 0),
+        ("--max-response-tokens", args.max_response_tokens, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: must be >= {least}")
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if not names:
+        raise ConfigError("--benchmarks: no benchmark named")
     benchmarks = {}
-    for name in [b.strip() for b in args.benchmarks.split(",") if b.strip()]:
+    for name in names:
+        if not Path(name).expanduser().exists() and name not in BENCHMARKS and "/" not in name:
+            # Not a file, not a bundled benchmark, and not "org/name": a typo, not a hub dataset.
+            raise ConfigError(
+                f"--benchmarks: {name}: unknown benchmark; known: {', '.join(BENCHMARKS)}, "
+                "or a .jsonl/.json/.parquet file, or a Hugging Face dataset (org/name)"
+            )
         try:
             benchmarks[name] = load_problems(name, split="test", limit=args.limit, benchmark_dir=args.benchmark_dir)
-        except (DatasetError, OSError, KeyError, ImportError) as e:
+        except (DatasetError, OSError, KeyError, ImportError, ValueError) as e:
             raise ConfigError(f"--benchmarks: {name}: {e}") from None
+        seen: set[str] = set()
+        for problem in benchmarks[name]:
+            if problem.id in seen:
+                # Samples are stored and resumed by (problem id, sample).
+                raise ConfigError(f"--benchmarks: {name}: problem id {problem.id!r} appears twice; ids must be unique")
+            seen.add(problem.id)
     return benchmarks

@@ -35,28 +35,34 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2
-    print(dump_yaml(cfg), file=sys.stderr)
+    from cir.distributed import init_distributed
+
+    # Under torchrun every rank runs this; rank 0 prints, logs and writes.
+    dist = init_distributed()
+    if dist.is_main:
+        print(dump_yaml(cfg), file=sys.stderr)
     if args.print_config:
         return 0
     from cir.training.trainer import Trainer
 
     t0 = time.perf_counter()
     try:
-        trainer = Trainer(cfg, resume=args.resume or False)
+        trainer = Trainer(cfg, resume=args.resume or False, dist=dist)
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2
     with trainer:
         result = trainer.fit()
+    if not dist.is_main:
+        return 0
     if result["before"] and result["after"]:
         strip = lambda m: {k.split("/", 1)[1] if k.startswith("eval/") else k: v for k, v in m.items()}  # noqa: E731
         names = ", ".join(trainer.eval_sets)
-        print(
-            f"\nheld-out evaluation ({names}), before vs after RL\n"
-            + summary_table(strip(result["before"]), strip(result["after"]))
-        )
+        table = summary_table(strip(result["before"]), strip(result["after"]))
+        print(f"\nheld-out evaluation ({names}), before vs after RL\n{table}")
     print(
-        f"\nrun folder: {cfg.run.out_dir} (metrics.jsonl, tensorboard/, checkpoints/, curves.png); {time.perf_counter() - t0:.0f}s in all"
+        f"\nrun folder: {cfg.run.out_dir} (metrics.jsonl, tensorboard/, checkpoints/, curves.png); "
+        f"{time.perf_counter() - t0:.0f}s in all"
     )
     return 0
 

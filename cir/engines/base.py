@@ -45,6 +45,34 @@ def stop_rule(name: str) -> StopPredicate:
     return rule
 
 
+# Stop strings that stand in for a stop rule at an engine that cannot run the rule's predicate
+# after every token (vLLM). Each rule's strings must be such that the token on which the rule
+# turns true completes one of them; they may also fire earlier (a false stop, e.g. on the
+# opening fence), so the caller checks the rule on what came back and continues if it does not
+# hold yet (see `cir.rollout.loop`).
+_STOP_RULE_STRINGS: dict[str, tuple[str, ...]] = {"python_block_closed": ("```",)}
+
+
+def stop_rule_strings(name: str) -> tuple[str, ...]:
+    """The stop strings that stand in for the stop rule `name` (see `evaluates_stop_rule`)."""
+    if name not in _STOP_RULE_STRINGS:
+        raise KeyError(
+            f"stop rule {name!r} has no stand-in stop strings; known: {', '.join(sorted(_STOP_RULE_STRINGS))}"
+        )
+    return _STOP_RULE_STRINGS[name]
+
+
+def evaluates_stop_rule(engine, name: str) -> bool:
+    """Whether `engine` stops exactly on the token where the stop rule `name` turns true.
+
+    An engine lists the rules it evaluates in an attribute `stop_rules` (a collection of names);
+    one without that attribute evaluates every registered rule (HFEngine does). For a rule it does
+    not evaluate, a caller sends `stop_rule_strings(name)` instead and checks the rule itself.
+    """
+    rules = getattr(engine, "stop_rules", None)
+    return rules is None or name in rules
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
@@ -70,7 +98,11 @@ class Completion:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What every generation engine provides (transformers+torch, vLLM, ...)."""
+    """What every generation engine provides (transformers+torch, vLLM, ...).
+
+    Optional: an attribute `stop_rules`, the names of the stop rules the engine evaluates
+    exactly (see `evaluates_stop_rule`); without it, every registered rule.
+    """
 
     @property
     def tokenizer(self): ...

@@ -35,7 +35,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cir.rewards.answers import extract_all_boxed, extract_boxed, normalize_answer, normalize_reference
+from cir.rewards.answers import (
+    answer_only_in_tool_output,
+    extract_all_boxed,
+    extract_boxed,
+    normalize_answer,
+    normalize_reference,
+    without_code_blocks,
+)
 
 # The grader and the registry are imported on first use of one of their names: code that only
 # reads answers (data loading imports `cir.rewards.answers`, which runs this file first) then
@@ -56,9 +63,11 @@ _LAZY_NAMES: dict[str, str] = {
     "available_rewards": "registry",
     "compute_rewards": "registry",
     "get_reward": "registry",
+    "grading_text": "registry",
     "has_unclosed_code_block": "registry",
     "math_reward": "registry",
     "math_reward_batch": "registry",
+    "model_text": "registry",
     "overlong_penalty": "registry",
     "register_batch_reward": "registry",
     "register_reward": "registry",
@@ -74,6 +83,7 @@ __all__ = [
     "RewardConfig",
     "RewardFn",
     "RewardResult",
+    "answer_only_in_tool_output",
     "available_rewards",
     "compute_rewards",
     "extract_all_boxed",
@@ -83,9 +93,11 @@ __all__ = [
     "grade",
     "grade_batch",
     "grade_outcomes",
+    "grading_text",
     "has_unclosed_code_block",
     "math_reward",
     "math_reward_batch",
+    "model_text",
     "normalize_answer",
     "normalize_reference",
     "overlong_penalty",
@@ -94,6 +106,7 @@ __all__ = [
     "reward_info_from_trajectory",
     "score_trajectories",
     "shutdown_grader_pool",
+    "without_code_blocks",
 ]
 
 
@@ -129,9 +142,11 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         available_rewards,
         compute_rewards,
         get_reward,
+        grading_text,
         has_unclosed_code_block,
         math_reward,
         math_reward_batch,
+        model_text,
         overlong_penalty,
         register_batch_reward,
         register_reward,

@@ -102,6 +102,27 @@ def extract_boxed(text: str) -> str | None:
     return boxes[-1] if boxes else None
 
 
+# A python block up to its closing fence (a line starting with ``` indented by at most three
+# spaces, as the rollout closes it), or to the end of a response cut off inside it.
+_PYTHON_BLOCK = re.compile(r"```(?:python|py)\b.*?(?:^[ ]{0,3}```|\Z)", re.DOTALL | re.MULTILINE)
+
+
+def without_code_blocks(text: str) -> str:
+    """`text` with its python blocks removed: a box written in code (``print("\\boxed{7}")``)
+    is something the code prints, not an answer the model states."""
+    return _PYTHON_BLOCK.sub("\n", text)
+
+
+def answer_only_in_tool_output(model_text: str, full_text: str) -> bool:
+    """True when the response's only boxed answer is one the interpreter printed: the model's
+    own text (`model_text`, the response without its output blocks) has no box outside its
+    code, and the whole response (`full_text`) has one outside its code."""
+    return (
+        extract_boxed(without_code_blocks(model_text)) is None
+        and extract_boxed(without_code_blocks(full_text)) is not None
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation (the fast path and multi-box counting only; math-verify does the real work)
 

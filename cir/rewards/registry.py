@@ -5,6 +5,11 @@ responses with the one a run names, and `score_trajectories` does the same from 
 trajectories (the step the trainer and evaluation share). The built-in ``"math"`` reward is
 the paper's +1 / -1 with optional format and overlong penalties configured by `RewardConfig`.
 
+The response is graded on the model's own words by default: `score_trajectories` extracts the
+answer from the model's sampled segments only (the interpreter's output spans, known exactly from
+the trajectory's `loss_mask`, are left out), so a ``\\boxed{}`` that only the code printed is not
+the model's answer. `RewardConfig.grade_tool_output` grades the whole response instead.
+
 ``trajectory_info`` keys the built-in reward reads (build them with
 `reward_info_from_trajectory`): ``response_length`` (model-sampled tokens of the response),
 ``max_response_length`` (the current response-length limit, needed for the overlong
@@ -20,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cir.rewards.answers import _scan_boxes, normalize_answer
+from cir.rewards.answers import _scan_boxes, normalize_answer, without_code_blocks
 from cir.rewards.grader import GradeOutcome, grade_outcomes
 
 if TYPE_CHECKING:
@@ -55,6 +60,9 @@ class RewardConfig:
         tokens loses nothing for n <= L - B, then linearly more, up to `overlong_penalty`
         at n >= L. Off when either is 0.
     grader_timeout_s: per-answer grading deadline; a slower grader counts the answer wrong.
+    grade_tool_output: grade the whole response, interpreter output included. Off (the default,
+        the paper's setting): only the model's own text is read, so an answer the code printed
+        and the model never restated earns nothing.
     """
 
     name: str = "math"
@@ -67,6 +75,7 @@ class RewardConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 0.0
     grader_timeout_s: float = 5.0
+    grade_tool_output: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -203,6 +212,34 @@ def reward_info_from_trajectory(trajectory, max_response_length: int | None = No
     }
 
 
+def model_text(trajectory, tokenizer) -> str:
+    """The model's own words: its sampled segments (loss_mask 1), each decoded alone, joined.
+
+    The interpreter's output is left out exactly where it was appended (the mask is built at
+    append time), never found again by a regex over decoded text. Segments end on whole tokens
+    (a feedback span starts after the token that closed the fence), so decoding them one by
+    one gives the same characters as decoding the model's tokens in place.
+    """
+    ids, mask = trajectory.response_ids, trajectory.loss_mask
+    parts, start = [], None
+    for i, m in enumerate(mask):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            parts.append(tokenizer.decode(ids[start:i]))
+            start = None
+    if start is not None:
+        parts.append(tokenizer.decode(ids[start:]))
+    return "".join(parts)
+
+
+def grading_text(trajectory, tokenizer, grade_tool_output: bool = False) -> str:
+    """The text the reward reads: the model's own words, or (`grade_tool_output`) the whole
+    response with the interpreter's output."""
+    # Decoding is fine here: the text is only graded, never turned back into training tokens.
+    return trajectory.text(tokenizer) if grade_tool_output else model_text(trajectory, tokenizer)
+
+
 def score_trajectories(
     trajectories: Sequence[Trajectory],
     answers: Sequence[str],
@@ -214,10 +251,11 @@ def score_trajectories(
 
     answers: the reference answer of each trajectory's problem. max_response_tokens: the
     response-length limit the trajectories were sampled under (the overlong penalty measures
-    against it). The trajectories are only read: the caller decides where the results go.
+    against it). The reward reads `grading_text` (the model's own words unless
+    `config.grade_tool_output`). The trajectories are only read: the caller decides where the
+    results go.
     """
-    # Decoding is fine here: the text is only graded, never turned back into training tokens.
-    texts = [t.text(tokenizer) for t in trajectories]
+    texts = [grading_text(t, tokenizer, config.grade_tool_output) for t in trajectories]
     infos = [reward_info_from_trajectory(t, max_response_tokens) for t in trajectories]
     return compute_rewards(None, texts, answers, infos, config)
 
@@ -225,8 +263,10 @@ def score_trajectories(
 def _math_shaping(
     response_text: str, trajectory_info: dict, config: RewardConfig
 ) -> tuple[str | None, dict[str, float], int]:
-    """The final answer, the penalties that apply (name -> amount) and the number of distinct boxes."""
-    boxes = _scan_boxes(response_text)
+    """The final answer, the penalties that apply (name -> amount) and the number of distinct boxes.
+
+    Boxes inside python blocks are code, not the model's answer, and are not read."""
+    boxes = _scan_boxes(without_code_blocks(response_text))
     answer = boxes[-1] if boxes else None
     distinct = {normalize_answer(b) for b in boxes if b is not None}
     penalties: dict[str, float] = {}

@@ -8,12 +8,13 @@ import concurrent.futures
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
-from cir.engines.base import Completion, SamplingParams
+from cir.engines.base import Completion, SamplingParams, evaluates_stop_rule, stop_rule_strings
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import _decode, _encode, build_feedback
-from cir.rollout.fences import PYTHON_BLOCK_CLOSED, find_code_block
+from cir.rollout.fences import PYTHON_BLOCK_CLOSED, fence_closed, find_code_block
 from cir.trajectory import BUDGET_EXHAUSTED, ToolCall, Trajectory
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +49,17 @@ class _TrajectoryRun:
     next_request() -> (ids, params); then take_completion(completion) returns the code to run
     (or None); if it returned code, take_result(exec_result) appends the feedback. `done` says
     when the trajectory is finished.
+
+    A segment is what the model wrote since the last feedback (or the prompt). With an engine
+    that evaluates the closing-fence rule itself (`exact_stop_rule`), every generate call ends
+    a segment. Otherwise the request carries the rule's stand-in stop string ("```"), which also
+    fires on an opening fence or backticks inside a line: a completion that ended on a stop
+    string (or rule) while the segment holds no closed python block is a false stop, and the
+    next generate call continues the same segment. Each generate call counts as a turn for the
+    seed (`derive_seed(seed, turn)`), continuations included. A completion that runs past the
+    token where the block closes (a stand-in string split across two calls) is cut at that
+    token, so the segment ends exactly where the exact rule would have stopped: greedy
+    trajectories are the same either way.
     """
 
     def __init__(
@@ -61,8 +73,10 @@ class _TrajectoryRun:
         group,
         stop_ids,
         max_response_tokens: int,
+        exact_stop_rule: bool = True,
     ):
         self.tokenizer = tokenizer
+        self.exact_stop_rule = exact_stop_rule
         self.config = config
         # config.max_response_tokens, or less where the model's context ends sooner: feedback
         # included, the response never goes past it.
@@ -70,7 +84,8 @@ class _TrajectoryRun:
         self.seed = seed
         self.stop_ids = stop_ids
         self.trajectory = Trajectory(prompt_ids=[int(t) for t in prompt_ids], problem_id=problem_id, group=group)
-        self.turn = 0
+        self.turn = 0  # generate calls so far (continuations after a false stop included)
+        self.segment_start = 0  # where the current segment starts in response_ids
         self.executions = 0
         self.done = False
         self.session: str | None = f"traj-{uuid.uuid4().hex}" if config.session_mode else None
@@ -98,8 +113,11 @@ class _TrajectoryRun:
             top_k=cfg.top_k,
             seed=derive_seed(self.seed, self.turn),
             stop_token_ids=self.stop_ids,
-            stop_rule=PYTHON_BLOCK_CLOSED,
         )
+        if self.exact_stop_rule:
+            params = replace(params, stop_rule=PYTHON_BLOCK_CLOSED)
+        else:
+            params = replace(params, stop_strings=stop_rule_strings(PYTHON_BLOCK_CLOSED))
         return self.trajectory.prompt_ids + self.trajectory.response_ids, params
 
     def take_completion(self, completion: Completion) -> str | None:
@@ -108,13 +126,26 @@ class _TrajectoryRun:
             raise RuntimeError(
                 f"engine returned {len(completion.token_ids)} tokens for max_new_tokens={self.remaining}"
             )
-        span = traj.append(list(completion.token_ids), list(completion.logprobs), trainable=True)
-        self.turn += 1
-        segment = _decode(self.tokenizer, completion.token_ids)
+        token_ids, logprobs = list(completion.token_ids), list(completion.logprobs)
+        written = traj.response_ids[self.segment_start :]  # the segment's earlier parts
+        segment = _decode(self.tokenizer, written + token_ids)
         block = find_code_block(segment)
+        if block is not None and not self.exact_stop_rule:
+            keep = self._tokens_until_closed(written, token_ids)
+            if keep < len(token_ids):
+                token_ids, logprobs = token_ids[:keep], logprobs[:keep]
+                segment = _decode(self.tokenizer, written + token_ids)
+                block = find_code_block(segment)
+        traj.append(token_ids, logprobs, trainable=True)
+        span = (self.segment_start, len(traj.response_ids))
+        self.turn += 1
         if block is None:
-            ended_on_stop = bool(completion.token_ids) and completion.token_ids[-1] in self.stop_ids
-            self._finish("eos" if ended_on_stop else "length")
+            if token_ids and token_ids[-1] in self.stop_ids:
+                self._finish("eos")
+            elif completion.finish_reason in ("stop_string", "stop_rule") and self.remaining > 0:
+                pass  # a false stop (e.g. on the opening fence): the next call continues the segment
+            else:
+                self._finish("length")
             return None
         budget_spent = self.executions >= cfg.tool_budget
         if budget_spent and cfg.on_budget_exhausted == "stop":
@@ -133,6 +164,22 @@ class _TrajectoryRun:
         self.executions += 1
         self._pending = (block.code, span, prefix, limit)
         return block.code
+
+    def _tokens_until_closed(self, written: list[int], new: list[int]) -> int:
+        """How many of `new` tokens to keep: up to the first one after which `written + new[:k]`
+        holds a closed python block (the token the exact rule stops on). The rule is monotone in
+        k, so a bisection over decoded prefixes finds it; usually the last token is the one."""
+        decode = lambda k: _decode(self.tokenizer, written + new[:k])  # noqa: E731
+        if len(new) <= 1 or not fence_closed(decode(len(new) - 1)):
+            return len(new)
+        lo, hi = 1, len(new) - 1  # the rule holds at hi; find the smallest such k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fence_closed(decode(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
 
     def take_result(self, result) -> None:
         if self._pending is None:
@@ -155,6 +202,7 @@ class _TrajectoryRun:
             marker=cfg.truncation_marker,
         )
         fb_span = self.trajectory.append(fb.ids, None, trainable=False)
+        self.segment_start = fb_span[1]
         self.trajectory.tool_calls.append(
             ToolCall(
                 code=code,
@@ -202,6 +250,7 @@ def _make_runs(engine, prompts, config, seeds, problem_ids, groups) -> list[_Tra
             raise ValueError(f"{len(values)} {name} for {n} prompts")
     tokenizer = engine.tokenizer
     stop_ids = _eos_ids(tokenizer, config)
+    exact_stop_rule = evaluates_stop_rule(engine, PYTHON_BLOCK_CLOSED)
     context = engine.max_model_len  # prompt + response
     runs = []
     for i, prompt in enumerate(prompts):
@@ -224,6 +273,7 @@ def _make_runs(engine, prompts, config, seeds, problem_ids, groups) -> list[_Tra
                 group=i if groups is None else int(groups[i]),
                 stop_ids=stop_ids,
                 max_response_tokens=limit,
+                exact_stop_rule=exact_stop_rule,
             )
         )
     return runs

@@ -7,27 +7,47 @@ from collections.abc import Sequence
 
 from cir.trajectory import Trajectory
 
+FINISH_REASONS = ("eos", "length", "budget")
+
+
+def rollout_totals(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Counts over a batch of trajectories (they add up over ranks; `rates` turns them into
+    the metrics)."""
+    reasons = Counter(t.finish_reason for t in trajectories)
+    totals = {
+        "trajectories": len(trajectories),
+        "tool_calls": sum(t.num_tool_calls for t in trajectories),
+        "exec_errors": sum(t.num_exec_errors for t in trajectories),
+        "timeouts": sum(t.num_timeouts for t in trajectories),
+        "budget_notices": sum(len(t.tool_calls) - t.num_tool_calls for t in trajectories),
+        "model_tokens": sum(t.num_model_tokens for t in trajectories),
+        "feedback_tokens": sum(t.num_feedback_tokens for t in trajectories),
+    }
+    for reason in FINISH_REASONS:
+        totals[f"finish_{reason}"] = reasons.get(reason, 0)
+    return totals
+
+
+def rates(totals: dict[str, float]) -> dict[str, float]:
+    """Means per trajectory and rates per call from `rollout_totals` (summed over any ranks)."""
+    n, calls = totals["trajectories"], totals["tool_calls"]
+    if n == 0:
+        return {}
+    tokens = totals["model_tokens"] + totals["feedback_tokens"]
+    stats = {
+        "tool_calls_per_traj": calls / n,
+        "exec_error_rate": totals["exec_errors"] / calls if calls else 0.0,
+        "timeout_rate": totals["timeouts"] / calls if calls else 0.0,
+        "budget_notices_per_traj": totals["budget_notices"] / n,
+        "response_tokens_mean": tokens / n,
+        "model_tokens_mean": totals["model_tokens"] / n,
+        "feedback_token_share": totals["feedback_tokens"] / tokens if tokens else 0.0,
+    }
+    for reason in FINISH_REASONS:
+        stats[f"finish_{reason}"] = totals[f"finish_{reason}"] / n
+    return stats
+
 
 def rollout_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     """Batch-level numbers for the trainer's metrics (means per trajectory, rates per call)."""
-    n = len(trajectories)
-    if n == 0:
-        return {}
-    calls = sum(t.num_tool_calls for t in trajectories)
-    model_tokens = sum(t.num_model_tokens for t in trajectories)
-    feedback_tokens = sum(t.num_feedback_tokens for t in trajectories)
-    reasons = Counter(t.finish_reason for t in trajectories)
-    stats = {
-        "tool_calls_per_traj": calls / n,
-        "exec_error_rate": sum(t.num_exec_errors for t in trajectories) / calls if calls else 0.0,
-        "timeout_rate": sum(t.num_timeouts for t in trajectories) / calls if calls else 0.0,
-        "budget_notices_per_traj": sum(len(t.tool_calls) - t.num_tool_calls for t in trajectories) / n,
-        "response_tokens_mean": (model_tokens + feedback_tokens) / n,
-        "model_tokens_mean": model_tokens / n,
-        "feedback_token_share": feedback_tokens / (model_tokens + feedback_tokens)
-        if model_tokens + feedback_tokens
-        else 0.0,
-    }
-    for reason, count in sorted(reasons.items()):
-        stats[f"finish_{reason or 'unknown'}"] = count / n
-    return stats
+    return rates(rollout_totals(trajectories))

@@ -28,7 +28,7 @@ import torch
 from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
 from cir.distributed import DistributedContext
 from cir.training.batch import MicroBatch, TrainBatch
-from cir.training.logprobs import token_logprobs
+from cir.training.logprobs import ResponseLogprobs
 from cir.training.optim import OptimConfig, lr_multiplier
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -58,9 +58,11 @@ def sync_weights(actor: Actor, engine, bucket_bytes: int = DEFAULT_BUCKET_BYTES)
         engine.load_weights(bucket)
 
 
-def micro_batch_loss(model, mb: MicroBatch, algo: AlgoConfig, *, temperature: float, max_response_tokens: int):
+def micro_batch_loss(
+    policy: ResponseLogprobs, mb: MicroBatch, algo: AlgoConfig, *, temperature: float, max_response_tokens: int
+):
     """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient."""
-    logprob, entropy = token_logprobs(model, mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
+    logprob, entropy = policy.of(mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprob.detach()
     loss, metrics = compute_policy_loss(
         algo.policy_loss,
@@ -97,7 +99,8 @@ class LocalActor:
     """The policy in this process (CPU or one GPU).
 
     `total_optimizer_steps` sets the length of the LR schedule's decay. With `algo.kl_coef > 0`
-    a frozen copy of the initial policy serves as the KL reference.
+    a frozen copy of the initial policy serves as the KL reference. `FSDPActor` (cir.training.fsdp)
+    overrides the few methods where sharding matters.
     """
 
     def __init__(
@@ -115,45 +118,50 @@ class LocalActor:
         self.optim_config = optim
         self.algo = algo
         self.dist = dist or DistributedContext()
+        ref = _frozen_copy(model) if algo.kl_coef > 0 else None
+        self.policy = self._wrap(ResponseLogprobs(model))
+        self.ref_policy = None if ref is None else self._wrap(ResponseLogprobs(ref))
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
+            [p for p in self.policy.parameters() if p.requires_grad],
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(optim, total_optimizer_steps))
-        self.ref_model = self._frozen_copy() if algo.kl_coef > 0 else None
 
-    def _frozen_copy(self):
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
+    def _wrap(self, policy: ResponseLogprobs) -> ResponseLogprobs:
+        """Where a sharded actor shards the module; here the module is used as it is."""
+        return policy
+
+    def _padded_plan(self, micro_batches: list[MicroBatch]) -> list[MicroBatch | None]:
+        """The micro-batches to run; a sharded actor pads with None so every rank runs as many."""
+        return list(micro_batches)
 
     # -- the update ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _fill_old_and_ref_logprobs(self, batch: TrainBatch, on_policy: bool) -> None:
         impl = self.algo.logprob_impl
-        for mb in batch.micro_batches:
+        for mb in self._padded_plan(batch.micro_batches):
+            step = mb if mb is not None else batch.micro_batches[-1]  # a padding pass: result unused
             if not on_policy:
-                mb.old_logprobs = token_logprobs(
-                    self.model, mb, temperature=batch.temperature, with_entropy=False, impl=impl
-                )[0]
-            if self.ref_model is not None:
-                mb.ref_logprobs = token_logprobs(
-                    self.ref_model, mb, temperature=batch.temperature, with_entropy=False, impl=impl
-                )[0]
+                lp = self.policy.of(step, temperature=batch.temperature, with_entropy=False, impl=impl)[0]
+                if mb is not None:
+                    mb.old_logprobs = lp
+            if self.ref_policy is not None:
+                lp = self.ref_policy.of(step, temperature=batch.temperature, with_entropy=False, impl=impl)[0]
+                if mb is not None:
+                    mb.ref_logprobs = lp
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
         # Strictly on-policy (one epoch, one mini-batch): the old policy is the current one, so
         # its log-probs come from the same forward (ratio exactly 1) and need no extra pass.
         on_policy = oc.ppo_epochs == 1 and oc.mini_batches == 1
-        if not on_policy or self.ref_model is not None:
+        if not on_policy or self.ref_policy is not None:
             self._fill_old_and_ref_logprobs(batch, on_policy)
-        self.model.train()
+        self.policy.train()
         sums: dict[str, float] = {}
         weight_total = 0.0
         grad_norms = []
@@ -163,9 +171,19 @@ class LocalActor:
                     [sum(mb.num_model_tokens for mb in mini), sum(mb.num_seqs for mb in mini)]
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in mini:
+                for mb in self._padded_plan(mini):
+                    if mb is None:  # this rank has fewer micro-batches: a pass that adds nothing
+                        loss, _ = micro_batch_loss(
+                            self.policy,
+                            batch.micro_batches[-1],
+                            algo,
+                            temperature=batch.temperature,
+                            max_response_tokens=batch.max_response_tokens,
+                        )
+                        (loss * 0.0).backward()
+                        continue
                     loss, m = micro_batch_loss(
-                        self.model,
+                        self.policy,
                         mb,
                         algo,
                         temperature=batch.temperature,
@@ -186,17 +204,22 @@ class LocalActor:
                     for k, v in m.items():
                         sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
                 grad_norms.append(self._optimizer_step())
-        self.model.eval()
+        self.policy.eval()
         out = {k: v / max(weight_total, 1) for k, v in sums.items()}
         out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-        out["actor/advantage_abs_mean"] = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
-        out = self.dist.mean_metrics(out, weight=max(weight_total, 1))
+        out = self.dist.mean_metrics(out, weight=max(weight_total, 1))  # token-weighted over ranks
+        local_mean = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
+        out |= self.dist.mean_metrics({"actor/advantage_abs_mean": local_mean}, weight=batch.num_trajectories)
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
 
-    def _optimizer_step(self) -> float:
+    def _grad_norm(self) -> float:
+        """Clip the gradient to `optim.grad_clip` (0: no clipping) and return its norm before."""
         clip = self.optim_config.grad_clip
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
+        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip if clip > 0 else float("inf")))
+
+    def _optimizer_step(self) -> float:
+        norm = self._grad_norm()
         if math.isfinite(norm):
             self.optimizer.step()
         else:
@@ -213,17 +236,24 @@ class LocalActor:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save_pretrained(self, path: Path) -> None:
+    def save_pretrained(self, path: Path | None) -> None:
+        """The policy as a Hugging Face folder at `path` (None: take part, write nothing)."""
+        if path is None:
+            return
         self.model.save_pretrained(path, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
+    def _full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, whole tensor) for every entry of the policy's state dict."""
+        yield from self.model.state_dict(keep_vars=False).items()
+
     def iter_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[NamedTensors]:
         """Buckets of (Hugging Face name, full tensor), tied weights under each of their names.
-        The tensors are the live parameters (no copy): a consumer copies what it keeps."""
+        The tensors may be the live parameters (no copy): a consumer copies what it keeps."""
         bucket: NamedTensors = []
         size = 0
-        for name, tensor in self.model.state_dict(keep_vars=False).items():
+        for name, tensor in self._full_tensors():
             bucket.append((name, tensor))
             size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
@@ -231,3 +261,21 @@ class LocalActor:
                 bucket, size = [], 0
         if bucket:
             yield bucket
+
+
+def _frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def make_actor(model, tokenizer, optim: OptimConfig, algo: AlgoConfig, *, total_optimizer_steps: int, dist):
+    """The actor for this process: `LocalActor` alone, `FSDPActor` (sharded) in a world of
+    several ranks."""
+    cls = LocalActor
+    if dist is not None and dist.world_size > 1:
+        from cir.training.fsdp import FSDPActor
+
+        cls = FSDPActor
+    return cls(model, tokenizer, optim, algo, total_optimizer_steps=total_optimizer_steps, dist=dist)

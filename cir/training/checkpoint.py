@@ -50,16 +50,24 @@ def save_checkpoint(
     actor,
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
+    write: bool = True,
 ) -> Path:
     """Save step `step` of `actor` (its Hugging Face folder and its optimizer and scheduler
-    state) under `out_dir/checkpoints/`; keep only the newest `keep` (None: all)."""
+    state) under `out_dir/checkpoints/`; keep only the newest `keep` (None: all).
+
+    With several ranks every rank calls this (gathering the actor's state is a collective) and
+    only the one with `write=True` writes."""
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    actor.save_pretrained(tmp)
-    torch.save({"step": step, **actor.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / STATE_FILE)
+    if write:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    actor.save_pretrained(tmp if write else None)
+    state = actor.state_dict()
+    if not write:
+        return final
+    torch.save({"step": step, **state, "rng": rng_state(), "extra": extra or {}}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

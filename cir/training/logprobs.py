@@ -7,6 +7,8 @@ Computed from the decoder's last hidden states and the LM-head weight by
 
 from __future__ import annotations
 
+import torch
+
 from cir.kernels import linear_logprob
 from cir.training.batch import MicroBatch
 
@@ -25,8 +27,30 @@ def decoder_and_head(model):
 
 def token_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool, impl: str = "auto"):
     """Log-probs (and entropies) of the response tokens of `mb` under `model`, [n] fp32 each."""
-    decoder, weight = decoder_and_head(model)
-    out = decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.hidden_index)
-    return linear_logprob(rows, weight, mb.targets, temperature=temperature, with_entropy=with_entropy, impl=impl)
+    return ResponseLogprobs(model).of(mb, temperature=temperature, with_entropy=with_entropy, impl=impl)
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """A causal LM whose forward returns the log-probs (and entropies) of a micro-batch's
+    response tokens, [n] fp32 each.
+
+    This is the module the actor calls, and the one FSDP2 wraps as its root: the fused kernel
+    reads the LM-head weight, which is whole only inside the sharded module's forward (outside
+    it each rank holds a shard). Plain tensors in, so no wrapper has to understand MicroBatch.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids, attention_mask, hidden_index, targets, temperature: float, with_entropy: bool, impl: str
+    ):
+        decoder, weight = decoder_and_head(self.lm)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
+        return linear_logprob(rows, weight, targets, temperature=temperature, with_entropy=with_entropy, impl=impl)
+
+    def of(self, mb: MicroBatch, *, temperature: float, with_entropy: bool, impl: str = "auto"):
+        return self(mb.input_ids, mb.attention_mask, mb.hidden_index, mb.targets, temperature, with_entropy, impl)

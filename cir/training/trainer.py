@@ -35,14 +35,22 @@ from cir.config_loader import ConfigError, dump_yaml, to_dict
 from cir.data import DatasetError, Problem, ProblemSampler, load_problem_set
 from cir.distributed import DistributedContext
 from cir.engines.factory import DEFAULT_ENGINE, EngineName, make_engine
-from cir.metrics import MetricsLogger, plot_curves, read_metrics, step_metrics, truncate_metrics, write_jsonl
+from cir.metrics import (
+    MetricsLogger,
+    NullMetricsLogger,
+    plot_curves,
+    read_metrics,
+    step_metrics,
+    truncate_metrics,
+    write_jsonl,
+)
 from cir.models import check_model_path, load_policy
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import RewardResult, score_trajectories
 from cir.rollout import rollout
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
-from cir.training.actor import LocalActor, sync_weights
+from cir.training.actor import make_actor, sync_weights
 from cir.training.batch import build_train_batch
 from cir.trajectory import Trajectory
 
@@ -163,10 +171,14 @@ class Trainer:
         seed_everything(cfg.run.seed + self.dist.rank)
         self.device = resolve_device(cfg.run.device)
         if resume_from is not None:
-            _log(f"resuming from {resume_from}")
+            self._say(f"resuming from {resume_from}")
         model, self.tokenizer, self.extra_metrics = load_policy(cfg, self.device, checkpoint=resume_from)
         oc = cfg.optim
-        self.actor = LocalActor(
+        # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
+        self.engine = make_engine(
+            cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
+        )
+        self.actor = make_actor(
             model,
             self.tokenizer,
             oc,
@@ -180,26 +192,33 @@ class Trainer:
         if resume_from is not None:
             self._load_state(resume_from)
 
-        self.engine = make_engine(
-            cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
-        )
         self.sandbox = Sandbox.from_config(cfg.sandbox)
         # On resume, the held-out evaluation logged at step 0 (if any) is the run's "before".
         self._logged_before: dict | None = None
-        if resume_from is not None:
+        if resume_from is not None and self.dist.is_main:
             # Steps logged after the checkpoint (a run that crashed later) are redone now.
             kept = truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
             step0 = {k: v for row in kept if row.get("step") == 0 for k, v in row.items() if k.startswith("eval/")}
             self._logged_before = step0 or None
-        self.logger = MetricsLogger(
-            self.out_dir,
-            tensorboard=cfg.run.tensorboard,
-            wandb=cfg.run.wandb,
-            wandb_project=cfg.run.wandb_project,
-            config=to_dict(cfg),
-            resume=resume_from is not None,
+        # Rank 0 logs, evaluates and writes; metrics are already reduced over ranks.
+        self.logger = (
+            NullMetricsLogger()
+            if not self.dist.is_main
+            else MetricsLogger(
+                self.out_dir,
+                tensorboard=cfg.run.tensorboard,
+                wandb=cfg.run.wandb,
+                wandb_project=cfg.run.wandb_project,
+                config=to_dict(cfg),
+                resume=resume_from is not None,
+            )
         )
-        (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if self.dist.is_main:
+            (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:
+            _log(msg)
 
     def _resume_path(self, resume: bool | str) -> Path | None:
         if not resume:
@@ -217,9 +236,15 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def save(self) -> Path:
+        """A checkpoint of the run (every rank takes part; rank 0 writes)."""
         extra = {"sampler": self.sampler.state_dict()}
         return ckpt.save_checkpoint(
-            self.out_dir, self.step_count, self.actor, extra=extra, keep=self.cfg.run.keep_checkpoints
+            self.out_dir,
+            self.step_count,
+            self.actor,
+            extra=extra,
+            keep=self.cfg.run.keep_checkpoints,
+            write=self.dist.is_main,
         )
 
     def _load_state(self, path: Path) -> None:
@@ -256,7 +281,10 @@ class Trainer:
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
-        update_metrics = self.actor.update(batch) if trained else {}
+        (trained_anywhere,) = self.dist.sum_floats([len(trained)])
+        self.engine.sleep()  # the engine's memory (a GPU's KV cache) is the update's meanwhile
+        update_metrics = self.actor.update(batch) if trained_anywhere else {}
+        self.engine.wake()
         t_update = time.perf_counter() - t0
 
         sync_weights(self.actor, self.engine)
@@ -274,8 +302,9 @@ class Trainer:
             stage=stage,
             epoch=self.sampler.epoch,
             times=times,
+            dist=self.dist,
         )
-        return {**self.dist.mean_metrics(metrics, weight=len(collected.trajectories)), **update_metrics}
+        return {**metrics, **update_metrics}
 
     def collect(self, stage) -> Collected:
         """Roll out this rank's share of the step's problems and score them. With dynamic
@@ -347,8 +376,11 @@ class Trainer:
     # -- evaluation and the loop ----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        from cir.evaluate import evaluate
+        """Held-out metrics (rank 0 evaluates; other ranks return {} and go on)."""
+        from cir.evaluation import evaluate
 
+        if not self.dist.is_main:
+            return {}
         stage = self.schedule.at(self.step_count)
         cfg = replace(self.cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
         out: dict[str, float] = {}
@@ -385,11 +417,11 @@ class Trainer:
             t0 = time.perf_counter()
             before = self.evaluate()
             self.logger.log(0, {**before, **self.extra_metrics})
-            _log(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
+            self._say(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
         elif start_step > 0:
             before = self._logged_before
         bar = None
-        if cfg.run.progress and sys.stderr.isatty():
+        if cfg.run.progress and sys.stderr.isatty() and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -417,7 +449,7 @@ class Trainer:
                         tools=f"{metrics['tool/calls_per_traj']:.2f}",
                     )
                 else:
-                    _log(
+                    self._say(
                         f"step {step}: reward {metrics['reward/mean']:.3f} acc {metrics['reward/accuracy']:.3f} tool calls {metrics['tool/calls_per_traj']:.2f} ({metrics['time/step_s']:.1f}s)"
                     )
                 if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
@@ -428,7 +460,7 @@ class Trainer:
                 bar.close()
                 bar = None
             path = self.save()
-            _log(f"interrupted at step {self.step_count}; saved {path} (continue with --resume)")
+            self._say(f"interrupted at step {self.step_count}; saved {path} (continue with --resume)")
             raise
         finally:
             if bar is not None:
@@ -437,14 +469,14 @@ class Trainer:
         if self.eval_sets:
             after = self.evaluate()
             self.logger.log(self.step_count, after)
-            _log(f"held-out after training: {_brief(after)}")
+            self._say(f"held-out after training: {_brief(after)}")
         path = self.save()
-        _log(f"checkpoint: {path}")
+        self._say(f"checkpoint: {path}")
         plot = None
-        if cfg.run.plot:
+        if cfg.run.plot and self.dist.is_main:
             plot = plot_curves(read_metrics(self.logger.path), self.out_dir / "curves.png")
             if plot:
-                _log(f"curves: {plot}")
+                self._say(f"curves: {plot}")
         return {
             "before": before,
             "after": after,

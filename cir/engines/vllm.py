@@ -1,0 +1,633 @@
+"""`VLLMEngine`: the engine interface on vLLM's v1 engine, in the trainer's process.
+
+Why the synchronous `LLMEngine` and not `AsyncLLM`. vLLM's `AsyncLLM` always runs its engine core
+(scheduler, model, KV cache) in a child process (`EngineCoreClient.make_async_mp_client`), so
+it cannot live in the trainer's process, and new weights would have to be serialized to it.
+`LLMEngine` with `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs the same engine core (continuous
+batching, prefix caching, the same sampler and stop-string handling) in this process, where the
+worker is reachable and weights are loaded without a copy in between. One engine thread owns it
+and is the only thread that touches vLLM: it admits the requests that arrived, runs one engine
+step (a batched forward pass over every running request) and resolves the futures of the
+requests that finished, so a request joins and leaves the batch at any step and one trajectory
+waiting on the sandbox never holds up the others. `generate` bridges that thread's
+`concurrent.futures.Future` into whatever event loop the caller runs (`asyncio.wrap_future`),
+which matters because cir's rollout starts a new event loop for every rollout.
+
+Token ids in, token ids and per-token sampler log-probs out. Log-probs are vLLM's
+"processed_logprobs": log softmax of the logits after temperature and after top-k/top-p. cir's
+definition is log softmax(logits / T) over the full vocabulary, before top-k/top-p (for greedy,
+log softmax(logits)); the two agree exactly when top-k/top-p are off, so sampled requests with
+top_p < 1 or top_k > 0 are refused (greedy ones ignore both, in vLLM as in cir).
+
+Stop rules. vLLM cannot run a Python predicate after every token, so `stop_rules` is empty: the
+rollout sends the rule's stand-in stop string ("```", see `cir.engines.base.stop_rule_strings`)
+and decides itself whether the block is closed (a false stop on an opening fence continues the
+trajectory with another request; prefix caching makes that cheap). The token that completes a
+stop string is kept whole in the token ids, extra text included, as vLLM keeps it.
+
+Weights. `load_weights` takes full tensors under Hugging Face names and reloads them in place
+through vLLM's layerwise reload (`reload_weights` on the worker), which re-runs each layer's
+post-load processing: on CPU vLLM repacks linear weights for oneDNN and drops the plain tensor,
+so writing into parameters directly has no effect. A layer whose tensors are split over two
+buckets (q/k/v or gate/up feed one fused vLLM layer) is held back until its last tensor arrives,
+since reloading a layer half-way would leave the rest of it uninitialised. Then the prefix cache
+is reset (running requests are preempted and recomputed), so no KV computed with old weights is
+reused.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cir.engines.base import Completion, SamplingParams
+
+# KV cache size on CPU (GiB) unless the user set VLLM_CPU_KVCACHE_SPACE: vLLM's default takes a
+# large share of the machine's memory, and tests and the demo need little.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+
+# vLLM's loggers that report, on every partial reload, each layer the bucket did not contain.
+_RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.model_loader.reload.inplace",
+)
+
+
+# vLLM keeps process-wide state (its torch.distributed group, the current config), so one engine
+# runs in a process at a time; the next starts after the previous one's close().
+_LIVE_LOCK = threading.Lock()
+_live_engine: VLLMEngine | None = None
+
+
+def _prepare_environment() -> None:
+    """Environment vLLM reads when it starts: in-process engine core, and a small CPU KV cache."""
+    # LLMEngine starts its engine core in a child process unless this is 0.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: object  # vllm.SamplingParams
+    future: concurrent.futures.Future
+
+
+class VLLMEngine:
+    """Generation on vLLM (see the module docstring).
+
+    `model`: a Hugging Face model folder (config, tokenizer, weights) or, with
+    `load_format="dummy"`, one with only config and tokenizer whose weights then arrive through
+    `load_weights` (`from_model` does that for a `transformers` model object). `tokenizer`: the
+    tokenizer the caller uses (the rollout decodes with it); default: the folder's. `dtype`:
+    "float32", "bfloat16", ... or "auto" (the config's). `max_model_len`: prompt + completion
+    limit (default: the model config's). `weight_names`: the Hugging Face names of all the
+    model's tensors (default: the folder's safetensors), to tell when a fused layer's last tensor
+    has arrived in `load_weights`. `engine_kwargs`: more `vllm.EngineArgs` fields.
+
+    One VLLMEngine runs in a process at a time: close one before starting the next.
+    """
+
+    # The stop rules this engine evaluates per token: none (see cir.engines.base.evaluates_stop_rule).
+    stop_rules: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        tokenizer=None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_batch_size: int = 256,
+        seed: int = 0,
+        load_format: str = "auto",
+        enforce_eager: bool | None = None,
+        weight_names: Iterable[str] | None = None,
+        engine_kwargs: dict | None = None,
+        _owned_dir: str | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._owned_dir = _owned_dir  # a temporary folder this engine deletes on close
+        self._closed = False
+        folder = Path(model)
+        if not (folder / "config.json").is_file():
+            self._remove_owned_dir()
+            raise ValueError(f"VLLMEngine: {folder} is not a Hugging Face model folder (no config.json)")
+        try:
+            _check_head_size(folder)
+            _prepare_environment()
+            from transformers import AutoTokenizer
+            from vllm import EngineArgs
+
+            self._tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
+            on_gpu = torch.cuda.is_available()
+            args = dict(
+                model=str(folder),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                max_num_seqs=max_batch_size,
+                load_format=load_format,
+                enable_prefix_caching=True,
+                logprobs_mode="processed_logprobs",
+                # Sampling settings come from cir's SamplingParams only, never from the folder's
+                # generation_config.json.
+                generation_config="vllm",
+                # On a CPU, compilation costs more start-up time than it saves on small models.
+                enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+                enable_sleep_mode=on_gpu,
+                disable_log_stats=True,
+            )
+            args.update(engine_kwargs or {})
+            self._engine_args = EngineArgs(**args)
+            _claim_process(self)
+        except BaseException:
+            self._remove_owned_dir()
+            raise
+        self._sleep_supported = bool(args["enable_sleep_mode"])
+        self._ids = itertools.count()
+        self._lock = threading.Condition()  # guards _pending, _commands, _closed
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
+        self._running: dict[str, _Request] = {}  # engine thread only
+        self._llm = None
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="cir-vllm-engine", daemon=True)
+        # In-process vLLM seeds the process's global random generators with `seed` when it starts;
+        # the trainer's streams are put back as they were.
+        rng_states = _global_rng_states()
+        self._thread.start()
+        try:
+            started.result()
+        except BaseException as error:
+            self._thread.join()
+            self._remove_owned_dir()
+            _release_process(self)
+            raise RuntimeError(f"VLLMEngine: vLLM could not start on {folder}: {error}") from error
+        finally:
+            _restore_global_rng_states(rng_states)
+        try:
+            config = self._llm.model_config
+            self._max_model_len = int(config.max_model_len)
+            self._vocab_size = int(config.get_vocab_size())
+            self._packed = self._call(self._packed_modules_mapping)
+            # Which tensors form one fused vLLM layer, so a bucket never reloads half a layer.
+            self._group_names: dict[str, frozenset[str]] = {}
+            self._held: dict[str, dict[str, torch.Tensor]] = {}
+            names = list(weight_names) if weight_names is not None else _checkpoint_names(folder)
+            groups: dict[str, set[str]] = collections.defaultdict(set)
+            for name in names:
+                groups[self._group_of(name)].add(name)
+            self._group_names = {key: frozenset(members) for key, members in groups.items()}
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, dtype: str | None = None, **kwargs) -> VLLMEngine:
+        """An engine serving `model` (a `transformers` causal LM) with `tokenizer`.
+
+        vLLM needs a folder: the model's config and the tokenizer are written to a temporary one
+        (deleted on close), vLLM starts with dummy weights, and the model's weights are then
+        pushed through `load_weights`: no weight file is written. `dtype` defaults to the
+        model's parameters' dtype.
+        """
+        folder = tempfile.mkdtemp(prefix="cir-vllm-")
+        try:
+            model.config.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            if dtype is None:
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            state = model.state_dict()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        engine = cls(
+            folder, tokenizer, dtype=dtype, load_format="dummy", weight_names=list(state), _owned_dir=folder, **kwargs
+        )
+        try:
+            engine.load_weights(state.items())
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + completion) one sequence may hold."""
+        return self._max_model_len
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        """Continue `prompt_ids`; returns only the new tokens (and their log-probs).
+
+        Many coroutines, on any event loops, may await this at once; their requests are batched.
+        Cancelling the awaiting task aborts the request.
+        """
+        import asyncio
+
+        request = self._make_request(prompt_ids, params)
+        self._submit(request)
+        try:
+            return await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            self._abort(request)
+            raise
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Synchronous helper: generate for every prompt, results in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(params)} SamplingParams")
+        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
+        for request in requests:
+            self._submit(request)
+        return [r.future.result() for r in requests]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload new policy weights (full tensors, Hugging Face names; one bucket per call) in
+        place, then reset the prefix cache. Tensors of a fused layer that is not complete yet are
+        copied and held until the rest of the layer arrives. Waits for the engine step in
+        progress; call it between rollouts (requests in flight are recomputed with the new
+        weights)."""
+        ready: list[tuple[str, torch.Tensor]] = []
+        arrived: dict[str, list[tuple[str, torch.Tensor]]] = collections.defaultdict(list)
+        for name, tensor in named_tensors:
+            arrived[self._group_of(name)].append((name, tensor.detach()))
+        for key, tensors in arrived.items():
+            members = self._group_names.get(key)
+            held = self._held.get(key, {})
+            if members is None or members <= set(held) | {name for name, _ in tensors}:
+                ready.extend(self._held.pop(key, {}).items())
+                ready.extend(tensors)
+            else:  # the rest of this layer comes in a later bucket: keep a copy meanwhile
+                self._held.setdefault(key, {}).update((name, t.to("cpu", copy=True)) for name, t in tensors)
+        if ready:
+            self._call(lambda: self._reload(ready))
+
+    def sleep(self) -> None:
+        """On a GPU: offload the weights to CPU memory and free the KV cache (vLLM's sleep mode,
+        level 1) while the trainer updates; requests in flight are aborted. Call `wake` before
+        the next `load_weights`. On a CPU: nothing (vLLM has no sleep mode there, and nothing
+        competes for the memory)."""
+        if self._sleep_supported:
+            self._call(lambda: self._llm.sleep(level=1))
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed, before the next rollout (no-op on a CPU)."""
+        if self._sleep_supported:
+            self._call(lambda: self._llm.wake_up())
+
+    def close(self) -> None:
+        """Stop the engine thread, shut vLLM down and free its memory, so that another engine can
+        start in this process. Requests still queued or running fail with RuntimeError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._remove_owned_dir()
+        _release_process(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- caller threads ----------------------------------------------------------------------
+
+    def _make_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> _Request:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("generate: empty prompt (at least one token is needed)")
+        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
+        if bad:
+            raise ValueError(
+                f"generate: prompt token id {bad[0]} is outside the model's vocabulary [0, {self._vocab_size})"
+            )
+        if params.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0, got {params.top_k}")
+        if params.temperature > 0 and (params.top_p < 1 or params.top_k > 0):
+            raise ValueError(
+                f"VLLMEngine: top_p={params.top_p}, top_k={params.top_k} at temperature {params.temperature} is not "
+                "supported: vLLM's sampler log-probs are taken after top-k/top-p truncation, while cir's are over "
+                "the full vocabulary (log softmax(logits / T)), so the trainer's ratio would be off; use top_p=1, "
+                "top_k=0 (or the transformers engine)"
+            )
+        if params.stop_rule is not None:
+            raise ValueError(
+                f"VLLMEngine evaluates no stop rule per token (stop_rule={params.stop_rule!r}): send the rule's "
+                "stand-in stop strings (cir.engines.base.stop_rule_strings) and check the rule on the completion, "
+                "as cir.rollout does"
+            )
+        if len(prompt) >= self._max_model_len:
+            raise ValueError(
+                f"generate: prompt of {len(prompt)} tokens leaves no room to generate within the model's context "
+                f"of {self._max_model_len} tokens (max_model_len)"
+            )
+        stop_strings = [s for s in params.stop_strings if s]
+        vllm_params = VLLMSamplingParams(
+            n=1,
+            temperature=params.temperature,
+            seed=params.seed,
+            # The whole sequence (prompt + completion) fits in the model's context.
+            max_tokens=min(params.max_new_tokens, self._max_model_len - len(prompt)),
+            stop=stop_strings or None,
+            stop_token_ids=list(params.stop_token_ids),
+            # EOS ends a completion only when the caller lists it (cir.rollout does, with
+            # stop_on_eos), as in the transformers engine.
+            ignore_eos=True,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=bool(stop_strings),  # text is needed only to find stop strings
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        return _Request(f"cir-{next(self._ids)}", prompt, vllm_params, concurrent.futures.Future())
+
+    def _submit(self, request: _Request) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("VLLMEngine is closed")
+            self._pending.append(request)
+            self._lock.notify_all()
+
+    def _abort(self, request: _Request) -> None:
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to abort
+            self._command(lambda: self._abort_now(request.request_id))
+
+    def _command(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("VLLMEngine is closed")
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        return future
+
+    def _call(self, fn: Callable[[], object]):
+        """Run `fn` on the engine thread between two steps and return its result."""
+        return self._command(fn).result()
+
+    def _remove_owned_dir(self) -> None:
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+            self._owned_dir = None
+
+    def _group_of(self, name: str) -> str:
+        """The vLLM layer a Hugging Face tensor name loads into: its module path, with the
+        packed sub-module (q_proj, k_proj, ...) replaced by its fused layer (qkv_proj)."""
+        parts = name.split(".")
+        module = parts[:-1]
+        if module and module[-1] in self._packed:
+            module = [*module[:-1], self._packed[module[-1]]]
+        return ".".join(module)
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _run(self, started: concurrent.futures.Future) -> None:
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        set_num_threads = torch.set_num_threads
+        try:
+            self._llm = LLMEngine.from_engine_args(self._engine_args)
+        except BaseException as error:
+            self._shutdown_vllm()
+            started.set_exception(error)
+            return
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads process-wide (it expects a process
+            # of its own); in the trainer's process the trainer keeps control of its threads.
+            torch.set_num_threads = set_num_threads
+        started.set_result(None)
+        try:
+            while True:
+                with self._lock:
+                    while not self._pending and not self._commands and not self._running and not self._closed:
+                        self._lock.wait()
+                    if self._closed:
+                        break
+                    admitted = list(self._pending)
+                    self._pending.clear()
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for fn, future in commands:
+                    try:
+                        future.set_result(fn())
+                    except BaseException as error:
+                        future.set_exception(error)
+                for request in admitted:
+                    self._admit(request)
+                if self._running:
+                    self._step()
+        finally:
+            error = RuntimeError("VLLMEngine closed")
+            with self._lock:
+                leftovers = [*self._pending, *self._running.values()]
+                commands = list(self._commands)
+                self._pending.clear()
+                self._commands.clear()
+            for request in leftovers:
+                _fail(request.future, error)
+            for _, future in commands:
+                _fail(future, error)
+            self._running.clear()
+            self._shutdown_vllm()
+
+    def _admit(self, request: _Request) -> None:
+        if request.future.cancelled():
+            return
+        try:
+            self._llm.add_request(request.request_id, {"prompt_token_ids": request.prompt_ids}, request.params)
+        except BaseException as error:  # vLLM refused the request
+            _fail(request.future, error)
+            return
+        self._running[request.request_id] = request
+
+    def _abort_now(self, request_id: str) -> None:
+        if self._running.pop(request_id, None) is not None:
+            self._llm.abort_request([request_id])
+
+    def _step(self) -> None:
+        try:
+            outputs = self._llm.step()
+        except BaseException as error:  # the engine's state is unknown: fail what runs
+            for request in self._running.values():
+                _fail(request.future, error)
+            with contextlib.suppress(Exception):
+                self._llm.abort_request(list(self._running))
+            self._running.clear()
+            return
+        for output in outputs:
+            if not output.finished:
+                continue
+            request = self._running.pop(output.request_id, None)
+            if request is None or request.future.done():
+                continue
+            try:
+                request.future.set_result(_completion(output))
+            except BaseException as error:
+                _fail(request.future, error)
+
+    def _packed_modules_mapping(self) -> dict[str, str]:
+        """Sub-module name -> the fused vLLM layer it loads into (e.g. "q_proj" -> "qkv_proj")."""
+        (mapping,) = self._llm.apply_model(lambda model: dict(getattr(model, "packed_modules_mapping", {}) or {}))
+        return {part: fused for fused, parts in mapping.items() for part in parts}
+
+    def _reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        # Partial reloads are intended here: vLLM would warn about every layer not in the bucket.
+        levels = [(logging.getLogger(name), logging.getLogger(name).level) for name in _RELOAD_LOGGERS]
+        for logger, _ in levels:
+            logger.setLevel(logging.ERROR)
+        try:
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        finally:
+            for logger, level in levels:
+                logger.setLevel(level)
+        # Running requests are preempted and recomputed: no KV from the old weights survives.
+        self._llm.reset_prefix_cache(reset_running_requests=True)
+
+    def _shutdown_vllm(self) -> None:
+        """Free the engine core, its KV cache and the process-wide state vLLM set up (its
+        torch.distributed group), so a later engine in this process starts cleanly."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.engine_core.shutdown()
+            del llm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+def _global_rng_states() -> tuple:
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_global_rng_states(states: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _claim_process(engine: VLLMEngine) -> None:
+    global _live_engine
+    with _LIVE_LOCK:
+        if _live_engine is not None:
+            raise RuntimeError(
+                "VLLMEngine: another VLLMEngine is running in this process (vLLM keeps process-wide state); "
+                "close() it before starting a new one"
+            )
+        _live_engine = engine
+
+
+def _release_process(engine: VLLMEngine) -> None:
+    global _live_engine
+    with _LIVE_LOCK:
+        if _live_engine is engine:
+            _live_engine = None
+
+
+def _completion(output) -> Completion:
+    out = output.outputs[0]
+    token_ids = [int(t) for t in out.token_ids]
+    if out.logprobs is None or len(out.logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(out.logprobs or [])} log-probs for {len(token_ids)} tokens")
+    logprobs = [float(entry[token].logprob) for entry, token in zip(out.logprobs, token_ids)]
+    if out.finish_reason == "length":
+        return Completion(token_ids, logprobs, "length")
+    if out.finish_reason == "stop":
+        if isinstance(out.stop_reason, str):
+            return Completion(token_ids, logprobs, "stop_string", stop_string=out.stop_reason)
+        if isinstance(out.stop_reason, int):
+            return Completion(token_ids, logprobs, "stop_token", stop_token_id=out.stop_reason)
+    raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}, stop={out.stop_reason!r}")
+
+
+def _fail(future: concurrent.futures.Future, error: BaseException) -> None:
+    if not future.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_exception(error)
+
+
+def _check_head_size(folder: Path) -> None:
+    """Fail early, naming the model's head size, where vLLM's CPU attention has no kernel for it."""
+    if torch.cuda.is_available():
+        return
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    head_size = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
+    if not head_size:
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise ValueError(
+            f"VLLMEngine: the model in {folder} has attention head size {head_size}; vLLM's CPU backend supports "
+            f"{', '.join(map(str, supported))} (hidden_size / num_attention_heads, or head_dim)"
+        )
+
+
+def _checkpoint_names(folder: Path) -> list[str]:
+    """The tensor names of a folder's safetensors checkpoint (headers only), or [] if none."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return []
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.extend(f.keys())
+    return names
