@@ -71,6 +71,14 @@ class DistributedContext:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
         return int(out.item())
 
+    def max_float(self, value: float) -> float:
+        """The largest `value` over ranks."""
+        if self.world_size == 1:
+            return float(value)
+        out = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return float(out.item())
+
     def weighted_mean_var(
         self, values: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

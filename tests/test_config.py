@@ -70,6 +70,8 @@ def test_errors_name_the_key(tmp_path):
         ("algo.advantage=ppo", r"algo\.advantage='ppo': choose one of .*reinforce_pp_baseline"),
         ("algo.loss_impl=cuda", r"algo\.loss_impl='cuda': choose one of auto, triton, torch, reference"),
         ("algo.kl_cap=0", r"algo\.kl_cap=0\.0: must be > 0"),
+        ("algo.rollout_correction=tis", r"algo\.rollout_correction='tis': choose one of none, token_tis, seq_mis"),
+        ("algo.rollout_correction_cap=1", r"algo\.rollout_correction_cap=1\.0: must be > 1"),
         ("run.engine=vllmm", r"run\.engine='vllmm': choose one of hf"),
         ("run.rollout_mode=sync", r"run\.rollout_mode='sync': choose one of async, turn_sync"),
         ("run.device=tpu", r"run\.device='tpu': choose one of auto, cpu, cuda"),

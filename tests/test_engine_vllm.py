@@ -318,9 +318,15 @@ def test_load_weights_gives_the_new_weights_outputs_and_no_stale_cache(world, tm
     finally:
         fresh.close()
     # And a third engine, after the second: closing frees what vLLM set up.
-    third = VLLMEngine.from_model(other, world.tok, max_batch_size=4)
+    third = VLLMEngine.from_model(other, world.tok, max_batch_size=8)
     try:
         (last,) = third.generate_batch([prompt], greedy)
         assert last.token_ids == updated.token_ids
+        # Seeded sampled requests whose prompts together exceed a step's token budget (as a
+        # benchmark's long prompts do): with chunked prefill, vLLM rewinds a seeded request's
+        # random stream, which CPU generators cannot do, and the engine crashed.
+        long_prompts = [[(7 * i + j) % 500 + 3 for j in range(1500)] for i in range(6)]
+        sampled = [SamplingParams(max_new_tokens=4, temperature=1.0, seed=i) for i in range(6)]
+        assert all(len(c.token_ids) == 4 for c in third.generate_batch(long_prompts, sampled))
     finally:
         third.close()

@@ -371,6 +371,10 @@ def test_classify_precedence():
     assert classify(exit_code=0, stderr="warning\n", timed_out=False, truncated=False) == "ok"
     big = classify(exit_code=-6, stderr="", timed_out=False, truncated=False, maxrss_kb=2000 * 1024, memory_mb=2048)
     assert big == "memory"
+    # Killed for its output: the peak RSS (which a child forked from a large process inherits)
+    # does not make it a memory failure.
+    flood = classify(exit_code=-9, stderr="", timed_out=False, truncated=True, maxrss_kb=8000 * 1024, memory_mb=2048)
+    assert flood == "output_limit"
 
 
 def test_feedback_texts():

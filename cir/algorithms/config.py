@@ -31,6 +31,11 @@ class AlgoConfig:
     # cannot dominate a step (k3 is exp(d) - d - 1: 22,015 at a log-ratio of 10). null: no cap.
     kl_cap: float | None = 10.0
     entropy_coef: float = 0.0
+    # Sampler/trainer mismatch correction (cir.algorithms.correction): "token_tis" truncates
+    # per-token importance ratios pi_old / pi_sampler at the cap; "seq_mis" drops sequences whose
+    # mean log-ratio is beyond log(cap). Off by default; the gap is logged every step either way.
+    rollout_correction: Literal["none", "token_tis", "seq_mis"] = "none"
+    rollout_correction_cap: float = 2.0
     logprob_impl: KernelImpl = "auto"  # cir.kernels.linear_logprob
     loss_impl: KernelImpl = "auto"  # the policy loss: fused kernel or the plain reference
 
@@ -46,5 +51,7 @@ class AlgoConfig:
             raise ConfigError(f"max_refill_rounds={self.max_refill_rounds}: must be >= 0")
         if self.kl_cap is not None and not self.kl_cap > 0:
             raise ConfigError(f"kl_cap={self.kl_cap}: must be > 0 (or null for no cap)")
+        if not self.rollout_correction_cap > 1:
+            raise ConfigError(f"rollout_correction_cap={self.rollout_correction_cap}: must be > 1")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ConfigError(f"dual_clip={self.dual_clip}: must be > 1 (or null)")

@@ -72,6 +72,21 @@ _LIVE_LOCK = threading.Lock()
 _live_engine: VLLMEngine | None = None
 
 
+# Variables vLLM's CPU worker sets for a process of its own (a preloaded OpenMP library, its
+# library path, a local world size). In the trainer's process they would reach every process
+# started later (sandbox, grader workers, compilers) and launchers reading LOCAL_WORLD_SIZE, so
+# they are put back once the engine has started.
+_PROCESS_ENVIRONMENT = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LOCAL_WORLD_SIZE")
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def _prepare_environment() -> None:
     """Environment vLLM reads when it starts: in-process engine core, and a small CPU KV cache."""
     # LLMEngine starts its engine core in a child process unless this is 0.
@@ -154,6 +169,11 @@ class VLLMEngine:
                 enable_sleep_mode=on_gpu,
                 disable_log_stats=True,
             )
+            if not on_gpu:
+                # A prompt prefilled in chunks makes vLLM rewind a seeded request's random stream
+                # (`Generator.set_offset`), which CPU generators do not support: a seeded request
+                # with a long prompt would crash the engine. Whole prompts in one step avoid it.
+                args["enable_chunked_prefill"] = False
             args.update(engine_kwargs or {})
             self._engine_args = EngineArgs(**args)
             _claim_process(self)
@@ -426,6 +446,7 @@ class VLLMEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         set_num_threads = torch.set_num_threads
+        environment = {name: os.environ.get(name) for name in _PROCESS_ENVIRONMENT}
         try:
             self._llm = LLMEngine.from_engine_args(self._engine_args)
         except BaseException as error:
@@ -436,6 +457,7 @@ class VLLMEngine:
             # vLLM's CPU worker replaces torch.set_num_threads process-wide (it expects a process
             # of its own); in the trainer's process the trainer keeps control of its threads.
             torch.set_num_threads = set_num_threads
+            _restore_environment(environment)
         started.set_result(None)
         try:
             while True:

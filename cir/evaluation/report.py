@@ -134,7 +134,7 @@ def terminal_table(results: dict) -> str:
         k, p = _largest_k(m["pass@k"])
         _, maj = _largest_k(m.get("maj@k"))
         lines.append(
-            f"{name[:20]:<20} {m['protocol']:>9} {_pct(m['score']):>7} {'' if paper is None else f'{paper:.1f}':>6} "
+            f"{Path(name).stem[:20]:<20} {m['protocol']:>9} {_pct(m['score']):>7} {'' if paper is None else f'{paper:.1f}':>6} "
             f"{_pct(p):>8} {_pct(maj):>7} {m['tool_calls']:>6.2f} {_pct(m['exec_error_rate']):>7} "
             f"{_pct(m['truncation_rate']):>6}"
         )

@@ -98,14 +98,16 @@ def classify(
         return "timeout"
     if exit_code == 1 and is_memory_error(last_line(stderr)):
         return "memory"
+    # Output past the cap is killed by us (SIGKILL): that kill says nothing about memory. (The
+    # peak-RSS reading below can also be inflated by a large parent the child was forked from.)
+    if truncated:
+        return "output_limit"
     if (
         exit_code in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGKILL)
         and memory_mb
         and maxrss_kb >= 0.9 * memory_mb * 1024
     ):
         return "memory"
-    if truncated:
-        return "output_limit"
     if exit_code < 0:
         return "killed"
     if exit_code != 0:

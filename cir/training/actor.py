@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
+from cir.algorithms.correction import importance_weights, mismatch_metrics
 from cir.distributed import DistributedContext
 from cir.training.batch import MicroBatch, TrainBatch
 from cir.training.logprobs import ResponseLogprobs
@@ -64,11 +65,23 @@ def micro_batch_loss(
     """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient."""
     logprob, entropy = policy.of(mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprob.detach()
+    advantages = mb.advantages
+    weights = importance_weights(
+        old,
+        mb.sampler_logprobs,
+        mb.loss_mask,
+        mb.cu_seqlens,
+        mode=algo.rollout_correction,
+        cap=algo.rollout_correction_cap,
+    )
+    if weights is not None:  # per-token advantages carry the sampler/trainer correction
+        lengths = mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]
+        advantages = torch.repeat_interleave(mb.advantages, lengths) * weights
     loss, metrics = compute_policy_loss(
         algo.policy_loss,
         logprob,
         old,
-        mb.advantages,
+        advantages,
         mb.loss_mask,
         clip_low=algo.clip_low,
         clip_high=algo.clip_high,
@@ -84,12 +97,13 @@ def micro_batch_loss(
         max_seq_len_norm=max_response_tokens,
         impl=algo.loss_impl,
     )
-    # How far the trainer's log-probs are from the sampler's (same weights): should be ~0;
-    # a large value means the engine and the trainer disagree (e.g. a tokenization drift).
+    # How far the trainer's log-probs are from the sampler's (same weights): ~0 when engine and
+    # trainer compute alike; large when they disagree (precision, kernels, a tokenization drift).
     m = mb.loss_mask
     n = m.sum().clamp(min=1)
-    metrics = dict(metrics)
-    metrics["logprob_diff_sampler"] = ((logprob.detach() - mb.sampler_logprobs).abs() * m).sum() / n
+    metrics = {**metrics, **mismatch_metrics(logprob, mb.sampler_logprobs, m)}
+    if weights is not None:
+        metrics["rollout_correction_weight"] = (weights * m).sum() / n
     if entropy is not None and "entropy" not in metrics:
         metrics["entropy"] = (entropy.detach() * m).sum() / n
     return loss, metrics
@@ -163,6 +177,7 @@ class LocalActor:
             self._fill_old_and_ref_logprobs(batch, on_policy)
         self.policy.train()
         sums: dict[str, float] = {}
+        maxima: dict[str, float] = {}  # metrics that are a maximum over tokens, not a mean
         weight_total = 0.0
         grad_norms = []
         for _ in range(oc.ppo_epochs):
@@ -202,12 +217,16 @@ class LocalActor:
                     weight_total += tw
                     sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * tw
                     for k, v in m.items():
-                        sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
+                        if k.endswith("_max"):
+                            maxima["actor/" + k] = max(maxima.get("actor/" + k, 0.0), float(v))
+                        else:
+                            sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
                 grad_norms.append(self._optimizer_step())
         self.policy.eval()
         out = {k: v / max(weight_total, 1) for k, v in sums.items()}
         out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out = self.dist.mean_metrics(out, weight=max(weight_total, 1))  # token-weighted over ranks
+        out |= {k: self.dist.max_float(v) for k, v in maxima.items()}
         local_mean = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
         out |= self.dist.mean_metrics({"actor/advantage_abs_mean": local_mean}, weight=batch.num_trajectories)
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
