@@ -40,10 +40,6 @@ class DistributedContext:
             return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(), device=device)
         return cls()
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that logs, writes reports and exports checkpoints."""

@@ -96,6 +96,26 @@ class Completion:
     stop_string: str | None = None
 
 
+def checked_request(prompt_ids: Sequence[int], params: SamplingParams, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, after the checks every engine makes on a request (an empty
+    prompt, ids outside the vocabulary, sampling settings out of range): ValueError naming them."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("generate: empty prompt (at least one token is needed)")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"generate: prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"SamplingParams.top_k must be >= 0, got {params.top_k}")
+    return prompt
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every generation engine provides (transformers+torch, vLLM, ...).

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cir.engines.base import Completion, SamplingParams, StopPredicate, stop_rule
+from cir.engines.base import Completion, SamplingParams, StopPredicate, checked_request, stop_rule
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -501,22 +501,7 @@ class HFEngine:
     # -- submission (caller threads) ------------------------------------------------------
 
     def _make_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> _Request:
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("generate: empty prompt (at least one token is needed)")
-        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
-        if bad:
-            raise ValueError(
-                f"generate: prompt token id {bad[0]} is outside the model's vocabulary [0, {self._vocab_size})"
-            )
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        if params.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {params.top_k}")
+        prompt = checked_request(prompt_ids, params, self._vocab_size)
         if len(prompt) >= self._max_positions:
             raise ValueError(
                 f"generate: prompt of {len(prompt)} tokens leaves no room to generate: the model has "

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from cir.engines.base import Completion, SamplingParams
+from cir.engines.base import Completion, SamplingParams, checked_request
 
 # KV cache size on CPU (GiB) unless the user set VLLM_CPU_KVCACHE_SPACE: vLLM's default takes a
 # large share of the machine's memory, and tests and the demo need little.
@@ -347,22 +347,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("generate: empty prompt (at least one token is needed)")
-        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
-        if bad:
-            raise ValueError(
-                f"generate: prompt token id {bad[0]} is outside the model's vocabulary [0, {self._vocab_size})"
-            )
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        if params.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {params.top_k}")
+        prompt = checked_request(prompt_ids, params, self._vocab_size)
         if params.temperature > 0 and (params.top_p < 1 or params.top_k > 0):
             raise ValueError(
                 f"VLLMEngine: top_p={params.top_p}, top_k={params.top_k} at temperature {params.temperature} is not "
