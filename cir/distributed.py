@@ -75,6 +75,19 @@ class DistributedContext:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
         return float(out.item())
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. a folder rank 0 made exists before others write)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def gather_objects(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` (picklable), in rank order, on rank 0; None on the other ranks."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def weighted_mean_var(
         self, values: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,9 +3,13 @@ global batch: the same rewards, losses and final weights within float tolerance,
 written by two ranks that one rank resumes."""
 
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,10 +95,14 @@ def _assert_close(a, b, atol):
 
 
 def test_two_ranks_equal_one_process(tmp_path, warm_dir):
-    one = _train(tmp_path / "one", warm_dir, "run.steps=2")
-    two = _train(tmp_path / "two", warm_dir, "run.steps=2", ranks=2)
+    # Dynamic sampling on: uninformative groups are dropped and refilled, and the ranks together
+    # must keep the very groups one process keeps (`groups_to_keep`).
+    opts = ("run.steps=2", "algo.dynamic_sampling=true")
+    one = _train(tmp_path / "one", warm_dir, *opts)
+    two = _train(tmp_path / "two", warm_dir, *opts, ranks=2)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     assert one[0]["actor/grad_norm"] > 0, "no learning signal: the comparison would be empty"
+    assert any(r["data/trajectories"] > r["data/trajectories_trained"] for r in one), "no group was dropped"
     for a, b in zip(one, two):
         # Rollouts are the same samples (seeds follow a problem's global position), graded alike,
         # and rates are global (counts summed over ranks before dividing).
@@ -105,6 +113,7 @@ def test_two_ranks_equal_one_process(tmp_path, warm_dir):
             "response/feedback_token_share",
             "response/model_tokens_mean",
             "data/trajectories",
+            "data/trajectories_trained",
         ):
             assert a[key] == b[key], (a["step"], key)
         for key in ("actor/loss", "actor/grad_norm", "actor/advantage_abs_mean"):
@@ -117,25 +126,79 @@ def test_two_ranks_equal_one_process(tmp_path, warm_dir):
     _assert_close(_weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2), atol=1e-5)
 
 
-def test_checkpoint_of_two_ranks_resumes_in_one(tmp_path, warm_dir):
+def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, warm_dir):
+    """The optimizer's sharded checkpoint (DCP) written by 2 ranks resumes in 1, and one written by
+    1 process resumes on 2; both continue as the uninterrupted run. The 2-rank runs also shard
+    the KL reference model and checkpoint activations, neither of which may change the result."""
     from transformers import AutoModelForCausalLM
 
-    straight = _train(tmp_path / "straight", warm_dir, "run.steps=2")
-    _train(tmp_path / "split", warm_dir, "run.steps=1", ranks=2)
-    resumed = _train(tmp_path / "split", warm_dir, "run.steps=2", resume=True)
-    assert [r["step"] for r in resumed] == [1, 2]
-    assert resumed[-1]["reward/mean"] == straight[-1]["reward/mean"]
-    assert resumed[-1]["actor/grad_norm"] == pytest.approx(straight[-1]["actor/grad_norm"], rel=1e-4)
-    _assert_close(_weights(tmp_path / "straight", 2), _weights(tmp_path / "split", 2), atol=1e-5)
+    kl = ("algo.kl_coef=0.05",)
+    sharded = (*kl, "model.gradient_checkpointing=true")
+    straight = _train(tmp_path / "straight", warm_dir, "run.steps=2", "run.save_every=1", *kl)
+    assert straight[-1]["actor/kl_loss"] > 0, "the KL term is inactive: the reference model would go untested"
+    # 2 ranks -> 1 process
+    _train(tmp_path / "down", warm_dir, "run.steps=1", *sharded, ranks=2)
+    down = _train(tmp_path / "down", warm_dir, "run.steps=2", *kl, resume=True)
+    # 1 process -> 2 ranks, from the uninterrupted run's own step-1 checkpoint
+    step1 = Path("checkpoints") / "step_000001"
+    shutil.copytree(tmp_path / "straight" / step1, tmp_path / "up" / step1)
+    up = _train(tmp_path / "up", warm_dir, "run.steps=2", *sharded, ranks=2, resume=True)
+    for resumed in (down, up):
+        assert resumed[-1]["step"] == 2
+        assert resumed[-1]["reward/mean"] == straight[-1]["reward/mean"]
+        for key in ("actor/grad_norm", "actor/loss", "actor/kl_loss"):
+            assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-4, abs=1e-7), key
+    for run in ("down", "up"):
+        _assert_close(_weights(tmp_path / "straight", 2), _weights(tmp_path / run, 2), atol=1e-5)
     # The folders are plain transformers models, and they predict alike.
     ids = torch.tensor([[5, 17, 29, 3, 40, 41, 42]])
     logits = {}
-    for run in ("straight", "split"):
+    for run in ("straight", "down"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / run / "checkpoints" / "step_000002").eval()
         with torch.no_grad():
             logits[run] = model(ids).logits
-    assert torch.isfinite(logits["split"]).all()
-    torch.testing.assert_close(logits["split"], logits["straight"], rtol=0, atol=1e-4)
+    assert torch.isfinite(logits["down"]).all()
+    torch.testing.assert_close(logits["down"], logits["straight"], rtol=0, atol=1e-4)
+
+
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_resumes(tmp_path, warm_dir):
+    """Ctrl-C reaches torchrun, which forwards SIGINT to every rank; the ranks finish the step
+    they are in, save together and exit. `--resume` continues from the next step."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--shutdown-timeout=120",
+        "-m",
+        "cir",
+        "train",
+    ]
+    args = [*BASE, f"model.path={warm_dir}", f"run.out_dir={out}", "run.steps=1000"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = log.read_text()
+    assert code != 0, "an interrupted run must not report success"
+    match = re.search(r"stopped at step (\d+); saved", stderr)
+    assert match, stderr[-3000:]
+    stopped = int(match.group(1))
+    assert 1 <= stopped < 1000
+    assert (out / "checkpoints" / f"step_{stopped:06d}" / "optimizer" / ".metadata").is_file()
+    rows = _train(out, warm_dir, f"run.steps={stopped + 1}", ranks=2, resume=True)
+    assert [r["step"] for r in rows] == list(range(1, stopped + 2))
 
 
 def test_a_failing_rank_ends_the_job(tmp_path, warm_dir):

@@ -118,7 +118,13 @@ def test_checkpoint_is_a_transformers_model(tmp_path):
     saved = load_file(f"{ckpt}/model.safetensors")
     assert saved, "no tensors in model.safetensors"
     state = torch.load(f"{ckpt}/trainer_state.pt", weights_only=False)
-    assert state["step"] == 1 and state["optimizer"]["state"], "optimizer state missing"
+    assert state["step"] == 1 and state["scheduler"]["last_epoch"] == 1 and len(state["rng"]) == 1
+    # The optimizer's state is a torch.distributed.checkpoint: AdamW's moments for every parameter.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(f"{ckpt}/optimizer").read_metadata().state_dict_metadata
+    moments = {k for k in meta if k.endswith(".exp_avg_sq")}
+    assert len(moments) == len(list(model.parameters())), sorted(meta)[:6]
     assert (tmp_path / "config.yaml").is_file()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[-1]["step"] == 1

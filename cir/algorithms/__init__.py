@@ -18,7 +18,7 @@ from cir.algorithms.losses import (
     policy_loss_names,
     register_policy_loss,
 )
-from cir.algorithms.sampling import informative_groups, missing_groups
+from cir.algorithms.sampling import groups_to_keep, informative_groups, missing_groups
 from cir.algorithms.schedule import Schedule, Stage, StageConfig
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "informative_groups",
     "micro_batch_weight",
     "missing_groups",
+    "groups_to_keep",
     "policy_loss_names",
     "register_advantage",
     "register_policy_loss",

@@ -3,7 +3,8 @@
 A group in which every sample got the same reward has zero advantage under any group
 baseline; with `algo.dynamic_sampling` the trainer drops such groups and refills the batch
 from the next problems: `informative_groups` says which trajectories stay, `missing_groups`
-how many groups the step still lacks over all ranks.
+how many groups the step still lacks over all ranks, and `groups_to_keep` which of them each
+rank trains on once there are enough.
 """
 
 from __future__ import annotations
@@ -32,3 +33,23 @@ def missing_groups(kept_groups: int, wanted_groups: int, dist: DistributedContex
     """How many more informative groups the whole step needs (the same number on every rank)."""
     (kept,) = dist.sum_floats([kept_groups])
     return max(0, wanted_groups - int(kept))
+
+
+def groups_to_keep(counts: list[list[int]], wanted_groups: int, rank: int) -> list[int]:
+    """How many of its informative groups `rank` keeps from each refill round.
+
+    `counts[k][r]` is the number of informative groups rank `k` found in round `r`. The step
+    keeps the first `wanted_groups` in the order one process would have found them: round by
+    round and, within a round, by problem position (rank 0's contiguous shard, then rank 1's,
+    ...). So the trained batch does not depend on the number of ranks, and no rank drops a
+    group while the step still lacks some (a rank may train on more groups than another).
+    """
+    left = wanted_groups
+    mine = [0] * (len(counts[rank]) if counts else 0)
+    for r in range(len(mine)):
+        for k, per_round in enumerate(counts):
+            take = min(per_round[r], left)
+            left -= take
+            if k == rank:
+                mine[r] = take
+    return mine

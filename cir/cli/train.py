@@ -53,6 +53,8 @@ def run(args) -> int:
         return 2
     with trainer:
         result = trainer.fit()
+    if result["stopped"]:
+        return 130  # the shell's code for "ended by Ctrl-C"; the checkpoint is already written
     if not dist.is_main:
         return 0
     if result["before"] and result["after"]:

@@ -4,7 +4,9 @@ Everything the trainer does with the policy goes through this interface:
 
 - `update(batch)`: old and reference log-probs where needed, then the masked clipped loss over
   micro-batches and one optimizer step per mini-batch (per PPO epoch); returns metrics;
-- `state_dict()` / `load_state_dict()`: optimizer and scheduler state, for checkpoints;
+- `save_sharded_state(path)` / `load_sharded_state(path, state)`: the optimizer's state as a
+  sharded `torch.distributed.checkpoint` (each rank its shard; any number of ranks reads it
+  back), plus the small replicated rest (the LR scheduler) for the trainer's state file;
 - `save_pretrained(path)`: the policy as a Hugging Face folder;
 - `iter_weights(bucket_bytes)`: the only way weights leave the trainer, as buckets of full
   tensors under Hugging Face names; `sync_weights(actor, engine)` hands them to an engine.
@@ -15,15 +17,19 @@ methods; the trainer cannot tell them apart.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
 from cir.algorithms.correction import importance_weights, mismatch_metrics
@@ -44,9 +50,9 @@ class Actor(Protocol):
 
     def update(self, batch: TrainBatch) -> dict[str, float]: ...
 
-    def state_dict(self) -> dict: ...
+    def save_sharded_state(self, path: Path) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_sharded_state(self, path: Path, state: dict) -> None: ...
 
     def save_pretrained(self, path: Path) -> None: ...
 
@@ -126,13 +132,16 @@ class LocalActor:
         *,
         total_optimizer_steps: int,
         dist: DistributedContext | None = None,
+        reference=None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.optim_config = optim
         self.algo = algo
         self.dist = dist or DistributedContext()
-        ref = _frozen_copy(model) if algo.kl_coef > 0 else None
+        ref = None
+        if algo.kl_coef > 0:  # the KL reference: `reference` if given, else the policy as it starts
+            ref = _frozen_copy(model) if reference is None else _frozen(reference)
         self.policy = self._wrap(ResponseLogprobs(model))
         self.ref_policy = None if ref is None else self._wrap(ResponseLogprobs(ref))
         self.optimizer = torch.optim.AdamW(
@@ -248,11 +257,29 @@ class LocalActor:
 
     # -- state and weights -----------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def save_sharded_state(self, path: Path) -> dict:
+        """Write the optimizer's state under `path` (every rank its own shard: a collective) and
+        return what is the same on every rank (the LR scheduler's state).
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        The weights are not in it: the Hugging Face export holds them in their own dtype, and a
+        resumed run loads them from there. The state dict is keyed by parameter name, not by
+        position or shard, which is what lets a different number of ranks load it."""
+        with _single_process_notice_off():
+            dcp.save(
+                {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)},
+                checkpoint_id=str(path),
+                no_dist=self.dist.world_size == 1,
+            )
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_sharded_state(self, path: Path, state: dict) -> None:
+        """Read back what `save_sharded_state` wrote, resharded to this run's ranks."""
+        # The optimizer's state, shaped (and sharded) as this run holds it, to be filled in place.
+        optimizer = get_optimizer_state_dict(self.policy, self.optimizer)
+        holder = {"optimizer": optimizer}
+        with _single_process_notice_off():
+            dcp.load(holder, checkpoint_id=str(path), no_dist=self.dist.world_size == 1)
+        set_optimizer_state_dict(self.policy, self.optimizer, holder["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, path: Path | None) -> None:
@@ -282,19 +309,36 @@ class LocalActor:
             yield bucket
 
 
-def _frozen_copy(model):
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
+@contextlib.contextmanager
+def _single_process_notice_off():
+    """DCP warns that it "assumes a single process" whenever no process group exists, even when
+    asked for exactly that (`no_dist=True`); a one-process run would print it at every save."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _frozen(model):
+    for p in model.parameters():
         p.requires_grad_(False)
-    return ref
+    return model.eval()
 
 
-def make_actor(model, tokenizer, optim: OptimConfig, algo: AlgoConfig, *, total_optimizer_steps: int, dist):
+def _frozen_copy(model):
+    return _frozen(copy.deepcopy(model))
+
+
+def make_actor(
+    model, tokenizer, optim: OptimConfig, algo: AlgoConfig, *, total_optimizer_steps: int, dist, reference=None
+):
     """The actor for this process: `LocalActor` alone, `FSDPActor` (sharded) in a world of
-    several ranks."""
+    several ranks. `reference`: the KL reference model when it is not `model` as it starts
+    (a resumed run's reference is the run's initial policy, not the checkpoint's)."""
     cls = LocalActor
     if dist is not None and dist.world_size > 1:
         from cir.training.fsdp import FSDPActor
 
         cls = FSDPActor
-    return cls(model, tokenizer, optim, algo, total_optimizer_steps=total_optimizer_steps, dist=dist)
+    return cls(
+        model, tokenizer, optim, algo, total_optimizer_steps=total_optimizer_steps, dist=dist, reference=reference
+    )

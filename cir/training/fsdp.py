@@ -12,9 +12,9 @@ embeddings, final norm and LM head). What differs from one process, and why:
 - Gradients are averaged over ranks by FSDP's reduce-scatter; micro-batch weights carry a
   `world_size` factor (`cir.algorithms.micro_batch_weight`), so the result is the gradient
   of the global batch's loss.
-- Weights leave as whole tensors (`full_tensor()`, a collective: every rank iterates), and
-  the optimizer state is gathered to rank 0 for a checkpoint, which any number of ranks can
-  load back (`set_optimizer_state_dict` broadcasts it from rank 0).
+- Weights leave as whole tensors (`full_tensor()`, a collective: every rank iterates). The
+  optimizer's state needs nothing here: `LocalActor`'s sharded checkpoint (DCP) writes each
+  rank's DTensor shards and reshards them on load.
 - Mixed precision on CUDA: bf16 compute, fp32 master weights and fp32 gradient reduction.
   On CPU (gloo) everything stays fp32.
 """
@@ -25,11 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -77,16 +72,6 @@ class FSDPActor(LocalActor):
     def _full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
             yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-    def state_dict(self) -> dict:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"], options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, path: Path | None) -> None:
         """Every rank gathers; the rank given a `path` (rank 0) writes the Hugging Face folder."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from cir.algorithms import Schedule, compute_advantages, informative_groups, missing_groups
+from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informative_groups, missing_groups
 from cir.config_loader import ConfigError, dump_yaml, to_dict
 from cir.data import DatasetError, Problem, ProblemSampler, load_problem_set
 from cir.distributed import DistributedContext
@@ -52,6 +52,7 @@ from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
 from cir.training.actor import make_actor, sync_weights
 from cir.training.batch import build_train_batch
+from cir.training.stop import StopRequest
 from cir.trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -178,6 +179,10 @@ class Trainer:
         self.engine = make_engine(
             cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
         )
+        # The KL reference is the run's initial policy: a resumed run loads it from model.path again.
+        reference = None
+        if resume_from is not None and cfg.algo.kl_coef > 0:
+            reference = load_policy(cfg, self.device)[0]
         self.actor = make_actor(
             model,
             self.tokenizer,
@@ -185,6 +190,7 @@ class Trainer:
             cfg.algo,
             total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
             dist=self.dist,
+            reference=reference,
         )
         self.sampler = ProblemSampler(self.train_problems, batch_size=cfg.algo.prompts_per_step, seed=cfg.run.seed)
         self.schedule = Schedule.from_config(cfg.schedule, cfg.rollout.tool_budget, cfg.rollout.max_response_tokens)
@@ -229,8 +235,9 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.out_dir)
             if path is None:
                 raise ConfigError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}")
-        if not (path / ckpt.STATE_FILE).is_file():
-            raise ConfigError(f"--resume: {path} is not a cir checkpoint (no {ckpt.STATE_FILE})")
+        problem = ckpt.why_not_resumable(path)
+        if problem is not None:
+            raise ConfigError(f"--resume: {problem}")
         return path
 
     # -- state ---------------------------------------------------------------------------------
@@ -239,20 +246,15 @@ class Trainer:
         """A checkpoint of the run (every rank takes part; rank 0 writes)."""
         extra = {"sampler": self.sampler.state_dict()}
         return ckpt.save_checkpoint(
-            self.out_dir,
-            self.step_count,
-            self.actor,
-            extra=extra,
-            keep=self.cfg.run.keep_checkpoints,
-            write=self.dist.is_main,
+            self.out_dir, self.step_count, self.actor, self.dist, extra=extra, keep=self.cfg.run.keep_checkpoints
         )
 
     def _load_state(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
         self.step_count = int(state["step"])
-        self.actor.load_state_dict(state)
+        self.actor.load_sharded_state(path / ckpt.OPTIMIZER_DIR, state)
         self.sampler.load_state_dict(state["extra"]["sampler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state, self.dist)
 
     # -- one RL step -----------------------------------------------------------------------------
 
@@ -309,11 +311,13 @@ class Trainer:
     def collect(self, stage) -> Collected:
         """Roll out this rank's share of the step's problems and score them. With dynamic
         sampling, groups whose rewards are all equal are dropped and the batch is refilled from
-        the next problems, for at most `algo.max_refill_rounds` more rounds."""
+        the next problems, for at most `algo.max_refill_rounds` more rounds; then the step keeps
+        the first `algo.prompts_per_step` informative groups in global order (`groups_to_keep`)."""
         algo = self.cfg.algo
         rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
         problems = self.sampler.next_batch()
-        everything, rewards, kept, kept_rewards, t_reward = [], [], [], [], 0.0
+        everything, rewards, t_reward = [], [], 0.0
+        kept_by_round: list[list[tuple[Trajectory, RewardResult]]] = []
         for round_ in range(rounds):
             batch = self.rollout_problems(problems, stage, salt=round_)
             t0 = time.perf_counter()
@@ -325,20 +329,27 @@ class Trainer:
             everything += batch
             rewards += scored
             if not algo.dynamic_sampling:
-                kept, kept_rewards = batch, scored
-                break
+                return Collected(everything, rewards, batch, scored, t_reward)
             keep = informative_groups(
                 torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
             ).tolist()
-            kept += [t for t, k in zip(batch, keep) if k]
-            kept_rewards += [r for r, k in zip(scored, keep) if k]
-            missing = missing_groups(len(kept) // algo.group_size, algo.prompts_per_step, self.dist)
+            kept_by_round.append([(t, r) for t, r, k in zip(batch, scored, keep) if k])
+            found = sum(len(kept) for kept in kept_by_round) // algo.group_size
+            missing = missing_groups(found, algo.prompts_per_step, self.dist)
             if missing <= 0:
                 break
             problems = self.sampler.take(missing)
-        start, end = self.dist.shard_bounds(algo.prompts_per_step)
-        limit = (end - start) * algo.group_size
-        return Collected(everything, rewards, kept[:limit], kept_rewards[:limit], t_reward)
+        quota = self._groups_to_keep([len(kept) // algo.group_size for kept in kept_by_round])
+        trained = [pair for kept, n in zip(kept_by_round, quota) for pair in kept[: n * algo.group_size]]
+        return Collected(everything, rewards, [t for t, _ in trained], [r for _, r in trained], t_reward)
+
+    def _groups_to_keep(self, my_counts: list[int]) -> list[int]:
+        """This rank's share of the step's informative groups, per refill round (see
+        `cir.algorithms.groups_to_keep`); every rank's counts come from one sum over ranks."""
+        grid = torch.zeros(self.dist.world_size, len(my_counts), dtype=torch.float64)
+        grid[self.dist.rank] = torch.tensor(my_counts, dtype=torch.float64)
+        counts = self.dist.all_reduce_sum(grid).long().tolist()
+        return groups_to_keep(counts, self.cfg.algo.prompts_per_step, self.dist.rank)
 
     @staticmethod
     def _group(round_: int, position: int) -> int:
@@ -433,38 +444,27 @@ class Trainer:
                 mininterval=1.0,
             )
         last = {}
-        try:
-            while self.step_count < cfg.run.steps:
-                metrics = self.step()
-                step = self.step_count
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                    metrics.update(self.evaluate())
-                self.logger.log(step, metrics)
-                last = metrics
+        with StopRequest() as stop:
+            try:
+                while self.step_count < cfg.run.steps:
+                    metrics = self.step()
+                    step = self.step_count
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                        metrics.update(self.evaluate())
+                    self.logger.log(step, metrics)
+                    last = metrics
+                    self._show_progress(step, metrics, bar)
+                    # Every rank learns whether any was asked to stop (the launcher may signal
+                    # them at different moments); they stop together, after the same step.
+                    if self.dist.max_int(int(stop.requested)):
+                        path = self.save()
+                        self._say(f"stopped at step {step}; saved {path} (continue with --resume)")
+                        return {"before": before, "after": None, "last": last, "checkpoint": str(path), "stopped": True}
+                    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
+                        self.save()
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{metrics['reward/mean']:.2f}",
-                        acc=f"{metrics['reward/accuracy']:.2f}",
-                        tools=f"{metrics['tool/calls_per_traj']:.2f}",
-                    )
-                else:
-                    self._say(
-                        f"step {step}: reward {metrics['reward/mean']:.3f} acc {metrics['reward/accuracy']:.3f} tool calls {metrics['tool/calls_per_traj']:.2f} ({metrics['time/step_s']:.1f}s)"
-                    )
-                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            # Keep what was trained: a checkpoint that --resume continues from.
-            if bar is not None:
-                bar.close()
-                bar = None
-            path = self.save()
-            self._say(f"interrupted at step {self.step_count}; saved {path} (continue with --resume)")
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         after = None
         if self.eval_sets:
             after = self.evaluate()
@@ -483,7 +483,22 @@ class Trainer:
             "last": last,
             "checkpoint": str(path),
             "plot": str(plot) if plot else None,
+            "stopped": False,
         }
+
+    def _show_progress(self, step: int, metrics: dict, bar) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.2f}",
+                acc=f"{metrics['reward/accuracy']:.2f}",
+                tools=f"{metrics['tool/calls_per_traj']:.2f}",
+            )
+        else:
+            self._say(
+                f"step {step}: reward {metrics['reward/mean']:.3f} acc {metrics['reward/accuracy']:.3f} "
+                f"tool calls {metrics['tool/calls_per_traj']:.2f} ({metrics['time/step_s']:.1f}s)"
+            )
 
     def close(self) -> None:
         for name in ("engine", "sandbox"):
