@@ -155,7 +155,7 @@ class Assumptions:
         one H100; not measured here). Halved for an fp32 engine (it reads twice the bytes).
     hbm_efficiency: the share of HBM bandwidth one decode step achieves (for the step
         latency that bounds the longest response).
-    mfu: model FLOPs utilisation of the update.
+    mfu: FLOPs utilisation of the update (recomputation and the old-log-prob pass counted as work).
     engine_memory_fraction: vLLM's `gpu_memory_utilization`; cir leaves vLLM's default (0.92 in vLLM 0.32).
     engine_overhead_gib: vLLM's memory besides weights and KV cache (activations, CUDA graphs).
     engine_asleep_gib: what a sleeping engine keeps on the GPU.
@@ -237,7 +237,7 @@ class Estimate:
         g = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
         return [
             ("parameters", f"{self.params / 1e9:.2f} B", "from the model's config"),
-            ("fp32 master weights", g(self.master_weights), "bytes(model.dtype) x P / N"),
+            ("master weights", g(self.master_weights), "bytes(model.dtype) x P / N"),
             ("AdamW moments", g(self.optimizer_states), "2 x bytes(model.dtype) x P / N"),
             ("gradients", g(self.gradients), "bytes(model.dtype) x P / N"),
             ("gathered compute params", g(self.gathered_params), "bf16 x (root + 2 layers)"),
