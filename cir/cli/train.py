@@ -13,7 +13,11 @@ from cir.config_loader import ConfigError
 
 
 def register(parser) -> None:
-    parser.add_argument("--config", default=None, help="a YAML file or a preset (demo, paper); default: the CPU demo")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file or a bundled config name (cir/configs: demo, paper, GPU recipes); default: the CPU demo",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",

@@ -9,8 +9,9 @@ Each section lives beside the code it configures (`model` in `cir.models`, `data
 The defaults are the paper's recipe for a real run (REINFORCE++ with a group baseline,
 clip 0.2/0.28, no KL, no entropy bonus, 16 samples per prompt, 128 prompts, lr 1e-6,
 temperature 1.0, tool budget 2). ``cir train`` with no ``--config`` starts from the bundled
-``demo`` preset instead (a tiny model on CPU); ``--config paper`` names the bundled paper
-preset, and any other value is a YAML file:
+``demo`` preset instead (a tiny model on CPU); ``--config NAME`` names any YAML bundled in
+``cir/configs`` (``paper``, and the GPU recipes such as ``qwen2.5-math-7b-8gpu``), so an
+installed package needs no checkout; any other value is a YAML file:
 
     cir train --config paper model.path=Qwen/Qwen2.5-Math-7B data.train=/data/train.jsonl
 """
@@ -49,7 +50,13 @@ class TrainConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-PRESETS = ("demo", "paper")
+def _bundled_configs() -> tuple[str, ...]:
+    folder = resources.files("cir") / "configs"
+    return tuple(sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")))
+
+
+# The YAML files shipped in cir/configs, by name: the demo, the paper preset and the GPU recipes.
+PRESETS = _bundled_configs()
 
 
 def preset_path(name: str) -> Path:

@@ -1,0 +1,504 @@
+"""`cir bench estimate`: the per-GPU memory and step time a run should need, from its config.
+
+These are estimates, not measurements: arithmetic on the model's shape, the config's batch and
+a few stated assumptions (decode throughput, MFU, response length), so that a recipe can be
+sized before a GPU is booked. `docs/scaling.md` shows the tables this module prints for the
+recipes in `cir/configs/` and explains each term.
+
+Memory per GPU, for N ranks (FSDP2 shards parameters, gradients and optimizer state over N):
+
+- resident between steps: master weights, AdamW's two moments and the gradients, each
+  `bytes(model.dtype) x params / N` (fp32: 4 + 8 + 4 = 16 bytes per parameter, over N);
+- during the update, on top: the bf16 compute copy FSDP2 gathers (the root unit, i.e. the
+  embeddings and LM head, plus two decoder layers: the one running and the one prefetched),
+  the root unit's unsharded gradients before their fp32 reduce-scatter, and the activations
+  of one micro-batch of `optim.micro_batch_tokens` tokens (with activation checkpointing: each
+  layer's input plus one layer recomputed; without: every layer's saved tensors). The fused
+  log-prob kernel keeps no [tokens, vocab] logits; what it saves is shown beside;
+- the engine (vLLM) pre-allocates `engine_memory_fraction` of the GPU (its weights, KV cache
+  and working memory) while it rolls out, and sleeps during the update (weights offloaded to
+  host memory, KV cache freed).
+
+Step time: generation is this rank's generated tokens over an assumed per-GPU decode
+throughput, or the longest response at the memory-bound decode-step latency (every step reads
+the weights once) if that is longer; the update is `6 x params x tokens` FLOPs (forward and
+backward; + 2 for the checkpointed layers' recomputation, + 2 for the old-log-prob pass when
+the update is not strictly on-policy, + 2 for a KL reference) at an assumed MFU.
+
+Pure Python: `estimate` takes numbers; `estimate_run` reads them from a `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.fsdp)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Qwen2/Llama-style decoder (what a Hugging Face config.json states)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    qkv_bias: bool = True  # Qwen2 has biases on q, k and v
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: attention (q, o: H x H; k, v: H x kv_dim), SwiGLU MLP (3 x H x I),
+        two RMSNorm weights."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if self.qkv_bias else 0)
+        return attention + 3 * h * self.intermediate_size + 2 * h
+
+    @property
+    def root_params(self) -> int:
+        """What is not in a decoder layer (FSDP2's root unit): embeddings, LM head if untied,
+        final norm."""
+        embedding = self.vocab_size * self.hidden_size
+        return embedding * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    @property
+    def params(self) -> int:
+        return self.num_layers * self.layer_params + self.root_params
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV cache per token: keys and values of every layer's KV heads."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def activation_bytes_per_token_layer(self, dtype_bytes: int) -> int:
+        """Tensors one decoder layer saves for backward, per token, counted from the
+        `transformers` Qwen2 layer: two RMSNorms computing in fp32 (about 3 x H elements of
+        `dtype_bytes` each), q and attention output, k and v repeated to all heads for SDPA,
+        o_proj's input (6 x H), and the MLP's gate, up, activation and product (4 x I).
+        Approximate: it ignores small per-token terms (RoPE tables, SDPA's log-sum-exp)."""
+        return (12 * self.hidden_size + 4 * self.intermediate_size) * dtype_bytes
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> ModelShape:
+        return cls(
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            qkv_bias=config.get("model_type", "qwen2") == "qwen2",
+        )
+
+
+# The shapes of the recipes' models (their Hugging Face config.json), so that an estimate needs
+# no download. A local model folder is read instead.
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "Qwen/Qwen2.5-Math-7B": ModelShape(3584, 18944, 28, 28, 4, 152064, False, 4096),
+    "Qwen/Qwen2.5-Math-1.5B": ModelShape(1536, 8960, 28, 12, 2, 151936, True, 4096),
+    "Qwen/Qwen2.5-1.5B-Instruct": ModelShape(1536, 8960, 28, 12, 2, 151936, True, 32768),
+    "Qwen/Qwen2.5-7B-Instruct": ModelShape(3584, 18944, 28, 28, 4, 152064, False, 32768),
+}
+
+
+def model_shape(path: str) -> ModelShape:
+    """The shape of `path`: a local Hugging Face folder's config.json, or a known hub name."""
+    config = Path(path).expanduser() / "config.json"
+    if config.is_file():
+        return ModelShape.from_hf_config(json.loads(config.read_text()))
+    if path in KNOWN_MODELS:
+        return KNOWN_MODELS[path]
+    raise ValueError(f"model {path!r}: no local config.json and not one of {', '.join(KNOWN_MODELS)}")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Vendor datasheet figures (dense bf16 tensor-core peak, HBM bandwidth, memory)."""
+
+    name: str
+    memory_gib: float
+    hbm_tb_per_s: float
+    bf16_tflops: float
+
+
+GPUS: dict[str, GPU] = {
+    "h100": GPU("H100 SXM 80 GB", 80, 3.35, 989),
+    "h200": GPU("H200 SXM 141 GB", 141, 4.8, 989),
+    "a100": GPU("A100 SXM 80 GB", 80, 2.04, 312),
+}
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the estimate assumes and does not derive; each can be overridden.
+
+    prompt_tokens, mean_response_tokens: the mean prompt and response (model tokens and
+        interpreter output) length.
+    decode_tokens_per_s: per-GPU vLLM decode throughput of a bf16 model at 128+ running
+        sequences; None: 2,500 for a 7B-class model, 7,500 for a model under 3B parameters
+        (round figures in the range public vLLM serving benchmarks report for such models on
+        one H100; not measured here). Halved for an fp32 engine (it reads twice the bytes).
+    hbm_efficiency: the share of HBM bandwidth one decode step achieves (for the step
+        latency that bounds the longest response).
+    mfu: FLOPs utilisation of the update (recomputation and the old-log-prob pass counted as work).
+    engine_memory_fraction: vLLM's `gpu_memory_utilization`; cir leaves vLLM's default (0.92 in vLLM 0.32).
+    engine_overhead_gib: vLLM's memory besides weights and KV cache (activations, CUDA graphs).
+    engine_asleep_gib: what a sleeping engine keeps on the GPU.
+    reserve_gib: CUDA context, NCCL buffers and allocator fragmentation per process.
+    """
+
+    prompt_tokens: int = 150
+    mean_response_tokens: int = 1000
+    decode_tokens_per_s: float | None = None
+    hbm_efficiency: float = 0.5
+    mfu: float = 0.3
+    engine_memory_fraction: float = 0.92
+    engine_overhead_gib: float = 2.0
+    engine_asleep_gib: float = 1.0
+    reserve_gib: float = 2.0
+
+    def decode_rate(self, params: int, engine_bytes: int) -> float:
+        bf16 = self.decode_tokens_per_s or (2500.0 if params >= 3e9 else 7500.0)
+        return bf16 * 2 / engine_bytes
+
+
+@dataclass
+class Estimate:
+    """Per-GPU bytes and per-step seconds of one run (see the module docstring)."""
+
+    gpu: str
+    gpus: int
+    params: int
+    # memory (bytes, per GPU)
+    master_weights: float
+    optimizer_states: float
+    gradients: float
+    gathered_params: float
+    unsharded_grads: float
+    activations: float
+    activations_without_checkpointing: float
+    activations_with_checkpointing: float
+    logits_avoided: float
+    engine: float
+    engine_weights: float
+    kv_cache: float
+    kv_tokens: int
+    kv_tokens_needed: int
+    free_at_engine_start: float
+    rollout_peak: float
+    update_peak: float
+    gpu_memory: float
+    # time (per step)
+    trajectories: int
+    trajectories_per_rank: int
+    generated_tokens: int
+    decode_tokens_per_s: float
+    decode_step_s: float
+    generation_s: float
+    train_tokens: int
+    train_flops: float
+    update_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def actor_resident(self) -> float:
+        return self.master_weights + self.optimizer_states + self.gradients
+
+    @property
+    def engine_starts(self) -> bool:
+        return self.free_at_engine_start >= self.engine
+
+    @property
+    def fits(self) -> bool:
+        return self.engine_starts and max(self.rollout_peak, self.update_peak) <= self.gpu_memory
+
+    @property
+    def step_s(self) -> float:
+        return self.generation_s + self.update_s
+
+    def rows(self, compare: bool = False) -> list[tuple[str, str, str]]:
+        """(quantity, value, how it is computed) for the printed table (`compare`: the "how" of
+        a table of several estimates, which names no one GPU)."""
+        g = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+        return [
+            ("parameters", f"{self.params / 1e9:.2f} B", "from the model's config"),
+            ("master weights", g(self.master_weights), "bytes(model.dtype) x P / N"),
+            ("AdamW moments", g(self.optimizer_states), "2 x bytes(model.dtype) x P / N"),
+            ("gradients", g(self.gradients), "bytes(model.dtype) x P / N"),
+            ("gathered compute params", g(self.gathered_params), "bf16 x (root + 2 layers)"),
+            ("unsharded grads before reduce", g(self.unsharded_grads), "(bf16 + fp32) x (root + 1 layer)"),
+            ("activations, with checkpointing", g(self.activations_with_checkpointing), "T x (L x H + 1 layer)"),
+            ("activations, no checkpointing", g(self.activations_without_checkpointing), "T x L x layer"),
+            ("[T, vocab] logits avoided", g(self.logits_avoided), "T x V x fp32 x 2 (with grad)"),
+            ("update peak", g(self.update_peak), "resident + gathered + grads + acts + asleep"),
+            ("engine (vLLM)", g(self.engine), "gpu_memory_utilization x GPU"),
+            ("  engine weights", g(self.engine_weights), "bytes(engine) x P"),
+            ("  KV cache", f"{g(self.kv_cache)} = {self.kv_tokens / 1e3:.0f}k tokens", "engine - weights - overhead"),
+            ("  KV tokens, all in flight", f"{self.kv_tokens_needed / 1e3:.0f}k", "trajs/rank x (prompt + mean resp)"),
+            ("rollout peak", g(self.rollout_peak), "resident + engine + reserve"),
+            ("free when the engine starts", g(self.free_at_engine_start), "GPU - whole model - reserve"),
+            ("GPU memory", g(self.gpu_memory), self.gpu if not compare else "datasheet"),
+            ("fits", "yes" if self.fits else "NO", "engine starts; both peaks <= GPU memory"),
+            (
+                "trajectories / step (per rank)",
+                f"{self.trajectories} ({self.trajectories_per_rank})",
+                "prompts x group",
+            ),
+            ("generated tokens / step", f"{self.generated_tokens / 1e6:.2f} M", "trajectories x mean response"),
+            ("decode tokens/s per GPU", f"{self.decode_tokens_per_s:,.0f}", "assumed"),
+            ("decode step (memory-bound)", f"{self.decode_step_s * 1e3:.1f} ms", "engine weights / (HBM x eff)"),
+            ("generation", f"{self.generation_s:.0f} s", "max(tokens/rank / rate, longest x step)"),
+            ("update FLOPs", f"{self.train_flops / 1e15:.0f} PFLOP", "k x P x trained tokens"),
+            ("update", f"{self.update_s:.0f} s", "FLOPs / (N x peak x MFU)"),
+            ("step", f"{self.step_s:.0f} s", "generation + update"),
+        ]
+
+
+def estimate(
+    shape: ModelShape,
+    *,
+    gpus: int,
+    gpu: GPU,
+    prompts_per_step: int,
+    group_size: int,
+    max_response_tokens: int,
+    micro_batch_tokens: int,
+    gradient_checkpointing: bool,
+    param_dtype: str = "float32",
+    engine_dtype: str | None = None,
+    ppo_epochs: int = 1,
+    mini_batches: int = 1,
+    kl_reference: bool = False,
+    assumptions: Assumptions = Assumptions(),
+) -> Estimate:
+    """The estimate for one run on `gpus` GPUs of kind `gpu` (see the module docstring).
+    `engine_dtype` defaults to `param_dtype`: the engine is built from the loaded model."""
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus}: must be >= 1")
+    a, n, p = assumptions, gpus, shape.params
+    pb = DTYPE_BYTES[param_dtype]
+    eb = DTYPE_BYTES[engine_dtype or param_dtype]
+    # FSDP2 computes in bf16 on CUDA; one process (LocalActor) computes in the parameters' dtype.
+    cb = 2 if n > 1 else pb
+    notes: list[str] = []
+
+    master, optimizer, grads = pb * p / n, 2 * pb * p / n, pb * p / n
+    layer, root = shape.layer_params, shape.root_params
+    gathered = cb * (root + 2 * layer) if n > 1 else 0.0
+    unsharded = (cb + REDUCE_BYTES) * (root + layer) if n > 1 else 0.0
+    t = micro_batch_tokens
+    per_layer = shape.activation_bytes_per_token_layer(cb)
+    # Both add the final hidden states and the rows gathered for the LM head (2 x H per token).
+    tail = 2 * t * shape.hidden_size * cb
+    with_ckpt = t * (shape.num_layers * shape.hidden_size * cb + per_layer) + tail
+    without_ckpt = t * shape.num_layers * per_layer + tail
+    activations = with_ckpt if gradient_checkpointing else without_ckpt
+    logits_avoided = 2 * t * shape.vocab_size * 4
+
+    gpu_bytes = gpu.memory_gib * GiB
+    reserve = a.reserve_gib * GiB
+    engine = a.engine_memory_fraction * gpu_bytes
+    engine_weights = eb * p
+    kv_cache = max(0.0, engine - engine_weights - a.engine_overhead_gib * GiB)
+    kv_tokens = int(kv_cache // shape.kv_bytes_per_token(eb))
+    context = shape.max_position_embeddings
+    response_cap = max(1, min(max_response_tokens, context - a.prompt_tokens))
+    if response_cap < max_response_tokens:
+        notes.append(f"the model's context ({context}) leaves {response_cap} response tokens after the prompt")
+    mean_response = min(a.mean_response_tokens, response_cap)
+    per_rank = math.ceil(prompts_per_step / n) * group_size
+    if prompts_per_step % n:
+        notes.append(f"{prompts_per_step} prompts do not split evenly over {n} ranks")
+    kv_needed = per_rank * (a.prompt_tokens + mean_response)
+    if kv_needed > kv_tokens:
+        notes.append("the KV cache holds fewer tokens than all of a rank's trajectories in flight: vLLM preempts")
+
+    resident = master + optimizer + grads
+    rollout_peak = resident + engine + reserve
+    update_peak = resident + gathered + unsharded + activations + a.engine_asleep_gib * GiB + reserve
+    # The whole model sits on the GPU (before sharding) when the engine starts beside it.
+    free_at_start = gpu_bytes - pb * p - reserve
+    if free_at_start < engine:
+        notes.append("vLLM refuses to start: less free memory than gpu_memory_utilization x GPU")
+
+    trajectories = prompts_per_step * group_size
+    generated = trajectories * mean_response
+    rate = a.decode_rate(p, eb)
+    step_latency = engine_weights / (gpu.hbm_tb_per_s * 1e12 * a.hbm_efficiency)
+    generation = max(per_rank * mean_response / rate, response_cap * step_latency)
+    train_tokens = trajectories * (a.prompt_tokens + mean_response)
+    on_policy = ppo_epochs == 1 and mini_batches == 1
+    k = 6 * ppo_epochs + (2 * ppo_epochs if gradient_checkpointing else 0)
+    k += 0 if on_policy else 2
+    k += 2 if kl_reference else 0
+    flops = k * p * train_tokens
+    update = flops / (n * gpu.bf16_tflops * 1e12 * a.mfu)
+    return Estimate(
+        gpu=gpu.name,
+        gpus=n,
+        params=p,
+        master_weights=master,
+        optimizer_states=optimizer,
+        gradients=grads,
+        gathered_params=gathered,
+        unsharded_grads=unsharded,
+        activations=activations,
+        activations_without_checkpointing=without_ckpt,
+        activations_with_checkpointing=with_ckpt,
+        logits_avoided=logits_avoided,
+        engine=engine,
+        engine_weights=engine_weights,
+        kv_cache=kv_cache,
+        kv_tokens=kv_tokens,
+        kv_tokens_needed=kv_needed,
+        free_at_engine_start=free_at_start,
+        rollout_peak=rollout_peak,
+        update_peak=update_peak,
+        gpu_memory=gpu_bytes,
+        trajectories=trajectories,
+        trajectories_per_rank=per_rank,
+        generated_tokens=generated,
+        decode_tokens_per_s=rate,
+        decode_step_s=step_latency,
+        generation_s=generation,
+        train_tokens=train_tokens,
+        train_flops=flops,
+        update_s=update,
+        notes=notes,
+    )
+
+
+def estimate_run(
+    cfg, gpus: int, gpu: str = "h100", *, engine_dtype: str | None = None, assumptions: Assumptions = Assumptions()
+) -> Estimate:
+    """`estimate` for a `TrainConfig`: the model's shape from `model.path`, the batch from
+    `algo`, the longest response over the `schedule`, the micro-batch from `optim`."""
+    longest = max([cfg.rollout.max_response_tokens] + [s.max_response_tokens or 0 for s in cfg.schedule])
+    return estimate(
+        model_shape(cfg.model.path),
+        gpus=gpus,
+        gpu=GPUS[gpu],
+        prompts_per_step=cfg.algo.prompts_per_step,
+        group_size=cfg.algo.group_size,
+        max_response_tokens=longest,
+        micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        param_dtype=cfg.model.dtype,
+        engine_dtype=engine_dtype,
+        ppo_epochs=cfg.optim.ppo_epochs,
+        mini_batches=cfg.optim.mini_batches,
+        kl_reference=cfg.algo.kl_coef > 0,
+        assumptions=assumptions,
+    )
+
+
+def format_table(est: Estimate, markdown: bool = False) -> str:
+    rows = est.rows()
+    if markdown:
+        lines = ["| quantity | per GPU / per step | how |", "| --- | --- | --- |"]
+        lines += [f"| {q.strip()} | {v} | {h} |" for q, v, h in rows]
+    else:
+        width = max(len(q) for q, _, _ in rows) + 2
+        lines = [f"{q:<{width}}{v:>22}   {h}" for q, v, h in rows]
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def comparison_table(columns: list[tuple[str, Estimate]]) -> str:
+    """A Markdown table with one column per (title, estimate): the table of docs/scaling.md."""
+    titles = [title for title, _ in columns]
+    lines = ["| quantity | " + " | ".join(titles) + " | how |", "| --- |" + " --- |" * len(titles) + " --- |"]
+    for i, (quantity, _, how) in enumerate(columns[0][1].rows(compare=True)):
+        values = [est.rows()[i][1] for _, est in columns]
+        lines.append(f"| {quantity.strip()} | " + " | ".join(values) + f" | {how} |")
+    return "\n".join(lines)
+
+
+def scaling_doc_table() -> str:
+    """The table of docs/scaling.md: the bundled recipes on H100/H200 nodes, first as the code
+    runs them today (engine in model.dtype, vLLM's default memory share), then with a bf16
+    engine and an engine share that leaves room for the actor."""
+    from cir.training.config import load_train_config
+
+    seven, multi, small = (load_train_config(name) for name in RECIPES)
+    bf16 = "bfloat16"
+    return comparison_table(
+        [
+            ("7B, 8 x H100, today", estimate_run(seven, 8, "h100")),
+            (
+                "7B, 8 x H100",
+                estimate_run(seven, 8, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
+            ),
+            (
+                "7B, 8 x H200",
+                estimate_run(seven, 8, "h200", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.6)),
+            ),
+            (
+                "7B, 4 x 8 x H100",
+                estimate_run(multi, 32, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
+            ),
+            (
+                "1.5B, 8 x H100",
+                estimate_run(small, 8, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
+            ),
+        ]
+    )
+
+
+# The GPU recipes in cir/configs, as docs/scaling.md tabulates them.
+RECIPES = ("qwen2.5-math-7b-8gpu", "qwen2.5-math-7b-4x8gpu", "qwen2.5-math-1.5b-8gpu")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a YAML file or a bundled recipe name (see cir/configs)")
+    parser.add_argument("--gpus", type=int, required=True, help="ranks in all (nodes x GPUs per node)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU's datasheet figures")
+    parser.add_argument("--engine-dtype", choices=sorted(DTYPE_BYTES), default=None, help="default: model.dtype")
+    defaults = Assumptions()
+    for name in ("prompt_tokens", "mean_response_tokens", "decode_tokens_per_s", "mfu", "engine_memory_fraction"):
+        value = getattr(defaults, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=float, default=value, help=f"assumption (default {value})"
+        )
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--json", default=None, help="also write the estimate as JSON to this file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for cir train")
+
+
+def run(args) -> int:
+    from cir.config_loader import ConfigError
+    from cir.training.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        assumptions = Assumptions(
+            prompt_tokens=int(args.prompt_tokens),
+            mean_response_tokens=int(args.mean_response_tokens),
+            decode_tokens_per_s=args.decode_tokens_per_s,
+            mfu=args.mfu,
+            engine_memory_fraction=args.engine_memory_fraction,
+        )
+        est = estimate_run(cfg, args.gpus, args.gpu, engine_dtype=args.engine_dtype, assumptions=assumptions)
+    except (ConfigError, ValueError) as e:
+        print(f"cir bench estimate: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.config} on {args.gpus} x {est.gpu} (estimates, not measurements)")
+    print(format_table(est, markdown=args.markdown))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**asdict(est), "assumptions": asdict(assumptions)}, indent=2))
+    return 0
