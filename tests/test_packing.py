@@ -277,3 +277,104 @@ def test_packed_rows_use_flash_attention_varlen_on_gpu():
         lp, _, _ = _forward(model, packed)
     assert not lp.isnan().any()
     torch.testing.assert_close(lp.float(), ref.float(), rtol=0, atol=5e-2)
+
+
+# Run by `torchrun --nproc_per_node=2`: rank 0 first computes the single-process reference (the
+# padded layout on the whole batch); then both ranks train an FSDP2 actor on their shard, packed
+# and padded, from the same initial weights. Rank 0 writes what the test compares.
+_TWO_RANKS = r"""
+import json, sys
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from cir.algorithms import AlgoConfig
+from cir.distributed import DistributedContext, init_distributed
+from cir.training.actor import LocalActor
+from cir.training.batch import build_train_batch
+from cir.training.fsdp import FSDPActor
+from cir.training.optim import OptimConfig
+from cir.trajectory import Trajectory
+
+torch.set_num_threads(1)
+lengths, budget, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist = init_distributed(timeout_s=120)
+
+def model():
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).double().eval()
+
+g = torch.Generator().manual_seed(0)
+trajs = []
+for i, (p, r) in enumerate(lengths):
+    t = Trajectory(prompt_ids=torch.randint(3, 96, (p,), generator=g).tolist(), problem_id=str(i), group=i)
+    t.append(torch.randint(3, 96, (r,), generator=g).tolist(), None, trainable=True)
+    trajs.append(t)
+advantages = torch.linspace(-1.0, 1.0, len(trajs))
+
+def update(actor_cls, trajs, advantages, packing, context):
+    m = model()
+    actor = actor_cls(m, None, OptimConfig(lr=1e-2, micro_batch_tokens=budget, packing=packing), AlgoConfig(),
+                      total_optimizer_steps=1, dist=context)
+    batch = build_train_batch(trajs, advantages, pad_id=0, device="cpu", mini_batches=1, micro_batch_tokens=budget,
+                              temperature=1.0, max_response_tokens=64, packing=packing)
+    metrics = actor.update(batch)
+    weights = {k: v.detach().clone() for bucket in actor.iter_weights() for k, v in bucket}
+    return metrics, weights
+
+result = {}
+if dist.is_main:
+    ref_metrics, ref_weights = update(LocalActor, trajs, advantages, False, DistributedContext())
+    result["reference"] = ref_metrics
+start, end = dist.shard_bounds(len(trajs))
+for packing in (True, False):
+    metrics, weights = update(FSDPActor, trajs[start:end], advantages[start:end], packing, dist)
+    if dist.is_main:
+        diff = max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights)
+        result["packed" if packing else "padded"] = {**metrics, "weight_diff": diff}
+if dist.is_main:
+    with open(out, "w") as f:
+        json.dump(result, f)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_packed_equal_one_process_padded(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cir.distributed import DistributedContext
+
+    rng = random.Random(21)
+    lengths = [(rng.randint(1, 10), rng.randint(1, 30)) for _ in range(11)]  # rank 0: 6, rank 1: 5
+    budget = 64
+    script, out = tmp_path / "two_ranks.py", tmp_path / "result.json"
+    script.write_text(_TWO_RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(
+        [*cmd, json.dumps(lengths), str(budget), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    ref = result["reference"]
+    assert ref["actor/grad_norm"] > 0
+    for layout in ("packed", "padded"):
+        got = result[layout]
+        assert got["actor/grad_norm"] == pytest.approx(ref["actor/grad_norm"], rel=1e-9), layout
+        assert got["actor/loss"] == pytest.approx(ref["actor/loss"], rel=1e-9, abs=1e-12), layout
+        assert got["weight_diff"] < 1e-12, layout
+    assert result["packed"]["actor/padding_share"] == 0.0
+    # Padded on two ranks: each rank plans its own shard; the share is of the slots of both.
+    seq_len = [p + r for p, r in lengths]
+    slots = padding = 0
+    for rank in range(2):
+        shard = DistributedContext(rank=rank, world_size=2).shard(seq_len)
+        for group in plan_micro_batches(shard, budget):
+            width = max(shard[i] for i in group)
+            slots += len(group) * width
+            padding += sum(width - shard[i] for i in group)
+    assert padding > 0
+    assert result["padded"]["actor/padding_share"] == pytest.approx(padding / slots, rel=1e-12)
