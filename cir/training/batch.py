@@ -37,7 +37,7 @@ class MicroBatch:
     hidden_index: torch.Tensor  # [n] rows of hidden.view(b*L, H) that predict the response tokens
     targets: torch.Tensor  # [n] the response tokens
     loss_mask: torch.Tensor  # [n] 1 on model tokens, 0 on feedback
-    cu_seqlens: torch.Tensor  # [b + 1] offsets of each trajectory's response tokens in the packed [n]
+    cu_seqlens: torch.Tensor  # [b + 1] offsets of each trajectory's response tokens in the concatenated [n]
     advantages: torch.Tensor  # [b] per trajectory
     sampler_logprobs: torch.Tensor  # [n]
     old_logprobs: torch.Tensor | None = None  # [n], filled before the update
