@@ -31,7 +31,9 @@ class ModelConfig:
     path: str = "demo"
     tokenizer: str | None = None  # default: the model's own
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameters and optimizer state
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # flash_attention_2 needs flash-attn (`pip install 'cir[flash]'`) and a GPU; it runs packed
+    # micro-batches (optim.packing) through flash-attn's varlen kernel.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
 
 

@@ -238,6 +238,15 @@ class LocalActor:
         out |= {k: self.dist.max_float(v) for k, v in maxima.items()}
         local_mean = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
         out |= self.dist.mean_metrics({"actor/advantage_abs_mean": local_mean}, weight=batch.num_trajectories)
+        # The share of the forwards' input slots that held padding, not tokens (0 when packed):
+        # slot counts summed over ranks before dividing, so it is the job's share.
+        padding, slots = self.dist.sum_floats(
+            [
+                sum(mb.num_padding_slots for mb in batch.micro_batches),
+                sum(mb.num_input_slots for mb in batch.micro_batches),
+            ]
+        )
+        out["actor/padding_share"] = padding / slots if slots else 0.0
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
 

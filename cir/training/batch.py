@@ -1,9 +1,19 @@
 """The train batch: the one hand-off from (trajectories, advantages) to tensors.
 
 `build_train_batch` splits the step's trajectories into mini-batches (one optimizer step
-each) and those into right-padded micro-batches under a token budget (one forward/backward
-each). Response tokens are packed per micro-batch, with `loss_mask` zero on interpreter
-feedback exactly as the rollout built it. The trajectories are read, never changed.
+each) and those into micro-batches under a token budget (one forward/backward each), in one of
+two layouts:
+
+- padded: a micro-batch is a [b, L] block of right-padded rows with an attention mask;
+- packed: a micro-batch's sequences are concatenated into one [1, total] row, no padding, with
+  position ids restarting at 0 at each sequence start. `transformers` reads those restarts as
+  sequence boundaries: a block-diagonal causal mask for sdpa/eager, flash-attn's varlen kernel
+  for `flash_attention_2` (no attention across sequences either way).
+
+Either way the response tokens are concatenated per micro-batch (`hidden_index`, `targets`,
+`loss_mask`, `cu_seqlens`), with `loss_mask` zero on interpreter feedback exactly as the
+rollout built it, so the loss code cannot tell the layouts apart. The trajectories are read,
+never changed.
 """
 
 from __future__ import annotations
@@ -18,23 +28,37 @@ from cir.trajectory import Trajectory
 
 @dataclass
 class MicroBatch:
-    """One forward/backward's worth of trajectories (right-padded)."""
+    """One forward/backward's worth of trajectories, right-padded (`position_ids` None) or
+    packed into one row (`attention_mask` None)."""
 
     index: list[int]  # positions of these trajectories in the step's list
-    input_ids: torch.Tensor  # [b, L] prompt + response, padded
-    attention_mask: torch.Tensor  # [b, L]
+    input_ids: torch.Tensor  # [b, L] prompt + response, padded; packed: [1, total]
+    attention_mask: torch.Tensor | None  # [b, L]; None when packed (the position ids mark the sequences)
     hidden_index: torch.Tensor  # [n] rows of hidden.view(b*L, H) that predict the response tokens
     targets: torch.Tensor  # [n] the response tokens
     loss_mask: torch.Tensor  # [n] 1 on model tokens, 0 on feedback
-    cu_seqlens: torch.Tensor  # [b + 1] offsets of each trajectory's response tokens in the packed [n]
+    cu_seqlens: torch.Tensor  # [b + 1] offsets of each trajectory's response tokens in the concatenated [n]
     advantages: torch.Tensor  # [b] per trajectory
     sampler_logprobs: torch.Tensor  # [n]
     old_logprobs: torch.Tensor | None = None  # [n], filled before the update
     ref_logprobs: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # packed: [1, total], 0, 1, ... from each sequence's start
 
     @property
     def num_model_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def num_input_slots(self) -> int:
+        """Token slots the forward runs over, padding included."""
+        return self.input_ids.numel()
+
+    @property
+    def num_padding_slots(self) -> int:
+        """Slots holding padding rather than a token (0 when packed)."""
+        if self.attention_mask is None:
+            return 0
+        return self.input_ids.numel() - int(self.attention_mask.sum())
 
     @property
     def num_seqs(self) -> int:
@@ -62,21 +86,58 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     return groups
 
 
+def plan_packed_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group trajectory indices so that each group's total length stays within `token_budget`
+    (a single longer trajectory gets a group of its own): first-fit decreasing, which fills the
+    groups closely so that there are few of them. Each group lists its indices in ascending
+    order; the plan is deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    room: list[int] = []  # budget left in each group
+    for i in order:
+        n = lengths[i]
+        slot = next((g for g, left in enumerate(room) if n <= left), None)
+        if slot is None:
+            groups.append([i])
+            room.append(token_budget - n)
+        else:
+            groups[slot].append(i)
+            room[slot] -= n
+    return [sorted(g) for g in groups]
+
+
 def collate(
-    trajectories: Sequence[Trajectory], index: list[int], advantages: torch.Tensor, pad_id: int, device
+    trajectories: Sequence[Trajectory],
+    index: list[int],
+    advantages: torch.Tensor,
+    pad_id: int,
+    device,
+    *,
+    packed: bool = False,
 ) -> MicroBatch:
+    """The micro-batch of `trajectories[index]`: right-padded rows, or one packed row."""
     trajs = [trajectories[i] for i in index]
     seqs = [t.prompt_ids + t.response_ids for t in trajs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(trajs), width), dtype=torch.long)
     hidden_index, cu = [], [0]
-    for b, (t, s) in enumerate(zip(trajs, seqs)):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[b, : len(s)] = 1
+    position_ids = attn = None
+    if packed:
+        ids = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long).unsqueeze(0)
+        position_ids = torch.cat([torch.arange(len(s)) for s in seqs]).unsqueeze(0)
+        starts = [0]
+        for s in seqs[:-1]:
+            starts.append(starts[-1] + len(s))
+    else:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(trajs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[b, : len(s)] = 1
+        starts = [b * width for b in range(len(seqs))]
+    for t, start in zip(trajs, starts):
         p, r = len(t.prompt_ids), len(t.response_ids)
         # The hidden state at position j predicts token j + 1.
-        hidden_index.append(torch.arange(p - 1, p + r - 1) + b * width)
+        hidden_index.append(torch.arange(p - 1, p + r - 1) + start)
         cu.append(cu[-1] + r)
     targets = torch.tensor([tok for t in trajs for tok in t.response_ids], dtype=torch.long)
     mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.float32)
@@ -84,13 +145,14 @@ def collate(
     return MicroBatch(
         index=list(index),
         input_ids=ids.to(device),
-        attention_mask=attn.to(device),
+        attention_mask=None if attn is None else attn.to(device),
         hidden_index=torch.cat(hidden_index).to(device),
         targets=targets.to(device),
         loss_mask=mask.to(device),
         cu_seqlens=torch.tensor(cu, dtype=torch.int64, device=device),
         advantages=advantages[index].to(device=device, dtype=torch.float32),
         sampler_logprobs=sampler.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
     )
 
 
@@ -124,17 +186,22 @@ def build_train_batch(
     micro_batch_tokens: int,
     temperature: float,
     max_response_tokens: int,
+    packing: bool = False,
 ) -> TrainBatch:
     """Trajectory i goes to mini-batch i % mini_batches; within a mini-batch, micro-batches are
-    planned by length (`plan_micro_batches`)."""
+    planned by length: padded (`plan_micro_batches`, count x longest within the budget) or, with
+    `packing`, packed (`plan_packed_micro_batches`, the sum of lengths within the budget)."""
     if len(advantages) != len(trajectories):
         raise ValueError(f"{len(advantages)} advantages for {len(trajectories)} trajectories")
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     order = list(range(len(trajectories)))
     minis = [order[i::mini_batches] for i in range(mini_batches)]
+    planner = plan_packed_micro_batches if packing else plan_micro_batches
     plans = [
-        [[mini[k] for k in group] for group in plan_micro_batches([lengths[i] for i in mini], micro_batch_tokens)]
+        [[mini[k] for k in group] for group in planner([lengths[i] for i in mini], micro_batch_tokens)]
         for mini in minis
     ]
-    batches = [[collate(trajectories, index, advantages, pad_id, device) for index in plan] for plan in plans]
+    batches = [
+        [collate(trajectories, index, advantages, pad_id, device, packed=packing) for index in plan] for plan in plans
+    ]
     return TrainBatch(batches, advantages, temperature=temperature, max_response_tokens=max_response_tokens)

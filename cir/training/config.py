@@ -49,6 +49,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
+    def __post_init__(self) -> None:
+        # The hf engine copies the policy and builds its own sdpa/eager masks: refuse here what
+        # it would refuse after the model is loaded.
+        if self.model.attn_implementation == "flash_attention_2" and self.run.engine == "hf":
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 with run.engine=hf: the hf engine supports sdpa and "
+                "eager only; use run.engine=vllm"
+            )
+
 
 def _bundled_configs() -> tuple[str, ...]:
     folder = resources.files("cir") / "configs"

@@ -44,13 +44,34 @@ class ResponseLogprobs(torch.nn.Module):
         self.lm = lm
 
     def forward(
-        self, input_ids, attention_mask, hidden_index, targets, temperature: float, with_entropy: bool, impl: str
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        hidden_index,
+        targets,
+        temperature: float,
+        with_entropy: bool,
+        impl: str,
     ):
         decoder, weight = decoder_and_head(self.lm)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # A packed row comes with position ids that restart at each sequence and no attention
+        # mask: from those restarts `transformers` builds a block-diagonal causal mask (sdpa,
+        # eager) or calls flash-attn's varlen kernel (flash_attention_2). It looks for them only
+        # when the mask is None and there is no cache, hence both here.
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
         return linear_logprob(rows, weight, targets, temperature=temperature, with_entropy=with_entropy, impl=impl)
 
     def of(self, mb: MicroBatch, *, temperature: float, with_entropy: bool, impl: str = "auto"):
-        return self(mb.input_ids, mb.attention_mask, mb.hidden_index, mb.targets, temperature, with_entropy, impl)
+        return self(
+            mb.input_ids,
+            mb.attention_mask,
+            mb.position_ids,
+            mb.hidden_index,
+            mb.targets,
+            temperature,
+            with_entropy,
+            impl,
+        )

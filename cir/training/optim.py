@@ -23,7 +23,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer steps per RL step (per epoch)
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
+    # Tokens per forward/backward: padded slots (count x longest), or with `packing` the sum of
+    # the lengths packed into one row. A longer single trajectory gets a forward of its own.
+    micro_batch_tokens: int = 16384
+    # Pack each micro-batch's sequences into one row (no padding; position ids mark where each
+    # starts) instead of right-padding them. Pays off with flash-attn's varlen kernel
+    # (model.attn_implementation=flash_attention_2); with sdpa/eager `transformers` builds a
+    # dense [total, total] block-diagonal mask, so attention grows with the square of the row.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:

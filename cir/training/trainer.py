@@ -280,6 +280,7 @@ class Trainer:
             device=self.device,
             mini_batches=cfg.optim.mini_batches,
             micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            packing=cfg.optim.packing,
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
