@@ -167,7 +167,7 @@ class LocalActor:
     def _fill_old_and_ref_logprobs(self, batch: TrainBatch, on_policy: bool) -> None:
         impl = self.algo.logprob_impl
         for mb in self._padded_plan(batch.micro_batches):
-            step = mb if mb is not None else batch.micro_batches[-1]  # a padding pass: result unused
+            step = mb if mb is not None else batch.placeholder  # a padding pass: result unused
             if not on_policy:
                 lp = self.policy.of(step, temperature=batch.temperature, with_entropy=False, impl=impl)[0]
                 if mb is not None:
@@ -197,14 +197,18 @@ class LocalActor:
                 self.optimizer.zero_grad(set_to_none=True)
                 for mb in self._padded_plan(mini):
                     if mb is None:  # this rank has fewer micro-batches: a pass that adds nothing
-                        loss, _ = micro_batch_loss(
+                        loss, m = micro_batch_loss(
                             self.policy,
-                            batch.micro_batches[-1],
+                            batch.placeholder,
                             algo,
                             temperature=batch.temperature,
                             max_response_tokens=batch.max_response_tokens,
                         )
                         (loss * 0.0).backward()
+                        # The same metric keys as a rank with data, at weight 0 (reductions need them).
+                        sums.setdefault("actor/loss", 0.0)
+                        for k in m:
+                            (maxima if k.endswith("_max") else sums).setdefault("actor/" + k, 0.0)
                         continue
                     loss, m = micro_batch_loss(
                         self.policy,
@@ -232,10 +236,11 @@ class LocalActor:
                             sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
                 grad_norms.append(self._optimizer_step())
         self.policy.eval()
-        out = {k: v / max(weight_total, 1) for k, v in sums.items()}
-        out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-        out = self.dist.mean_metrics(out, weight=max(weight_total, 1))  # token-weighted over ranks
-        out |= {k: self.dist.max_float(v) for k, v in maxima.items()}
+        # Sorted: the reductions pair values by position, and ranks may have met keys in another order.
+        out = {k: sums[k] / max(weight_total, 1) for k in sorted(sums)}
+        out = self.dist.mean_metrics(out, weight=weight_total)  # token-weighted over ranks
+        out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0  # the same on every rank
+        out |= {k: self.dist.max_float(maxima[k]) for k in sorted(maxima)}
         local_mean = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
         out |= self.dist.mean_metrics({"actor/advantage_abs_mean": local_mean}, weight=batch.num_trajectories)
         # The share of the forwards' input slots that held padding, not tokens (0 when packed):

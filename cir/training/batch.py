@@ -64,6 +64,24 @@ class MicroBatch:
     def num_seqs(self) -> int:
         return len(self.index)
 
+    @classmethod
+    def placeholder(cls, pad_id: int, device) -> MicroBatch:
+        """A two-token micro-batch with nothing to learn from (mask and advantage 0): what a rank
+        runs, its loss multiplied by zero, when others have more micro-batches than it, so that
+        every rank joins each of the sharded actor's collectives (one per forward/backward)."""
+        zero = torch.zeros(1, device=device)
+        return cls(
+            index=[],
+            input_ids=torch.full((1, 2), pad_id, dtype=torch.long, device=device),
+            attention_mask=torch.ones((1, 2), dtype=torch.long, device=device),
+            hidden_index=torch.zeros(1, dtype=torch.long, device=device),
+            targets=torch.full((1,), pad_id, dtype=torch.long, device=device),
+            loss_mask=zero,
+            cu_seqlens=torch.tensor([0, 1], dtype=torch.int64, device=device),
+            advantages=zero,
+            sampler_logprobs=zero,
+        )
+
 
 def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """Group trajectory indices so that each group's padded size (count x longest) stays
@@ -166,6 +184,7 @@ class TrainBatch:
     advantages: torch.Tensor  # [n] per trajectory, in the order they were given
     temperature: float
     max_response_tokens: int
+    placeholder: MicroBatch  # run (loss x 0) where this rank has fewer micro-batches than others
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
@@ -204,4 +223,10 @@ def build_train_batch(
     batches = [
         [collate(trajectories, index, advantages, pad_id, device, packed=packing) for index in plan] for plan in plans
     ]
-    return TrainBatch(batches, advantages, temperature=temperature, max_response_tokens=max_response_tokens)
+    return TrainBatch(
+        batches,
+        advantages,
+        temperature=temperature,
+        max_response_tokens=max_response_tokens,
+        placeholder=MicroBatch.placeholder(pad_id, device),
+    )

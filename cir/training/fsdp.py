@@ -7,8 +7,8 @@ embeddings, final norm and LM head). What differs from one process, and why:
 - The log-prob kernel reads the LM-head weight inside the root's forward (`ResponseLogprobs`
   is the root FSDP module): outside a forward each rank holds only a shard of it.
 - Every rank runs the same number of forward/backward passes (each one all-gathers
-  parameters): a rank with fewer micro-batches runs padding passes whose loss is multiplied
-  by zero (`_padded_plan`).
+  parameters): a rank with fewer micro-batches (or none: dynamic sampling may keep no group
+  of its shard) runs placeholder passes whose loss is multiplied by zero (`_padded_plan`).
 - Gradients are averaged over ranks by FSDP's reduce-scatter; micro-batch weights carry a
   `world_size` factor (`cir.algorithms.micro_batch_weight`), so the result is the gradient
   of the global batch's loss.
@@ -54,12 +54,9 @@ class FSDPActor(LocalActor):
         return policy
 
     def _padded_plan(self, micro_batches: list[MicroBatch]) -> list[MicroBatch | None]:
+        """This rank's micro-batches, then None (a placeholder pass) up to the most any rank has;
+        a rank with no trajectories this step runs placeholders only."""
         most = self.dist.max_int(len(micro_batches))
-        if most > 0 and not micro_batches:
-            raise RuntimeError(
-                f"rank {self.dist.rank} has no trajectories to train on while others have: "
-                "every rank needs at least one (raise algo.prompts_per_step)"
-            )
         return list(micro_batches) + [None] * (most - len(micro_batches))
 
     def _grad_norm(self) -> float:
