@@ -88,6 +88,16 @@ class DistributedContext:
         torch.distributed.gather_object(obj, out, dst=0)
         return out
 
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Overwrite every rank's parameters and buffers of `module` with rank 0's, in place."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                staged = tensor.detach().to(self.device)
+                torch.distributed.broadcast(staged, src=0)
+                tensor.copy_(staged)
+
     def weighted_mean_var(
         self, values: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -85,31 +85,33 @@ def test_informative_groups():
 def test_groups_to_keep_by_hand():
     # rank 0 found 3 then 1 informative groups, rank 1 found 2 then 4; the step wants 6.
     counts = [[3, 1], [2, 4]]
-    assert groups_to_keep(counts, 6, rank=0) == [3, 1]
-    assert groups_to_keep(counts, 6, rank=1) == [2, 0]
-    assert groups_to_keep([[5, 5]], 6, rank=0) == [5, 1]  # one process: the first 6 in order
-    assert groups_to_keep(counts, 100, rank=1) == [2, 4]  # too few anywhere: keep them all
+    assert groups_to_keep(counts, 6, rank=0) == ([3, 1], [0, 5])
+    assert groups_to_keep(counts, 6, rank=1) == ([2, 0], [3, 6])
+    assert groups_to_keep([[5, 5]], 6, rank=0) == ([5, 1], [0, 5])  # one process: the first 6 in order
+    assert groups_to_keep(counts, 100, rank=1) == ([2, 4], [3, 6])  # too few anywhere: keep them all
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_groups_to_keep_selects_what_one_process_would(seed):
     """Ranks own contiguous shards of each round's problems; the groups they keep together are
-    exactly the first `wanted` informative groups in (round, position) order."""
+    exactly the first `wanted` informative groups in (round, position) order, each at the index
+    one process gives it."""
     gen = torch.Generator().manual_seed(seed)
     world = int(torch.randint(1, 5, (1,), generator=gen))
     rounds, problems = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
     wanted = int(torch.randint(0, rounds * problems + 2, (1,), generator=gen))
     informative = torch.rand(rounds, problems, generator=gen) < 0.5
     everyone = [(r, p) for r in range(rounds) for p in range(problems) if informative[r, p]]
-    expected = set(everyone[:wanted])
+    expected = {group: index for index, group in enumerate(everyone[:wanted])}
     bounds = [(k * problems // world, (k + 1) * problems // world) for k in range(world)]
     found = [[[p for p in range(a, b) if informative[r, p]] for r in range(rounds)] for a, b in bounds]
     counts = [[len(per_round) for per_round in mine] for mine in found]
-    chosen = set()
+    chosen = {}
     for k in range(world):
-        quota = groups_to_keep(counts, wanted, rank=k)
+        keep, first = groups_to_keep(counts, wanted, rank=k)
         for r in range(rounds):
-            chosen |= {(r, p) for p in found[k][r][: quota[r]]}
+            for i, p in enumerate(found[k][r][: keep[r]]):
+                chosen[(r, p)] = first[r] + i
     assert chosen == expected
 
 

@@ -96,8 +96,9 @@ def _assert_close(a, b, atol):
 
 def test_two_ranks_equal_one_process(tmp_path, warm_dir):
     # Dynamic sampling on: uninformative groups are dropped and refilled, and the ranks together
-    # must keep the very groups one process keeps (`groups_to_keep`).
-    opts = ("run.steps=2", "algo.dynamic_sampling=true")
+    # must keep the very groups one process keeps (`groups_to_keep`), each in the same one of
+    # two optimizer steps (mini-batches follow a trajectory's global position).
+    opts = ("run.steps=2", "algo.dynamic_sampling=true", "optim.mini_batches=2")
     one = _train(tmp_path / "one", warm_dir, *opts)
     two = _train(tmp_path / "two", warm_dir, *opts, ranks=2)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]

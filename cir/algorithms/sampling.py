@@ -35,21 +35,25 @@ def missing_groups(kept_groups: int, wanted_groups: int, dist: DistributedContex
     return max(0, wanted_groups - int(kept))
 
 
-def groups_to_keep(counts: list[list[int]], wanted_groups: int, rank: int) -> list[int]:
-    """How many of its informative groups `rank` keeps from each refill round.
+def groups_to_keep(counts: list[list[int]], wanted_groups: int, rank: int) -> tuple[list[int], list[int]]:
+    """Which of its informative groups `rank` keeps: per refill round, how many (its first ones)
+    and the index in the step's global list of kept groups of the first of them.
 
     `counts[k][r]` is the number of informative groups rank `k` found in round `r`. The step
     keeps the first `wanted_groups` in the order one process would have found them: round by
     round and, within a round, by problem position (rank 0's contiguous shard, then rank 1's,
-    ...). So the trained batch does not depend on the number of ranks, and no rank drops a
-    group while the step still lacks some (a rank may train on more groups than another).
+    ...). So the trained batch, and each trajectory's place in it, do not depend on the number
+    of ranks, and no rank drops a group while the step still lacks some (a rank may train on
+    more groups than another, or on none).
     """
-    left = wanted_groups
-    mine = [0] * (len(counts[rank]) if counts else 0)
-    for r in range(len(mine)):
+    left, index = wanted_groups, 0
+    rounds = len(counts[rank]) if counts else 0
+    keep, first = [0] * rounds, [0] * rounds
+    for r in range(rounds):
         for k, per_round in enumerate(counts):
             take = min(per_round[r], left)
-            left -= take
             if k == rank:
-                mine[r] = take
-    return mine
+                keep[r], first[r] = take, index
+            left -= take
+            index += take
+    return keep, first

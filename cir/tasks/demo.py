@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cir.data import Problem
+from cir.distributed import DistributedContext
 from cir.prompts import PromptTemplate, prompt_token_ids
 from cir.rollout import build_feedback
 from cir.trajectory import Trajectory
@@ -79,6 +80,18 @@ def build_policy(cfg, device: torch.device, dtype: torch.dtype):
     model = demo_model(tokenizer, d.hidden_size, d.num_layers, d.num_heads, seed=cfg.run.seed).to(
         device=device, dtype=dtype
     )
+    # Under torchrun rank 0 warm-starts and the others receive its weights: the same model, once
+    # (every rank computing the identical warm start would only split the CPU between them).
+    dist = DistributedContext.from_environment()
+    info: dict[str, float] = {}
+    if dist.is_main:
+        info = _warm_start_demo(cfg, model, tokenizer)
+    dist.broadcast_module(model)
+    return model, tokenizer, info
+
+
+def _warm_start_demo(cfg, model, tokenizer) -> dict[str, float]:
+    d = cfg.demo
     exclude = {p.problem for p in problems(cfg, "test")}
     size = sum(p.numel() for p in model.parameters()) / 1e6
     _log(f"demo: warm-starting a {size:.2f}M-parameter Qwen2 on mixed traces ({d.warmup_steps} steps)")
@@ -96,7 +109,7 @@ def build_policy(cfg, device: torch.device, dtype: torch.dtype):
         progress=cfg.run.progress and sys.stderr.isatty(),
     )
     _log(f"demo: warm start done in {info['warmup/seconds']:.0f}s (loss {info['warmup/loss']:.3f})")
-    return model, tokenizer, info
+    return info
 
 
 # ---------------------------------------------------------------------------------------------

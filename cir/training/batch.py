@@ -206,15 +206,22 @@ def build_train_batch(
     temperature: float,
     max_response_tokens: int,
     packing: bool = False,
+    positions: Sequence[int] | None = None,
 ) -> TrainBatch:
-    """Trajectory i goes to mini-batch i % mini_batches; within a mini-batch, micro-batches are
-    planned by length: padded (`plan_micro_batches`, count x longest within the budget) or, with
-    `packing`, packed (`plan_packed_micro_batches`, the sum of lengths within the budget)."""
+    """The trajectory at position j of the step's global list goes to mini-batch j % mini_batches
+    (`positions`: each trajectory's global position; default 0, 1, ...: this process holds the
+    whole list). So which optimizer step a trajectory joins does not depend on how the list is
+    sharded over ranks. Within a mini-batch, micro-batches are planned by length: padded
+    (`plan_micro_batches`, count x longest within the budget) or, with `packing`, packed
+    (`plan_packed_micro_batches`, the sum of lengths within the budget)."""
     if len(advantages) != len(trajectories):
         raise ValueError(f"{len(advantages)} advantages for {len(trajectories)} trajectories")
+    if positions is None:
+        positions = range(len(trajectories))
+    elif len(positions) != len(trajectories):
+        raise ValueError(f"{len(positions)} positions for {len(trajectories)} trajectories")
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-    order = list(range(len(trajectories)))
-    minis = [order[i::mini_batches] for i in range(mini_batches)]
+    minis = [[i for i, j in enumerate(positions) if j % mini_batches == k] for k in range(mini_batches)]
     planner = plan_packed_micro_batches if packing else plan_micro_batches
     plans = [
         [[mini[k] for k in group] for group in planner([lengths[i] for i in mini], micro_batch_tokens)]

@@ -98,6 +98,7 @@ class Collected:
     rewards: list[RewardResult]
     trained: list[Trajectory]
     trained_rewards: list[RewardResult]
+    trained_positions: list[int]  # each trained trajectory's position in the step's global list
     reward_seconds: float
 
 
@@ -281,6 +282,7 @@ class Trainer:
             mini_batches=cfg.optim.mini_batches,
             micro_batch_tokens=cfg.optim.micro_batch_tokens,
             packing=cfg.optim.packing,
+            positions=collected.trained_positions,
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
@@ -330,7 +332,9 @@ class Trainer:
             everything += batch
             rewards += scored
             if not algo.dynamic_sampling:
-                return Collected(everything, rewards, batch, scored, t_reward)
+                first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
+                positions = list(range(first, first + len(batch)))
+                return Collected(everything, rewards, batch, scored, positions, t_reward)
             keep = informative_groups(
                 torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
             ).tolist()
@@ -340,13 +344,18 @@ class Trainer:
             if missing <= 0:
                 break
             problems = self.sampler.take(missing)
-        quota = self._groups_to_keep([len(kept) // algo.group_size for kept in kept_by_round])
-        trained = [pair for kept, n in zip(kept_by_round, quota) for pair in kept[: n * algo.group_size]]
-        return Collected(everything, rewards, [t for t, _ in trained], [r for _, r in trained], t_reward)
+        g = algo.group_size
+        keep, first = self._groups_to_keep([len(kept) // g for kept in kept_by_round])
+        trained, positions = [], []
+        for kept, n, index in zip(kept_by_round, keep, first):
+            trained += kept[: n * g]
+            positions += range(index * g, (index + n) * g)
+        return Collected(everything, rewards, [t for t, _ in trained], [r for _, r in trained], positions, t_reward)
 
-    def _groups_to_keep(self, my_counts: list[int]) -> list[int]:
-        """This rank's share of the step's informative groups, per refill round (see
-        `cir.algorithms.groups_to_keep`); every rank's counts come from one sum over ranks."""
+    def _groups_to_keep(self, my_counts: list[int]) -> tuple[list[int], list[int]]:
+        """This rank's share of the step's informative groups per refill round, and where they go
+        in the global list (see `cir.algorithms.groups_to_keep`); every rank's counts come from one
+        sum over ranks."""
         grid = torch.zeros(self.dist.world_size, len(my_counts), dtype=torch.float64)
         grid[self.dist.rank] = torch.tensor(my_counts, dtype=torch.float64)
         counts = self.dist.all_reduce_sum(grid).long().tolist()
