@@ -3,6 +3,7 @@ global batch: the same rewards, losses and final weights within float tolerance,
 written by two ranks that one rank resumes."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -160,6 +161,37 @@ def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, warm_di
             logits[run] = model(ids).logits
     assert torch.isfinite(logits["down"]).all()
     torch.testing.assert_close(logits["down"], logits["straight"], rtol=0, atol=1e-4)
+
+
+def test_ctrl_c_in_a_terminal_stops_after_the_step_and_saves(tmp_path, warm_dir):
+    """One process in its own process group, as a terminal runs it: Ctrl-C signals the whole
+    group (the sandbox's and the grader's workers too). The run finishes its step with those
+    workers intact (a worker killed by the signal would print its traceback), saves, and exits
+    with 130."""
+    out = tmp_path / "run"
+    args = [*BASE, f"model.path={warm_dir}", f"run.out_dir={out}", "run.steps=1000"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cir", "train", *args], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    stopped = int(re.search(r"stopped at step (\d+); saved", stderr).group(1))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == stopped  # the step in flight was finished and logged
+    assert (out / "checkpoints" / f"step_{stopped:06d}" / "optimizer" / ".metadata").is_file()
 
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_resumes(tmp_path, warm_dir):

@@ -67,6 +67,12 @@ def _grader_worker_main() -> None:
     """Entry point of a grading worker: JSON lines in on stdin, JSON lines out on the original
     stdout (fd 1 is pointed at stderr so that stray prints cannot corrupt the protocol)."""
     import logging
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group, workers included; the trainer stops
+    # at the end of its step and still needs them then. The pool ends a worker by closing its
+    # stdin (or killing it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
