@@ -108,7 +108,6 @@ def test_estimate_arithmetic_by_hand():
         decode_tokens_per_s=100,
         hbm_efficiency=0.5,
         mfu=0.5,
-        engine_memory_fraction=0.5,
         engine_overhead_gib=0,
         engine_asleep_gib=0,
         reserve_gib=0,
@@ -123,6 +122,8 @@ def test_estimate_arithmetic_by_hand():
         micro_batch_tokens=16,
         gradient_checkpointing=True,
         param_dtype="float32",
+        engine_dtype="float32",
+        engine_memory_fraction=0.5,
         mini_batches=2,
         assumptions=a,
     )
@@ -141,7 +142,12 @@ def test_estimate_arithmetic_by_hand():
     assert est.engine == 2**29 and est.engine_weights == 4 * p
     assert est.kv_tokens == (2**29 - 4 * p) // 64
     assert est.rollout_peak == 16 * p / 4 + 2**29
-    assert est.free_at_engine_start == 2**30 - 4 * p and est.fits
+    # Update: resident + gathered + unsharded grads + activations (nothing asleep, no reserve here);
+    # the engine wakes beside all of it (PyTorch keeps it cached). The policy is on the CPU when
+    # the engine starts, so the whole GPU is free then.
+    update = 16 * p / 4 + 2 * (520 + 2 * 608) + 6 * (520 + 608) + 16 * (2 * 8 * 2 + 320) + 512
+    assert est.update_peak == update and est.wake_peak == update + 2**29
+    assert est.free_at_engine_start == 2**30 and est.fits
     # Time: 2 prompts x 2 samples per rank x 10 tokens at 100 x 2 / 4 (fp32 engine) tokens/s = 0.8 s,
     # longer than the longest response's 20 steps x 4P / (1e6 x 0.5) s.
     assert est.trajectories_per_rank == 4 and est.generated_tokens == 160
@@ -162,19 +168,49 @@ def test_known_model_shapes():
         model_shape("org/unknown-model")
 
 
-def test_estimate_sees_what_does_not_fit():
-    """As the code runs the 7B recipe today (fp32 engine, vLLM's default memory share), the
-    engine cannot start beside the whole model; with a bf16 engine at half the GPU it fits."""
+# The GPUs each recipe is written for: (ranks, GPU kind).
+RECIPE_GPUS = {
+    "qwen2.5-math-7b-8gpu": (8, "h100"),
+    "qwen2.5-math-7b-4x8gpu": (32, "h100"),
+    "qwen2.5-math-1.5b-8gpu": (8, "h100"),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_fits_its_gpus_as_configured(name):
+    """The estimator reads the engine's dtype and memory share from the recipe, and by its
+    estimate the recipe fits: vLLM starts, its KV cache holds all of a rank's trajectories in
+    flight, and rollout, update and the engine's wake-up beside the update stay within the GPU."""
+    cfg = load_train_config(name)
+    gpus, gpu = RECIPE_GPUS[name]
+    est = estimate_run(cfg, gpus, gpu)
+    assert cfg.run.engine_dtype == "auto" and est.engine_dtype == "bfloat16"
+    assert est.engine_memory_fraction == cfg.run.engine_memory_fraction
+    assert est.engine_weights == 2 * est.params
+    assert est.engine_starts and est.kv_tokens >= est.kv_tokens_needed, est.notes
+    assert max(est.rollout_peak, est.update_peak, est.wake_peak) <= est.gpu_memory and est.fits, est.notes
+    assert not any("refuses" in n or "wakes" in n or "preempts" in n for n in est.notes), est.notes
+
+
+def test_estimate_overrides_and_what_does_not_fit():
+    """The estimator's overrides replace the recipe's engine settings, and it sees a share that
+    does not fit: half an H100 for the 7B engine does not fit beside the update's cached memory
+    when the engine wakes, and an fp32 engine doubles the weights and halves the decode rate."""
     cfg = load_train_config("qwen2.5-math-7b-8gpu")
-    today = estimate_run(cfg, 8, "h100")
-    assert not today.engine_starts and not today.fits
-    assert any("refuses to start" in n for n in today.notes)
-    fixed = estimate_run(cfg, 8, "h100", engine_dtype="bfloat16", assumptions=Assumptions(engine_memory_fraction=0.5))
-    assert fixed.fits and fixed.kv_tokens >= fixed.kv_tokens_needed
+    recipe = estimate_run(cfg, 8, "h100")
+    half = estimate_run(cfg, 8, "h100", engine_memory_fraction=0.5)
+    assert half.engine == 0.5 * half.gpu_memory and half.wake_peak > half.gpu_memory and not half.fits
+    assert any("wakes" in n for n in half.notes)
+    fp32 = estimate_run(cfg, 8, "h100", engine_dtype="float32")
+    assert fp32.engine_weights == 2 * recipe.engine_weights and fp32.kv_tokens < recipe.kv_tokens
+    assert fp32.decode_tokens_per_s == recipe.decode_tokens_per_s / 2
+    # vLLM refuses a share larger than what is free at its start (GPU - reserve).
+    greedy = estimate_run(cfg, 8, "h100", engine_memory_fraction=0.99)
+    assert not greedy.engine_starts and any("refuses to start" in n for n in greedy.notes)
     # Four times the ranks: a quarter of the sharded state, but the longest response bounds generation.
-    multi = estimate_run(cfg, 32, "h100", engine_dtype="bfloat16", assumptions=Assumptions(engine_memory_fraction=0.5))
-    assert multi.actor_resident == pytest.approx(fixed.actor_resident / 4)
-    assert fixed.generation_s / multi.generation_s < 4
+    multi = estimate_run(cfg, 32, "h100")
+    assert multi.actor_resident == pytest.approx(recipe.actor_resident / 4)
+    assert recipe.generation_s / multi.generation_s < 4
 
 
 def test_scaling_doc_shows_the_estimators_table():
@@ -190,7 +226,13 @@ def test_cli_bench_estimate(capsys):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "estimates, not measurements" in proc.stdout and re.search(r"^fits\s+(yes|NO)", proc.stdout, re.M)
-    # A config that does not exist: one line naming it, exit code 2 (in-process: no second start-up).
+    assert "estimates, not measurements" in proc.stdout and re.search(r"^fits\s+yes", proc.stdout, re.M)
+    assert "engine in bfloat16 with 0.3 of the GPU" in proc.stdout  # the recipe's run.engine_* settings
+    # The flags override the recipe (in-process from here on: no second start-up).
+    args = ["bench", "estimate", "--config", "qwen2.5-math-7b-8gpu", "--gpus", "8"]
+    assert main([*args, "--engine-memory-fraction", "0.5", "--engine-dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "engine in float32 with 0.5 of the GPU" in out and re.search(r"^fits\s+NO", out, re.M)
+    # A config that does not exist: one line naming it, exit code 2.
     assert main(["bench", "estimate", "--config", "nope", "--gpus", "8"]) == 2
     assert "nope" in capsys.readouterr().err

@@ -15,9 +15,14 @@ Memory per GPU, for N ranks (FSDP2 shards parameters, gradients and optimizer st
   of one micro-batch of `optim.micro_batch_tokens` tokens (with activation checkpointing: each
   layer's input plus one layer recomputed; without: every layer's saved tensors). The fused
   log-prob kernel keeps no [tokens, vocab] logits; what it saves is shown beside;
-- the engine (vLLM) pre-allocates `engine_memory_fraction` of the GPU (its weights, KV cache
-  and working memory) while it rolls out, and sleeps during the update (weights offloaded to
-  host memory, KV cache freed).
+- the engine (vLLM) takes `run.engine_memory_fraction` of the GPU's total memory up front (its
+  weights in `run.engine_dtype`, KV cache and working memory) and sleeps during the update
+  (level 1: weights copied to host memory, KV cache dropped, both returned to the driver; a
+  little it allocated outside its sleep pool stays);
+- start-up: the trainer loads the policy on the CPU and starts the engine on an empty GPU,
+  then FSDP2 moves the actor's shards in (see docs/scaling.md);
+- waking after the update: PyTorch's caching allocator keeps the update's freed blocks (the
+  trainer does not empty it), so the engine's share must fit beside the update's peak.
 
 Step time: generation is this rank's generated tokens over an assumed per-GPU decode
 throughput, or the longest response at the memory-bound decode-step latency (every step reads
@@ -156,7 +161,6 @@ class Assumptions:
     hbm_efficiency: the share of HBM bandwidth one decode step achieves (for the step
         latency that bounds the longest response).
     mfu: FLOPs utilisation of the update (recomputation and the old-log-prob pass counted as work).
-    engine_memory_fraction: vLLM's `gpu_memory_utilization`; cir leaves vLLM's default (0.92 in vLLM 0.32).
     engine_overhead_gib: vLLM's memory besides weights and KV cache (activations, CUDA graphs).
     engine_asleep_gib: what a sleeping engine keeps on the GPU.
     reserve_gib: CUDA context, NCCL buffers and allocator fragmentation per process.
@@ -167,7 +171,6 @@ class Assumptions:
     decode_tokens_per_s: float | None = None
     hbm_efficiency: float = 0.5
     mfu: float = 0.3
-    engine_memory_fraction: float = 0.92
     engine_overhead_gib: float = 2.0
     engine_asleep_gib: float = 1.0
     reserve_gib: float = 2.0
@@ -184,6 +187,8 @@ class Estimate:
     gpu: str
     gpus: int
     params: int
+    engine_dtype: str
+    engine_memory_fraction: float
     # memory (bytes, per GPU)
     master_weights: float
     optimizer_states: float
@@ -202,6 +207,7 @@ class Estimate:
     free_at_engine_start: float
     rollout_peak: float
     update_peak: float
+    wake_peak: float
     gpu_memory: float
     # time (per step)
     trajectories: int
@@ -225,7 +231,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.engine_starts and max(self.rollout_peak, self.update_peak) <= self.gpu_memory
+        return self.engine_starts and max(self.rollout_peak, self.update_peak, self.wake_peak) <= self.gpu_memory
 
     @property
     def step_s(self) -> float:
@@ -246,14 +252,15 @@ class Estimate:
             ("activations, no checkpointing", g(self.activations_without_checkpointing), "T x L x layer"),
             ("[T, vocab] logits avoided", g(self.logits_avoided), "T x V x fp32 x 2 (with grad)"),
             ("update peak", g(self.update_peak), "resident + gathered + grads + acts + asleep"),
-            ("engine (vLLM)", g(self.engine), "gpu_memory_utilization x GPU"),
-            ("  engine weights", g(self.engine_weights), "bytes(engine) x P"),
+            ("engine (vLLM)", g(self.engine), "run.engine_memory_fraction x GPU"),
+            ("  engine weights", g(self.engine_weights), "bytes(run.engine_dtype) x P"),
             ("  KV cache", f"{g(self.kv_cache)} = {self.kv_tokens / 1e3:.0f}k tokens", "engine - weights - overhead"),
             ("  KV tokens, all in flight", f"{self.kv_tokens_needed / 1e3:.0f}k", "trajs/rank x (prompt + mean resp)"),
             ("rollout peak", g(self.rollout_peak), "resident + engine + reserve"),
-            ("free when the engine starts", g(self.free_at_engine_start), "GPU - whole model - reserve"),
+            ("engine waking beside the update", g(self.wake_peak), "update peak - asleep + engine"),
+            ("free when the engine starts", g(self.free_at_engine_start), "GPU - reserve (policy on the CPU)"),
             ("GPU memory", g(self.gpu_memory), self.gpu if not compare else "datasheet"),
-            ("fits", "yes" if self.fits else "NO", "engine starts; both peaks <= GPU memory"),
+            ("fits", "yes" if self.fits else "NO", "engine starts; the three peaks <= GPU memory"),
             (
                 "trajectories / step (per rank)",
                 f"{self.trajectories} ({self.trajectories_per_rank})",
@@ -280,19 +287,23 @@ def estimate(
     micro_batch_tokens: int,
     gradient_checkpointing: bool,
     param_dtype: str = "float32",
-    engine_dtype: str | None = None,
+    engine_dtype: str = "bfloat16",
+    engine_memory_fraction: float = 0.5,
     ppo_epochs: int = 1,
     mini_batches: int = 1,
     kl_reference: bool = False,
     assumptions: Assumptions = Assumptions(),
 ) -> Estimate:
     """The estimate for one run on `gpus` GPUs of kind `gpu` (see the module docstring).
-    `engine_dtype` defaults to `param_dtype`: the engine is built from the loaded model."""
+    `engine_dtype`, `engine_memory_fraction`: as `run.engine_dtype` ("auto" is bfloat16 on a
+    GPU) and `run.engine_memory_fraction`."""
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: must be >= 1")
+    if not 0 < engine_memory_fraction < 1:
+        raise ValueError(f"engine_memory_fraction={engine_memory_fraction}: must be in (0, 1)")
     a, n, p = assumptions, gpus, shape.params
     pb = DTYPE_BYTES[param_dtype]
-    eb = DTYPE_BYTES[engine_dtype or param_dtype]
+    eb = DTYPE_BYTES[gpu_engine_dtype(engine_dtype)]
     # FSDP2 computes in bf16 on CUDA; one process (LocalActor) computes in the parameters' dtype.
     cb = 2 if n > 1 else pb
     notes: list[str] = []
@@ -312,7 +323,7 @@ def estimate(
 
     gpu_bytes = gpu.memory_gib * GiB
     reserve = a.reserve_gib * GiB
-    engine = a.engine_memory_fraction * gpu_bytes
+    engine = engine_memory_fraction * gpu_bytes
     engine_weights = eb * p
     kv_cache = max(0.0, engine - engine_weights - a.engine_overhead_gib * GiB)
     kv_tokens = int(kv_cache // shape.kv_bytes_per_token(eb))
@@ -331,10 +342,15 @@ def estimate(
     resident = master + optimizer + grads
     rollout_peak = resident + engine + reserve
     update_peak = resident + gathered + unsharded + activations + a.engine_asleep_gib * GiB + reserve
-    # The whole model sits on the GPU (before sharding) when the engine starts beside it.
-    free_at_start = gpu_bytes - pb * p - reserve
+    # The update's transient memory stays in PyTorch's cache when the engine maps its share back.
+    wake_peak = update_peak - a.engine_asleep_gib * GiB + engine
+    # The policy is still on the CPU when the engine starts (cir.training.trainer): only this
+    # process's CUDA context and buffers are on the GPU.
+    free_at_start = gpu_bytes - reserve
     if free_at_start < engine:
-        notes.append("vLLM refuses to start: less free memory than gpu_memory_utilization x GPU")
+        notes.append("vLLM refuses to start: less free memory than engine_memory_fraction x GPU")
+    if wake_peak > gpu_bytes:
+        notes.append("the engine's share does not fit beside the update's cached memory when it wakes")
 
     trajectories = prompts_per_step * group_size
     generated = trajectories * mean_response
@@ -352,6 +368,8 @@ def estimate(
         gpu=gpu.name,
         gpus=n,
         params=p,
+        engine_dtype=gpu_engine_dtype(engine_dtype),
+        engine_memory_fraction=engine_memory_fraction,
         master_weights=master,
         optimizer_states=optimizer,
         gradients=grads,
@@ -369,6 +387,7 @@ def estimate(
         free_at_engine_start=free_at_start,
         rollout_peak=rollout_peak,
         update_peak=update_peak,
+        wake_peak=wake_peak,
         gpu_memory=gpu_bytes,
         trajectories=trajectories,
         trajectories_per_rank=per_rank,
@@ -383,11 +402,23 @@ def estimate(
     )
 
 
+def gpu_engine_dtype(name: str) -> str:
+    """`run.engine_dtype` on a GPU: "auto" is bfloat16 there (cir.training.trainer.engine_dtype)."""
+    return "bfloat16" if name == "auto" else name
+
+
 def estimate_run(
-    cfg, gpus: int, gpu: str = "h100", *, engine_dtype: str | None = None, assumptions: Assumptions = Assumptions()
+    cfg,
+    gpus: int,
+    gpu: str = "h100",
+    *,
+    engine_dtype: str | None = None,
+    engine_memory_fraction: float | None = None,
+    assumptions: Assumptions = Assumptions(),
 ) -> Estimate:
     """`estimate` for a `TrainConfig`: the model's shape from `model.path`, the batch from
-    `algo`, the longest response over the `schedule`, the micro-batch from `optim`."""
+    `algo`, the longest response over the `schedule`, the micro-batch from `optim`, the engine's
+    dtype and memory share from `run` unless given here."""
     longest = max([cfg.rollout.max_response_tokens] + [s.max_response_tokens or 0 for s in cfg.schedule])
     return estimate(
         model_shape(cfg.model.path),
@@ -399,7 +430,10 @@ def estimate_run(
         micro_batch_tokens=cfg.optim.micro_batch_tokens,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         param_dtype=cfg.model.dtype,
-        engine_dtype=engine_dtype,
+        engine_dtype=cfg.run.engine_dtype if engine_dtype is None else engine_dtype,
+        engine_memory_fraction=(
+            cfg.run.engine_memory_fraction if engine_memory_fraction is None else engine_memory_fraction
+        ),
         ppo_epochs=cfg.optim.ppo_epochs,
         mini_batches=cfg.optim.mini_batches,
         kl_reference=cfg.algo.kl_coef > 0,
@@ -430,32 +464,17 @@ def comparison_table(columns: list[tuple[str, Estimate]]) -> str:
 
 
 def scaling_doc_table() -> str:
-    """The table of docs/scaling.md: the bundled recipes on H100/H200 nodes, first as the code
-    runs them today (engine in model.dtype, vLLM's default memory share), then with a bf16
-    engine and an engine share that leaves room for the actor."""
+    """The table of docs/scaling.md: each bundled recipe as configured (its engine dtype and
+    memory share), on the GPUs it is written for, and the one-node 7B recipe on H200s."""
     from cir.training.config import load_train_config
 
     seven, multi, small = (load_train_config(name) for name in RECIPES)
-    bf16 = "bfloat16"
     return comparison_table(
         [
-            ("7B, 8 x H100, today", estimate_run(seven, 8, "h100")),
-            (
-                "7B, 8 x H100",
-                estimate_run(seven, 8, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
-            ),
-            (
-                "7B, 8 x H200",
-                estimate_run(seven, 8, "h200", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.6)),
-            ),
-            (
-                "7B, 4 x 8 x H100",
-                estimate_run(multi, 32, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
-            ),
-            (
-                "1.5B, 8 x H100",
-                estimate_run(small, 8, "h100", engine_dtype=bf16, assumptions=Assumptions(engine_memory_fraction=0.5)),
-            ),
+            ("7B, 8 x H100", estimate_run(seven, 8, "h100")),
+            ("7B, 8 x H200", estimate_run(seven, 8, "h200")),
+            ("7B, 4 x 8 x H100", estimate_run(multi, 32, "h100")),
+            ("1.5B, 8 x H100", estimate_run(small, 8, "h100")),
         ]
     )
 
@@ -468,9 +487,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a YAML file or a bundled recipe name (see cir/configs)")
     parser.add_argument("--gpus", type=int, required=True, help="ranks in all (nodes x GPUs per node)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU's datasheet figures")
-    parser.add_argument("--engine-dtype", choices=sorted(DTYPE_BYTES), default=None, help="default: model.dtype")
+    parser.add_argument(
+        "--engine-dtype", choices=["auto", *sorted(DTYPE_BYTES)], default=None, help="default: run.engine_dtype"
+    )
+    parser.add_argument(
+        "--engine-memory-fraction", type=float, default=None, help="default: run.engine_memory_fraction"
+    )
     defaults = Assumptions()
-    for name in ("prompt_tokens", "mean_response_tokens", "decode_tokens_per_s", "mfu", "engine_memory_fraction"):
+    for name in ("prompt_tokens", "mean_response_tokens", "decode_tokens_per_s", "mfu"):
         value = getattr(defaults, name)
         parser.add_argument(
             "--" + name.replace("_", "-"), type=float, default=value, help=f"assumption (default {value})"
@@ -491,13 +515,22 @@ def run(args) -> int:
             mean_response_tokens=int(args.mean_response_tokens),
             decode_tokens_per_s=args.decode_tokens_per_s,
             mfu=args.mfu,
-            engine_memory_fraction=args.engine_memory_fraction,
         )
-        est = estimate_run(cfg, args.gpus, args.gpu, engine_dtype=args.engine_dtype, assumptions=assumptions)
+        est = estimate_run(
+            cfg,
+            args.gpus,
+            args.gpu,
+            engine_dtype=args.engine_dtype,
+            engine_memory_fraction=args.engine_memory_fraction,
+            assumptions=assumptions,
+        )
     except (ConfigError, ValueError) as e:
         print(f"cir bench estimate: {e}", file=sys.stderr)
         return 2
-    print(f"{args.config} on {args.gpus} x {est.gpu} (estimates, not measurements)")
+    print(
+        f"{args.config} on {args.gpus} x {est.gpu}, engine in {est.engine_dtype} with {est.engine_memory_fraction:g}"
+        " of the GPU (estimates, not measurements)"
+    )
     print(format_table(est, markdown=args.markdown))
     if args.json:
         Path(args.json).write_text(json.dumps({**asdict(est), "assumptions": asdict(assumptions)}, indent=2))
