@@ -319,6 +319,10 @@ class Trainer:
         (trained_anywhere,) = self.dist.sum_floats([len(trained)])
         self.engine.sleep()  # the engine's memory (a GPU's KV cache) is the update's meanwhile
         update_metrics = self.actor.update(batch) if trained_anywhere else {}
+        if self.device.type == "cuda":
+            # What the update freed is still cached by PyTorch; hand it back to the driver so the
+            # engine's weights and KV cache (sized as a share of the whole GPU) fit again.
+            torch.cuda.empty_cache()
         self.engine.wake()
         t_update = time.perf_counter() - t0
 
