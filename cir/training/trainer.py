@@ -69,6 +69,9 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     engine: EngineName = DEFAULT_ENGINE  # cir.engines.ENGINES
     engine_max_batch: int = 256
+    # vLLM on a GPU: the share of the rank's GPU the engine takes; the trainer's weights, gradients
+    # and optimizer state need the rest (cir.engines.vllm). Ignored by the hf engine and on a CPU.
+    engine_gpu_memory: float = 0.5
     rollout_mode: Literal["async", "turn_sync"] = "async"
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -87,6 +90,8 @@ class RunConfig:
             raise ConfigError(f"steps={self.steps}: must be >= 0")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples={self.eval_samples}: must be >= 1")
+        if not 0 < self.engine_gpu_memory < 1:
+            raise ConfigError(f"engine_gpu_memory={self.engine_gpu_memory}: must be between 0 and 1")
 
 
 @dataclass
@@ -175,8 +180,15 @@ class Trainer:
         model, self.tokenizer, self.extra_metrics = load_policy(cfg, self.device, checkpoint=resume_from)
         oc = cfg.optim
         # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
+        # Under torchrun every rank builds its own engine here, at the same point: vLLM's start-up
+        # is collective over the job's process group (cir.engines.vllm).
         self.engine = make_engine(
-            cfg.run.engine, model, self.tokenizer, max_batch_size=cfg.run.engine_max_batch, seed=cfg.run.seed
+            cfg.run.engine,
+            model,
+            self.tokenizer,
+            max_batch_size=cfg.run.engine_max_batch,
+            seed=cfg.run.seed,
+            gpu_memory_utilization=cfg.run.engine_gpu_memory,
         )
         self.actor = make_actor(
             model,
