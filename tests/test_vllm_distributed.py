@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-# 4 prompts x 4 samples, 2 prompts per rank with two ranks. No reward variance is needed: the
+# 4 prompts x 4 samples, 2 prompts per rank with two ranks; 8 held-out problems, evaluated by
+# rank 0 alone before and after training while rank 1 waits. No reward variance is needed: the
 # entropy bonus and a large learning rate make step 1 change the weights a lot, so an engine
 # that kept the old weights would sample step 2 with log-probs far from the trainer's. A
 # checkpoint after every step shows how far.
@@ -33,7 +34,8 @@ TRAIN = [
     "train",
     "run.engine=vllm",
     "data.prompt=demo",
-    "data.eval=[]",
+    "data.eval=[demo]",
+    "demo.eval_problems=8",
     "demo.train_problems=200",
     "algo.prompts_per_step=4",
     "algo.group_size=4",
@@ -41,7 +43,6 @@ TRAIN = [
     "optim.lr=1e-2",
     "run.steps=2",
     "run.save_every=1",
-    "run.eval_at_start=false",
     "run.tensorboard=false",
     "run.plot=false",
     "run.progress=false",
@@ -103,7 +104,13 @@ def test_two_ranks_with_their_own_vllm_engines_equal_one_process(tmp_path, warm_
     args = [*TRAIN, f"model.path={warm_dir}"]
     _run([sys.executable, "-m", "cir", *args, f"run.out_dir={tmp_path / 'one'}"])
     two_proc = _run([*TORCHRUN, "-m", "cir", *args, f"run.out_dir={tmp_path / 'two'}"])
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    rows_one, rows_two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    # Rank 0's engine evaluated alone (engines do not step together) and saw what one process saw.
+    evals_one = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows_one if "eval/accuracy" in r]
+    evals_two = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows_two if "eval/accuracy" in r]
+    assert len(evals_one) == 2 and evals_one == evals_two
+    one = [r for r in rows_one if "reward/mean" in r]
+    two = [r for r in rows_two if "reward/mean" in r]
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     # Each rank started its own engine in vLLM's mode for torchrun-launched processes.
     assert (two_proc.stdout + two_proc.stderr).count("Using external launcher for distributed inference") == 2
