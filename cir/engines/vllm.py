@@ -35,8 +35,8 @@ is reset (running requests are preempted and recomputed), so no KV computed with
 reused.
 
 Under torchrun (data-parallel SPMD: every rank generates for its own shard of the step's
-prompts). Each rank runs its own engine with vLLM's `distributed_executor_backend=
-"external_launcher"`, tensor, pipeline and data parallel sizes all 1. Why that setting, from
+prompts), each rank runs its own engine with vLLM's `distributed_executor_backend=
+"external_launcher"` and tensor, pipeline and data parallel sizes all 1. Why that setting, from
 vLLM 0.32's source:
 - vLLM's `init_distributed_environment` keeps a default process group that already exists (cir
   joins it before the engine starts) and builds its own groups on top of it with `new_group`.
@@ -52,7 +52,8 @@ vLLM 0.32's source:
 Building the groups is collective, so every rank starts its engine at the same point (the
 trainer does so in its constructor); at start-up the external launcher also takes the minimum
 KV-cache size over ranks (one all-reduce). The process group stays cir's: `close` frees the
-groups vLLM built and leaves the default group alone (vLLM's own shutdown would destroy it).
+groups vLLM built (locally, no collective) and leaves the default group alone (vLLM's own
+shutdown would destroy it).
 
 GPU memory. vLLM takes `gpu_memory_utilization` of the GPU's memory (weights, activations, KV
 cache) and refuses to start when less is free. Next to a trainer, whose weights, gradients and
