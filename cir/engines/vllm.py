@@ -33,6 +33,33 @@ buckets (q/k/v or gate/up feed one fused vLLM layer) is held back until its last
 since reloading a layer half-way would leave the rest of it uninitialised. Then the prefix cache
 is reset (running requests are preempted and recomputed), so no KV computed with old weights is
 reused.
+
+Under torchrun (data-parallel SPMD: every rank generates for its own shard of the step's
+prompts), each rank runs its own engine with vLLM's `distributed_executor_backend=
+"external_launcher"` and tensor, pipeline and data parallel sizes all 1. Why that setting, from
+vLLM 0.32's source:
+- vLLM's `init_distributed_environment` keeps a default process group that already exists (cir
+  joins it before the engine starts) and builds its own groups on top of it with `new_group`.
+  It lays the world out as external-DP x DP x PP x PCP x TP; with DP = PP = PCP = TP = 1 every
+  rank is a tensor-parallel group of one, so its forward passes run no collective and the ranks'
+  engines step independently, each on its own requests (the "external DP" verl uses).
+- The default "uni" executor takes rank 0 and the device index from the device string for
+  every process, so under torchrun each rank's engine would claim GPU 0; the external launcher
+  reads RANK and LOCAL_RANK from torchrun's environment, and its worker uses `cuda:LOCAL_RANK`.
+- vLLM's own data parallelism (`data_parallel_size` = world size) is the wrong shape: it makes
+  the ranks one engine whose DP ranks must step in lockstep (dummy batches when one has no
+  work), which is meant for MoE expert parallelism, not for independent rollouts.
+Building the groups is collective, so every rank starts its engine at the same point (the
+trainer does so in its constructor); at start-up the external launcher also takes the minimum
+KV-cache size over ranks (one all-reduce). The process group stays cir's: `close` frees the
+groups vLLM built (locally, no collective) and leaves the default group alone (vLLM's own
+shutdown would destroy it).
+
+GPU memory. vLLM takes `gpu_memory_utilization` of the GPU's memory (weights, activations, KV
+cache) and refuses to start when less is free. Next to a trainer, whose weights, gradients and
+optimizer state stay on the same GPU while the engine is awake (sleep frees only the engine's
+memory, during the update), the share must leave room for them: the trainer passes its
+`run.engine_gpu_memory`, not vLLM's default of nearly the whole GPU.
 """
 
 from __future__ import annotations
@@ -113,9 +140,13 @@ class VLLMEngine:
     "float32", "bfloat16", ... or "auto" (the config's). `max_model_len`: prompt + completion
     limit (default: the model config's). `weight_names`: the Hugging Face names of all the
     model's tensors (default: the folder's safetensors), to tell when a fused layer's last tensor
-    has arrived in `load_weights`. `engine_kwargs`: more `vllm.EngineArgs` fields.
+    has arrived in `load_weights`. `gpu_memory_utilization`: the share of this rank's GPU the
+    engine may take (default: vLLM's, for an engine alone on its GPU; ignored on a CPU).
+    `engine_kwargs`: more `vllm.EngineArgs` fields.
 
-    One VLLMEngine runs in a process at a time: close one before starting the next.
+    One VLLMEngine runs in a process at a time: close one before starting the next. Under
+    torchrun (a default process group exists when the engine starts) every rank builds its own
+    engine at the same point of its program (see the module docstring).
     """
 
     # The stop rules this engine evaluates per token: none (see cir.engines.base.evaluates_stop_rule).
@@ -133,6 +164,7 @@ class VLLMEngine:
         load_format: str = "auto",
         enforce_eager: bool | None = None,
         weight_names: Iterable[str] | None = None,
+        gpu_memory_utilization: float | None = None,
         engine_kwargs: dict | None = None,
         _owned_dir: str | None = None,
     ):
@@ -140,6 +172,7 @@ class VLLMEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._owned_dir = _owned_dir  # a temporary folder this engine deletes on close
         self._closed = False
+        self._in_job_group = False  # a torchrun job's process group exists (set below)
         folder = Path(model)
         if not (folder / "config.json").is_file():
             self._remove_owned_dir()
@@ -169,6 +202,11 @@ class VLLMEngine:
                 enable_sleep_mode=on_gpu,
                 disable_log_stats=True,
             )
+            if on_gpu and gpu_memory_utilization is not None:
+                args["gpu_memory_utilization"] = gpu_memory_utilization
+            self._in_job_group = _in_process_group()
+            if self._in_job_group:
+                args.update(_external_launcher_args())
             if not on_gpu:
                 # A prompt prefilled in chunks makes vLLM rewind a seeded request's random stream
                 # (`Generator.set_offset`), which CPU generators do not support: a seeded request
@@ -533,15 +571,64 @@ class VLLMEngine:
 
     def _shutdown_vllm(self) -> None:
         """Free the engine core, its KV cache and the process-wide state vLLM set up (its
-        torch.distributed group), so a later engine in this process starts cleanly."""
+        torch.distributed groups), so a later engine in this process starts cleanly. A default
+        process group that existed before the engine (torchrun's, joined by cir) is kept."""
         llm, self._llm = self._llm, None
-        if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.engine_core.shutdown()
-            del llm
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        with _default_group_kept() if self._in_job_group else contextlib.nullcontext():
+            if llm is not None:
+                with contextlib.suppress(Exception):
+                    llm.engine_core.shutdown()
+                del llm
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        cleanup_dist_env_and_memory()
+            cleanup_dist_env_and_memory()
+
+
+def _in_process_group() -> bool:
+    """Whether this process joined a torch.distributed job (torchrun) before the engine started:
+    then the default process group is the job's, not vLLM's."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _external_launcher_args() -> dict:
+    """EngineArgs for one rank's own engine in a torchrun job (module docstring: why the
+    external launcher with every parallel size 1)."""
+    # The external launcher reads the rank and the local rank (its device) from torchrun's
+    # variables; a group joined another way gets them from the group and the current device.
+    os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+    return dict(
+        distributed_executor_backend="external_launcher",
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+    )
+
+
+@contextlib.contextmanager
+def _default_group_kept():
+    """While vLLM shuts down, `torch.distributed.destroy_process_group` leaves the default group
+    alone and destroys the others.
+
+    vLLM's clean-up (`EngineCore.shutdown` calls `cleanup_dist_env_and_memory`) destroys the
+    groups it built (each destruction is local to the rank, no collective) and then the default
+    group, assuming it created that too. Under torchrun the default group is the job's, which cir
+    joined before the engine started and still needs for its own collectives. vLLM calls the
+    function through the `torch.distributed` module, so replacing it there for the duration of
+    the shutdown is enough; the engine thread is the only one touching torch.distributed then
+    (`close` waits for it)."""
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is None or group is torch.distributed.GroupMember.WORLD:
+            return
+        destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def _global_rng_states() -> tuple:

@@ -196,6 +196,8 @@ class Trainer:
         model, self.tokenizer, self.extra_metrics = load_policy(cfg, load_device, checkpoint=resume_from)
         oc = cfg.optim
         # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
+        # Under torchrun every rank builds its own engine here, at the same point: vLLM's start-up
+        # is collective over the job's process group (cir.engines.vllm).
         self.engine = make_engine(
             cfg.run.engine,
             model,

@@ -1,0 +1,54 @@
+"""Run by tests/test_vllm_distributed.py under torchrun (not collected by pytest): every rank
+starts its own VLLMEngine inside the job's process group, as `cir train` does, and checks that
+the engines are independent and leave the job's group working. Prints one JSON line per rank."""
+
+import json
+
+import torch
+
+from cir.distributed import init_distributed
+from cir.engines.base import SamplingParams
+from cir.engines.vllm import VLLMEngine
+from cir.tasks import demo
+
+
+def all_reduce_sum(value: int, device: str) -> int:
+    out = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(out)
+    return int(out.item())
+
+
+def main() -> None:
+    ctx = init_distributed(timeout_s=120)
+    torch.set_num_threads(1)
+    tok = demo.demo_tokenizer()
+    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=2, seed=0)  # head size 32
+    prompt = tok.encode("Q: 3+4=?\n", add_special_tokens=False)
+    seeded = SamplingParams(max_new_tokens=12, temperature=1.0, seed=1234)
+    report = {"rank": ctx.rank}
+
+    engine = VLLMEngine.from_model(model, tok, max_batch_size=4)
+    from vllm.distributed.parallel_state import get_tp_group, get_world_group
+
+    report["backend"] = engine._llm.vllm_config.parallel_config.distributed_executor_backend
+    report["vllm_world"] = get_world_group().world_size
+    report["vllm_tp"] = get_tp_group().world_size
+    (report["engine_device"],) = engine._llm.apply_model(lambda model: str(next(model.parameters()).device))
+    report["sum_with_engine"] = all_reduce_sum(ctx.rank + 1, ctx.device)
+    # Uneven work: rank r sends r + 1 requests. Engines that stepped together (a collective in
+    # the forward pass) would wait for each other here until the timeout.
+    completions = engine.generate_batch([prompt] * (ctx.rank + 1), seeded)
+    report["tokens"] = [c.token_ids for c in completions]
+    engine.close()
+    report["sum_after_close"] = all_reduce_sum(ctx.rank + 1, ctx.device)
+
+    # A second engine in the same process rebuilds vLLM's groups on the job's group.
+    with VLLMEngine.from_model(model, tok, max_batch_size=4) as again:
+        (completion,) = again.generate_batch([prompt], seeded)
+        report["tokens_second_engine"] = completion.token_ids
+    report["sum_at_end"] = all_reduce_sum(ctx.rank + 1, ctx.device)
+    print("RANK_REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
