@@ -102,6 +102,18 @@ class DistributedContext:
         weight_sum = totals[-1]
         return {k: (t / weight_sum if weight_sum else 0.0) for k, t in zip(keys, totals[:-1])}
 
+    def gather_to_main(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` (any picklable value), in rank order, on rank 0; None on the others.
+
+        For results too uneven or too structured for a tensor reduction (the rows of a held-out
+        evaluation); only rank 0 holds them all, as only rank 0 writes them. Every rank must call it.
+        """
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[T] | None = [None] * self.world_size if self.is_main else None  # type: ignore[list-item]
+        torch.distributed.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def shard_bounds(self, n: int) -> tuple[int, int]:
         """[start, end) of this rank's contiguous share of `n` items (sizes differ by at most 1)."""
         base, extra = divmod(n, self.world_size)
