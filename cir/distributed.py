@@ -80,14 +80,6 @@ class DistributedContext:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def gather_objects(self, obj: T) -> list[T] | None:
-        """Every rank's `obj` (picklable), in rank order, on rank 0; None on the other ranks."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.is_main else None
-        torch.distributed.gather_object(obj, out, dst=0)
-        return out
-
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Overwrite every rank's parameters and buffers of `module` with rank 0's, in place."""
         if self.world_size == 1:
@@ -124,6 +116,18 @@ class DistributedContext:
         totals = self.sum_floats([float(metrics[k]) * weight for k in keys] + [weight])
         weight_sum = totals[-1]
         return {k: (t / weight_sum if weight_sum else 0.0) for k, t in zip(keys, totals[:-1])}
+
+    def gather_to_main(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` (any picklable value), in rank order, on rank 0; None on the others.
+
+        For results too uneven or too structured for a tensor reduction (the rows of a held-out
+        evaluation); only rank 0 holds them all, as only rank 0 writes them. Every rank must call it.
+        """
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[T] | None = [None] * self.world_size if self.is_main else None  # type: ignore[list-item]
+        torch.distributed.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def shard_bounds(self, n: int) -> tuple[int, int]:
         """[start, end) of this rank's contiguous share of `n` items (sizes differ by at most 1)."""

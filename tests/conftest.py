@@ -34,3 +34,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tmp_path_factory):
+    """The demo's model after a supervised warm start on mixed traces (half of them call the
+    interpreter), saved as a Hugging Face folder that `model.path` can name. About 1.5 min on
+    one core; shared by the trainer tests, in one process and under torchrun, so each starts
+    from a policy that can already copy an expression into code and the output into its
+    answer, but not reliably: groups have reward variance and RL has something to improve."""
+    from cir.tasks import demo
+
+    torch.manual_seed(0)
+    tok = demo.demo_tokenizer()
+    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=4, seed=0)
+    demo.warm_start(
+        model,
+        tok,
+        steps=600,
+        batch_size=64,
+        lr=6e-3,
+        tool_share={"hard": 0.5, "easy": 0.5},
+        easy_share=0.25,
+        feedback_template="```output\n{output}\n```\n",
+        seed=0,
+        exclude=set(),
+        progress=False,
+    )
+    out = tmp_path_factory.mktemp("warm_demo_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

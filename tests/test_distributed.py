@@ -1,5 +1,11 @@
 """The distributed context with world size 1 is the plain computation; sharding covers a list
-exactly once in order; REINFORCE++'s whitening reduced through it equals the plain formula."""
+exactly once in order; REINFORCE++'s whitening reduced through it equals the plain formula;
+objects gathered from two ranks reach rank 0 in rank order."""
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -54,3 +60,30 @@ def test_rank_outside_the_world_is_rejected():
     with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
         DistributedContext(rank=2, world_size=2)
     assert DistributedContext.from_environment() == DistributedContext()
+
+
+GATHER_SCRIPT = """
+import json
+
+import torch
+
+from cir.distributed import init_distributed
+
+dist = init_distributed()
+# Uneven and nested, as a held-out evaluation's rows are: rank r sends r + 1 rows.
+got = dist.gather_to_main([{"rank": dist.rank, "row": i} for i in range(dist.rank + 1)])
+print(f"rank {dist.rank} got " + json.dumps(got), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gather_to_main_brings_every_rank_object_to_rank_0_in_rank_order(tmp_path):
+    assert DistributedContext().gather_to_main({"a": 1}) == [{"a": 1}]
+    script = tmp_path / "gather.py"
+    script.write_text(textwrap.dedent(GATHER_SCRIPT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [[{"rank": 0, "row": 0}], [{"rank": 1, "row": 0}, {"rank": 1, "row": 1}]]
+    assert f"rank 0 got {json.dumps(expected)}" in proc.stdout, proc.stdout
+    assert "rank 1 got null" in proc.stdout, proc.stdout

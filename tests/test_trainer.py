@@ -33,36 +33,6 @@ def _cfg(tmp_path, *extra):
     return load_train_config(None, [*FAST, f"run.out_dir={tmp_path}", *extra])
 
 
-@pytest.fixture(scope="session")
-def warm_model_dir(tmp_path_factory):
-    """The demo's model after a supervised warm start on mixed traces (half of them call the
-    interpreter), saved as a Hugging Face folder that `model.path` can name. About 1.5 min on
-    one core; shared by the tests below so each starts from a policy that can already copy an
-    expression into code and the output into its answer, but not reliably."""
-    from cir.tasks import demo
-
-    torch.manual_seed(0)
-    tok = demo.demo_tokenizer()
-    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=4, seed=0)
-    demo.warm_start(
-        model,
-        tok,
-        steps=600,
-        batch_size=64,
-        lr=6e-3,
-        tool_share={"hard": 0.5, "easy": 0.5},
-        easy_share=0.25,
-        feedback_template="```output\n{output}\n```\n",
-        seed=0,
-        exclude=set(),
-        progress=False,
-    )
-    out = tmp_path_factory.mktemp("warm_demo_model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _warm_cfg(tmp_path, warm_dir, *extra):
     return _cfg(tmp_path, f"model.path={warm_dir}", "data.prompt=demo", *extra)
 

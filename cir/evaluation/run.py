@@ -6,6 +6,10 @@ execute, feed the output back) and graded with the run's reward on the model's o
 on a writer thread (so grading overlaps generation) and handed to `on_problem`: `cir eval`
 appends them to its JSONL there, so a killed run loses only the problems in flight. Samples in
 `done` (read back from that JSONL) are not generated again.
+
+`evaluate_sharded` splits the problems over the ranks of a `torchrun` job and gathers the rows
+to rank 0; a sample's seed follows its problem's position in the whole set, so the rows are
+the same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from cir.data import Problem
+from cir.distributed import DistributedContext
 from cir.evaluation.metrics import BREAKDOWN_FIELDS, trainer_summary
 from cir.prompts import prompt_token_ids, render
 from cir.rewards import (
@@ -57,11 +62,15 @@ def evaluate(
     progress=None,
     done: Mapping[tuple[str, int], dict] | None = None,
     on_problem: Callable[[list[dict]], None] | None = None,
+    first_index: int = 0,
 ) -> EvalResult:
     """Evaluate `problems`; see the module docstring.
 
     done: rows already graded, by (problem id, sample); they are reused as they are.
     on_problem: called on the writer thread with the new rows of each finished problem.
+    first_index: the position of `problems[0]` in the whole set when `problems` is a shard of
+        it; rows and sampling seeds use the whole set's positions, so a shard's samples are
+        the ones an unsharded run draws for the same problems.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -83,7 +92,7 @@ def evaluate(
         pending[i] = len(todo)
         for s in todo:
             prompts.append(ids)
-            seeds.append(sample_seed(seed, i, s))
+            seeds.append(sample_seed(seed, first_index + i, s))
             requests.append((i, s))
 
     finished: dict[int, list[dict]] = {i: [] for i in pending}
@@ -97,7 +106,7 @@ def evaluate(
         finished[i].append(
             _partial_row(
                 problems[i],
-                i,
+                first_index + i,
                 s,
                 seeds[trajectory.group],
                 prompt_texts[i],
@@ -149,7 +158,25 @@ def evaluate(
     reused = [done[(p.id, s)] for p in problems for s in range(samples) if (p.id, s) in done]
     order = {p.id: i for i, p in enumerate(problems)}
     rows = sorted([*reused, *graded], key=lambda r: (order[r["id"]], r["sample"]))
-    return EvalResult(metrics=_trainer_metrics(rows), rows=rows, reused=len(reused))
+    return EvalResult(metrics=trainer_metrics(rows), rows=rows, reused=len(reused))
+
+
+def evaluate_sharded(
+    dist: DistributedContext, engine, sandbox, problems: Sequence[Problem], **kwargs
+) -> EvalResult | None:
+    """`evaluate` with the problems split over ranks: each rank rolls out its contiguous share with
+    its own engine and sandbox, and rank 0 gets every row, in the set's order, and the metrics
+    of them all (computed from the rows, so accuracy and the per-category splits are those of
+    one process evaluating the whole set). Returns None on the other ranks; every rank must
+    call it with the same problems. `kwargs` are `evaluate`'s."""
+    start, end = dist.shard_bounds(len(problems))
+    mine = evaluate(engine, sandbox, problems[start:end], first_index=start, **kwargs)
+    shards = dist.gather_to_main((mine.rows, mine.reused))
+    if shards is None:
+        return None
+    # Shards are contiguous and gathered in rank order, so concatenating keeps the set's order.
+    rows = [row for shard_rows, _ in shards for row in shard_rows]
+    return EvalResult(metrics=trainer_metrics(rows), rows=rows, reused=sum(reused for _, reused in shards))
 
 
 def _partial_row(
@@ -205,7 +232,8 @@ def _grade(rows: list[dict], reference: str, config: RewardConfig) -> None:
         row["grade_reason"] = result.info.get("reason", "")
 
 
-def _trainer_metrics(rows: list[dict]) -> dict[str, float]:
+def trainer_metrics(rows: list[dict]) -> dict[str, float]:
+    """The trainer's numbers of a held-out set, overall and per category, from its rows."""
     metrics = trainer_summary(rows)
     categories = sorted({str(r["meta"]["category"]) for r in rows if r["meta"].get("category")})
     for cat in categories:

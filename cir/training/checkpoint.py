@@ -73,7 +73,7 @@ def save_checkpoint(
     dist.barrier()  # the folder exists (and no stale one) before any rank writes into it
     actor.save_pretrained(tmp if dist.is_main else None)
     replicated = actor.save_sharded_state(tmp / OPTIMIZER_DIR)
-    rng = dist.gather_objects(rng_state())
+    rng = dist.gather_to_main(rng_state())
     if not dist.is_main:
         return final
     state = {"step": step, **replicated, "rng": rng, "world_size": dist.world_size, "extra": extra or {}}

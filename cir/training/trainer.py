@@ -433,16 +433,16 @@ class Trainer:
     # -- evaluation and the loop ----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (rank 0 evaluates; other ranks return {} and go on)."""
-        from cir.evaluation import evaluate
+        """Held-out metrics. Every rank evaluates its share of each set's problems; rank 0 gets
+        all the rows, computes the metrics and writes the rows; other ranks return {}."""
+        from cir.evaluation import evaluate_sharded
 
-        if not self.dist.is_main:
-            return {}
         stage = self.schedule.at(self.step_count)
         cfg = replace(self.cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
         out: dict[str, float] = {}
         for name, problems in self.eval_sets.items():
-            res = evaluate(
+            res = evaluate_sharded(
+                self.dist,
                 self.engine,
                 self.sandbox,
                 problems,
@@ -454,6 +454,8 @@ class Trainer:
                 seed=self.cfg.run.seed,
                 mode=self.cfg.run.rollout_mode,
             )
+            if res is None:  # not rank 0: its rows went there
+                continue
             prefix = "eval/" if len(self.eval_sets) == 1 else f"eval/{name}/"
             out.update({prefix + k: v for k, v in res.metrics.items()})
             self._write_eval_rows(name, res.rows)
