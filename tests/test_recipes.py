@@ -125,6 +125,7 @@ def test_estimate_arithmetic_by_hand():
         engine_dtype="float32",
         engine_memory_fraction=0.5,
         mini_batches=2,
+        sync_bucket_bytes=1024,  # the trainer's 256 MiB would not fit this 1 GiB toy GPU
         assumptions=a,
     )
     # Sharded fp32 master weights + AdamW's two moments: 12 x P / N bytes; gradients 4 x P / N.
@@ -142,11 +143,13 @@ def test_estimate_arithmetic_by_hand():
     assert est.engine == 2**29 and est.engine_weights == 4 * p
     assert est.kv_tokens == (2**29 - 4 * p) // 64
     assert est.rollout_peak == 16 * p / 4 + 2**29
-    # Update: resident + gathered + unsharded grads + activations (nothing asleep, no reserve here);
-    # the engine wakes beside all of it (PyTorch keeps it cached). The policy is on the CPU when
-    # the engine starts, so the whole GPU is free then.
+    # Update: resident + gathered + unsharded grads + activations (nothing asleep, no reserve here).
+    # The cache is emptied before the engine wakes: it comes back beside the resident state only,
+    # then takes the weights: two buckets of 1024 bytes + the largest tensor (the 32 x 8 embedding,
+    # fp32). The policy is on the CPU when the engine starts, so the whole GPU is free then.
     update = 16 * p / 4 + 2 * (520 + 2 * 608) + 6 * (520 + 608) + 16 * (2 * 8 * 2 + 320) + 512
-    assert est.update_peak == update and est.wake_peak == update + 2**29
+    assert est.update_peak == update and est.weight_sync == 2 * (1024 + 4 * 32 * 8)
+    assert est.wake_peak == 16 * p / 4 + 2**29 + est.weight_sync == est.rollout_peak + est.weight_sync
     assert est.free_at_engine_start == 2**30 and est.fits
     # Time: 2 prompts x 2 samples per rank x 10 tokens at 100 x 2 / 4 (fp32 engine) tokens/s = 0.8 s,
     # longer than the longest response's 20 steps x 4P / (1e6 x 0.5) s.
@@ -158,6 +161,14 @@ def test_estimate_arithmetic_by_hand():
     assert est.train_flops == 10 * p * 16 * 14
     assert est.update_s == pytest.approx(10 * p * 16 * 14 / 2000)
     assert est.step_s == pytest.approx(est.generation_s + est.update_s)
+
+
+def test_estimate_uses_the_trainers_sync_bucket():
+    """The weight-sync term uses the bucket size the trainer's sync_weights uses."""
+    from cir.bench.estimate import SYNC_BUCKET_BYTES
+    from cir.training.actor import DEFAULT_BUCKET_BYTES
+
+    assert SYNC_BUCKET_BYTES == DEFAULT_BUCKET_BYTES
 
 
 def test_known_model_shapes():
@@ -180,7 +191,7 @@ RECIPE_GPUS = {
 def test_recipe_fits_its_gpus_as_configured(name):
     """The estimator reads the engine's dtype and memory share from the recipe, and by its
     estimate the recipe fits: vLLM starts, its KV cache holds all of a rank's trajectories in
-    flight, and rollout, update and the engine's wake-up beside the update stay within the GPU."""
+    flight, and rollout, update and the engine's wake-up as the new weights arrive stay within the GPU."""
     cfg = load_train_config(name)
     gpus, gpu = RECIPE_GPUS[name]
     est = estimate_run(cfg, gpus, gpu)
@@ -194,13 +205,21 @@ def test_recipe_fits_its_gpus_as_configured(name):
 
 def test_estimate_overrides_and_what_does_not_fit():
     """The estimator's overrides replace the recipe's engine settings, and it sees a share that
-    does not fit: half an H100 for the 7B engine does not fit beside the update's cached memory
-    when the engine wakes, and an fp32 engine doubles the weights and halves the decode rate."""
+    does not fit: with the cache emptied before the engine wakes, half an H100 for the 7B engine
+    fits (the update's transient memory is no longer counted beside it), but 0.77 does not: its
+    rollout fits, yet the woken engine plus the weight-sync buckets exceed the GPU. An fp32 engine
+    doubles the weights and halves the decode rate."""
     cfg = load_train_config("qwen2.5-math-7b-8gpu")
     recipe = estimate_run(cfg, 8, "h100")
     half = estimate_run(cfg, 8, "h100", engine_memory_fraction=0.5)
-    assert half.engine == 0.5 * half.gpu_memory and half.wake_peak > half.gpu_memory and not half.fits
-    assert any("wakes" in n for n in half.notes)
+    assert half.engine == 0.5 * half.gpu_memory and half.fits, half.notes
+    # Waking beside the update's cached memory (the model before empty_cache) would not have fitted.
+    assert half.update_peak - 2**30 + half.engine > half.gpu_memory > half.wake_peak
+    tight = estimate_run(cfg, 8, "h100", engine_memory_fraction=0.77)
+    assert tight.engine_starts and tight.rollout_peak <= tight.gpu_memory < tight.wake_peak and not tight.fits
+    assert tight.wake_peak == pytest.approx(tight.rollout_peak + tight.weight_sync)
+    assert tight.update_peak == recipe.update_peak < tight.gpu_memory  # the engine asleep: not the cause
+    assert any("wakes" in n for n in tight.notes) and not any("wakes" in n for n in half.notes)
     fp32 = estimate_run(cfg, 8, "h100", engine_dtype="float32")
     assert fp32.engine_weights == 2 * recipe.engine_weights and fp32.kv_tokens < recipe.kv_tokens
     assert fp32.decode_tokens_per_s == recipe.decode_tokens_per_s / 2
@@ -227,12 +246,12 @@ def test_cli_bench_estimate(capsys):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "estimates, not measurements" in proc.stdout and re.search(r"^fits\s+yes", proc.stdout, re.M)
-    assert "engine in bfloat16 with 0.3 of the GPU" in proc.stdout  # the recipe's run.engine_* settings
+    assert "engine in bfloat16 with 0.45 of the GPU" in proc.stdout  # the recipe's run.engine_* settings
     # The flags override the recipe (in-process from here on: no second start-up).
     args = ["bench", "estimate", "--config", "qwen2.5-math-7b-8gpu", "--gpus", "8"]
-    assert main([*args, "--engine-memory-fraction", "0.5", "--engine-dtype", "float32"]) == 0
+    assert main([*args, "--engine-memory-fraction", "0.77", "--engine-dtype", "float32"]) == 0
     out = capsys.readouterr().out
-    assert "engine in float32 with 0.5 of the GPU" in out and re.search(r"^fits\s+NO", out, re.M)
+    assert "engine in float32 with 0.77 of the GPU" in out and re.search(r"^fits\s+NO", out, re.M)
     # A config that does not exist: one line naming it, exit code 2.
     assert main(["bench", "estimate", "--config", "nope", "--gpus", "8"]) == 2
     assert "nope" in capsys.readouterr().err

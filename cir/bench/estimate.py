@@ -21,8 +21,9 @@ Memory per GPU, for N ranks (FSDP2 shards parameters, gradients and optimizer st
   little it allocated outside its sleep pool stays);
 - start-up: the trainer loads the policy on the CPU and starts the engine on an empty GPU,
   then FSDP2 moves the actor's shards in (see docs/scaling.md);
-- waking after the update: PyTorch's caching allocator keeps the update's freed blocks (the
-  trainer does not empty it), so the engine's share must fit beside the update's peak.
+- waking after the update: the trainer empties PyTorch's CUDA cache before the engine wakes,
+  so the engine's share comes back beside what stays allocated (the actor's resident state)
+  and then takes the new weights, gathered in buckets (see `estimate` for the formula).
 
 Step time: generation is this rank's generated tokens over an assumed per-GPU decode
 throughput, or the longest response at the memory-bound decode-step latency (every step reads
@@ -45,6 +46,7 @@ from pathlib import Path
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.fsdp)
+SYNC_BUCKET_BYTES = 256 << 20  # cir.training.actor.DEFAULT_BUCKET_BYTES (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ class ModelShape:
     @property
     def params(self) -> int:
         return self.num_layers * self.layer_params + self.root_params
+
+    @property
+    def largest_tensor_params(self) -> int:
+        """The largest single weight: the embedding (or LM head), or an MLP projection."""
+        return self.hidden_size * max(self.vocab_size, self.intermediate_size)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV cache per token: keys and values of every layer's KV heads."""
@@ -207,6 +214,7 @@ class Estimate:
     free_at_engine_start: float
     rollout_peak: float
     update_peak: float
+    weight_sync: float
     wake_peak: float
     gpu_memory: float
     # time (per step)
@@ -257,7 +265,8 @@ class Estimate:
             ("  KV cache", f"{g(self.kv_cache)} = {self.kv_tokens / 1e3:.0f}k tokens", "engine - weights - overhead"),
             ("  KV tokens, all in flight", f"{self.kv_tokens_needed / 1e3:.0f}k", "trajs/rank x (prompt + mean resp)"),
             ("rollout peak", g(self.rollout_peak), "resident + engine + reserve"),
-            ("engine waking beside the update", g(self.wake_peak), "update peak - asleep + engine"),
+            ("weight-sync buckets", g(self.weight_sync), "2 x (256 MiB + largest tensor), if N > 1"),
+            ("engine awake, taking the weights", g(self.wake_peak), "resident + engine + sync + reserve"),
             ("free when the engine starts", g(self.free_at_engine_start), "GPU - reserve (policy on the CPU)"),
             ("GPU memory", g(self.gpu_memory), self.gpu if not compare else "datasheet"),
             ("fits", "yes" if self.fits else "NO", "engine starts; the three peaks <= GPU memory"),
@@ -292,11 +301,12 @@ def estimate(
     ppo_epochs: int = 1,
     mini_batches: int = 1,
     kl_reference: bool = False,
+    sync_bucket_bytes: int = SYNC_BUCKET_BYTES,
     assumptions: Assumptions = Assumptions(),
 ) -> Estimate:
     """The estimate for one run on `gpus` GPUs of kind `gpu` (see the module docstring).
     `engine_dtype`, `engine_memory_fraction`: as `run.engine_dtype` ("auto" is bfloat16 on a
-    GPU) and `run.engine_memory_fraction`."""
+    GPU) and `run.engine_memory_fraction`; `sync_bucket_bytes`: the weight sync's bucket size."""
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: must be >= 1")
     if not 0 < engine_memory_fraction < 1:
@@ -342,15 +352,27 @@ def estimate(
     resident = master + optimizer + grads
     rollout_peak = resident + engine + reserve
     update_peak = resident + gathered + unsharded + activations + a.engine_asleep_gib * GiB + reserve
-    # The update's transient memory stays in PyTorch's cache when the engine maps its share back.
-    wake_peak = update_peak - a.engine_asleep_gib * GiB + engine
+    # Waking (cir.training.trainer): torch.cuda.empty_cache() runs after the update and before
+    # engine.wake(), so the update's gathered weights, unsharded gradients and activations go back
+    # to the driver. What stays allocated is the resident state: the sharded master weights, AdamW's
+    # moments, and the sharded gradients (zeroed with set_to_none only at the next mini-batch). The
+    # engine's asleep leftovers are part of its share, so waking brings it back to `engine` in all:
+    #   wake_peak = resident + engine + weight_sync + reserve  (= rollout peak + weight_sync)
+    # weight_sync: sync_weights then gathers full tensors in model.dtype (FSDP2's full_tensor) in
+    # buckets of >= 256 MiB, each closed by the tensor that crosses the mark, and the loop still
+    # holds the previous bucket while the next is gathered: at most 2 x (256 MiB + the largest
+    # tensor). One process (LocalActor) hands over its live parameters: no copy. empty_cache
+    # releases only wholly free segments; one pinned by a live block (a gradient shard carved out
+    # of a cached activation block) stays, which the reserve is assumed to cover.
+    weight_sync = 2 * (sync_bucket_bytes + pb * shape.largest_tensor_params) if n > 1 else 0.0
+    wake_peak = resident + engine + weight_sync + reserve
     # The policy is still on the CPU when the engine starts (cir.training.trainer): only this
     # process's CUDA context and buffers are on the GPU.
     free_at_start = gpu_bytes - reserve
     if free_at_start < engine:
         notes.append("vLLM refuses to start: less free memory than engine_memory_fraction x GPU")
     if wake_peak > gpu_bytes:
-        notes.append("the engine's share does not fit beside the update's cached memory when it wakes")
+        notes.append("the engine's share does not fit beside the actor's state when it wakes and takes the weights")
 
     trajectories = prompts_per_step * group_size
     generated = trajectories * mean_response
@@ -387,6 +409,7 @@ def estimate(
         free_at_engine_start=free_at_start,
         rollout_peak=rollout_peak,
         update_peak=update_peak,
+        weight_sync=weight_sync,
         wake_peak=wake_peak,
         gpu_memory=gpu_bytes,
         trajectories=trajectories,
