@@ -36,6 +36,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def save_warm_demo_model(out, *, num_heads: int, steps: int, batch_size: int, lr: float, tool_share: float):
+    """Build the demo's tiny model (seed 0), warm-start it on mixed traces (`tool_share` of them
+    call the interpreter) and save it, with its tokenizer, as a Hugging Face folder at `out`."""
+    from cir.tasks import demo
+
+    torch.manual_seed(0)
+    tok = demo.demo_tokenizer()
+    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=num_heads, seed=0)
+    demo.warm_start(
+        model,
+        tok,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        tool_share={"hard": tool_share, "easy": tool_share},
+        easy_share=0.25,
+        feedback_template="```output\n{output}\n```\n",
+        seed=0,
+        exclude=set(),
+        progress=False,
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory):
     """The demo's model after a supervised warm start on mixed traces (half of them call the
@@ -43,25 +69,6 @@ def warm_model_dir(tmp_path_factory):
     one core; shared by the trainer tests, in one process and under torchrun, so each starts
     from a policy that can already copy an expression into code and the output into its
     answer, but not reliably: groups have reward variance and RL has something to improve."""
-    from cir.tasks import demo
-
-    torch.manual_seed(0)
-    tok = demo.demo_tokenizer()
-    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=4, seed=0)
-    demo.warm_start(
-        model,
-        tok,
-        steps=600,
-        batch_size=64,
-        lr=6e-3,
-        tool_share={"hard": 0.5, "easy": 0.5},
-        easy_share=0.25,
-        feedback_template="```output\n{output}\n```\n",
-        seed=0,
-        exclude=set(),
-        progress=False,
+    return save_warm_demo_model(
+        tmp_path_factory.mktemp("warm_demo_model"), num_heads=4, steps=600, batch_size=64, lr=6e-3, tool_share=0.5
     )
-    out = tmp_path_factory.mktemp("warm_demo_model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

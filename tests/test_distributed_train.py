@@ -71,13 +71,44 @@ def _assert_close(a, b, atol):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+HELD_OUT = ["data.eval=[demo]", "demo.eval_problems=11", "run.eval_at_start=true", "run.eval_temperature=1.0"]
+
+
+def _eval_rows(out, step):
+    path = out / "eval" / f"step_{step:06d}_demo.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_same_held_out_evaluation(out_one, out_two, row_one, row_two):
+    """Each rank evaluates its share of the held-out problems and rank 0 gathers the rows. A
+    sample's seed follows its problem's position in the whole set, so two ranks' evaluation is
+    one process's, row for row, and the metrics (computed from all rows) are equal exactly."""
+    before_one = {k: v for k, v in row_one.items() if k.startswith("eval/")}
+    before_two = {k: v for k, v in row_two.items() if k.startswith("eval/")}
+    assert row_one["step"] == row_two["step"] == 0
+    assert before_one["eval/count"] == 11 and "eval/hard/accuracy" in before_one
+    assert 0 < before_one["eval/accuracy"] < 1, "all rows graded alike: the comparison would be weak"
+    assert before_two == before_one
+    rows_one, rows_two = _eval_rows(out_one, 0), _eval_rows(out_two, 0)
+    assert [r["index"] for r in rows_two] == list(range(11))
+    assert len({r["id"] for r in rows_two}) == 11
+    assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]
+    # Not only the grades: the same sampled text, so the same draws.
+    same = ("seed", "response", "correct", "reward", "tool_calls", "extracted_answer")
+    assert [{k: r[k] for k in same} for r in rows_two] == [{k: r[k] for k in same} for r in rows_one]
+
+
 def test_two_ranks_equal_one_process(tmp_path, warm_model_dir):
+    """Two ranks against one process on the same global batch: the held-out evaluation before
+    training (sharded over ranks), then two steps with dynamic sampling and two mini-batches."""
     # Dynamic sampling on: uninformative groups are dropped and refilled, and the ranks together
     # must keep the very groups one process keeps (`groups_to_keep`), each in the same one of
     # two optimizer steps (mini-batches follow a trajectory's global position).
-    opts = ("run.steps=2", "algo.dynamic_sampling=true", "optim.mini_batches=2")
-    one = _train(tmp_path / "one", warm_model_dir, *opts)
-    two = _train(tmp_path / "two", warm_model_dir, *opts, ranks=2)
+    opts = ("run.steps=2", "algo.dynamic_sampling=true", "optim.mini_batches=2", *HELD_OUT)
+    rows_one = _train(tmp_path / "one", warm_model_dir, *opts)
+    rows_two = _train(tmp_path / "two", warm_model_dir, *opts, ranks=2)
+    _assert_same_held_out_evaluation(tmp_path / "one", tmp_path / "two", rows_one[0], rows_two[0])
+    one, two = ([r for r in rows if "reward/mean" in r] for rows in (rows_one, rows_two))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     assert one[0]["actor/grad_norm"] > 0, "no learning signal: the comparison would be empty"
     assert any(r["data/trajectories"] > r["data/trajectories_trained"] for r in one), "no group was dropped"
@@ -227,35 +258,6 @@ def test_a_failing_rank_ends_the_job(tmp_path, warm_model_dir):
 
 # The demo's held-out set, sampled at temperature 1 as the demo does. 11 problems: shards of 6
 # and 5, so uneven shards are covered.
-HELD_OUT = ["data.eval=[demo]", "demo.eval_problems=11", "run.eval_at_start=true", "run.eval_temperature=1.0"]
-
-
-def _eval_rows(out, step):
-    path = out / "eval" / f"step_{step:06d}_demo.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_held_out_evaluation_is_sharded_over_ranks(tmp_path, warm_model_dir):
-    """Each rank evaluates its share of the held-out problems and rank 0 gathers the rows. A
-    sample's seed follows its problem's position in the whole set, so two ranks' evaluation is
-    one process's, row for row, and the metrics (computed from all rows) are equal exactly."""
-    one = _train(tmp_path / "one", warm_model_dir, *HELD_OUT, "run.steps=0")
-    two = _train(tmp_path / "two", warm_model_dir, *HELD_OUT, "run.steps=0", ranks=2)
-    before_one = {k: v for k, v in one[0].items() if k.startswith("eval/")}
-    before_two = {k: v for k, v in two[0].items() if k.startswith("eval/")}
-    assert one[0]["step"] == two[0]["step"] == 0
-    assert before_one["eval/count"] == 11 and "eval/hard/accuracy" in before_one
-    assert 0 < before_one["eval/accuracy"] < 1, "all rows graded alike: the comparison would be weak"
-    assert before_two == before_one
-    rows_one, rows_two = _eval_rows(tmp_path / "one", 0), _eval_rows(tmp_path / "two", 0)
-    assert [r["index"] for r in rows_two] == list(range(11))
-    assert len({r["id"] for r in rows_two}) == 11
-    assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]
-    # Not only the grades: the same sampled text, so the same draws.
-    same = ("seed", "response", "correct", "reward", "tool_calls", "extracted_answer")
-    assert [{k: r[k] for k in same} for r in rows_two] == [{k: r[k] for k in same} for r in rows_one]
-
-
 @pytest.mark.slow
 def test_demo_under_torchrun_gets_better_on_held_out_problems(tmp_path, warm_model_dir):
     """The issue's acceptance test: `torchrun --nproc_per_node=2 -m cir train` on the demo task

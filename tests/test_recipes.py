@@ -4,8 +4,6 @@ their batch, and the scaling estimator's arithmetic holds by hand (`cir bench es
 import math
 import re
 import shlex
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -238,16 +236,11 @@ def test_scaling_doc_shows_the_estimators_table():
 
 
 def test_cli_bench_estimate(capsys):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cir", "bench", "estimate", "--config", "qwen2.5-math-1.5b-8gpu", "--gpus", "8"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "estimates, not measurements" in proc.stdout and re.search(r"^fits\s+yes", proc.stdout, re.M)
-    assert "engine in bfloat16 with 0.45 of the GPU" in proc.stdout  # the recipe's run.engine_* settings
-    # The flags override the recipe (in-process from here on: no second start-up).
+    assert main(["bench", "estimate", "--config", "qwen2.5-math-1.5b-8gpu", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "estimates, not measurements" in out and re.search(r"^fits\s+yes", out, re.M)
+    assert "engine in bfloat16 with 0.45 of the GPU" in out  # the recipe's run.engine_* settings
+    # The flags override the recipe.
     args = ["bench", "estimate", "--config", "qwen2.5-math-7b-8gpu", "--gpus", "8"]
     assert main([*args, "--engine-memory-fraction", "0.77", "--engine-dtype", "float32"]) == 0
     out = capsys.readouterr().out
