@@ -73,6 +73,9 @@ dist = init_distributed()
 # Uneven and nested, as a held-out evaluation's rows are: rank r sends r + 1 rows.
 got = dist.gather_to_main([{"rank": dist.rank, "row": i} for i in range(dist.rank + 1)])
 print(f"rank {dist.rank} got " + json.dumps(got), flush=True)
+# Both ranks done before either tears the group down (a rank leaving while the other is still in a
+# collective aborts the process).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 

@@ -79,6 +79,9 @@ for step, all_on_rank0 in enumerate((False, True)):
     })
 json.dump(steps, open(f"{out}.{dist.rank}", "w"))
 engine.close()
+# Both ranks done before either tears the group down (a rank leaving while the other is still in a
+# collective aborts the process).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 

@@ -336,6 +336,9 @@ for packing in (True, False):
 if dist.is_main:
     with open(out, "w") as f:
         json.dump(result, f)
+# Both ranks done before either tears the group down (a rank leaving while the other is still in a
+# collective aborts the process).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 
