@@ -14,12 +14,16 @@ from typing import Any
 # Status of a ToolCall that was not executed because the tool budget was spent (the model
 # was shown a short notice instead of output; see RolloutConfig.on_budget_exhausted).
 BUDGET_EXHAUSTED = "budget_exhausted"
+# Status of a ToolCall whose snippet the sandbox could not bring to a verdict (the machine's
+# fault, not the model's: retried, then given up). The trajectory ends there and is left out
+# of training and of evaluation's scores; it is counted as a fault instead.
+SANDBOX_FAULT = "sandbox_fault"
 
 
 @dataclass
 class ToolCall:
     code: str  # the code block as the model wrote it (decoded, for execution and display)
-    status: str  # ExecResult status ("ok", "error", "timeout", ...) or "budget_exhausted"
+    status: str  # ExecResult status ("ok", "error", "timeout", ...), "budget_exhausted" or "sandbox_fault"
     output: str  # the text shown to the model inside the output block (after truncation)
     code_span: tuple[int, int]  # [start, end) in response_ids of the sampled segment holding the block
     feedback_span: tuple[int, int]  # [start, end) in response_ids of the appended feedback
@@ -74,6 +78,11 @@ class Trajectory:
     def num_exec_errors(self) -> int:
         """Executions that did not end "ok" (errors, timeouts, memory or output limits, ...)."""
         return sum(1 for call in self.tool_calls if call.executed and call.status != "ok")
+
+    @property
+    def sandbox_fault(self) -> bool:
+        """True when a tool call ended in a sandbox fault (the machine's, not the model's)."""
+        return any(call.status == SANDBOX_FAULT for call in self.tool_calls)
 
     @property
     def num_timeouts(self) -> int:
