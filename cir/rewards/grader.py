@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import heapq
 import json
 import os
 import selectors
@@ -191,7 +192,6 @@ class _Task:
     timeout_s: float
     future: concurrent.futures.Future
     tries: int = 0  # failed tries so far (timeouts, crashes)
-    not_before: float = 0.0  # monotonic time before which it is not sent again (the backoff)
 
 
 @dataclass
@@ -246,6 +246,8 @@ class GraderPool:
         self._counts = {"retries": 0, "timeouts": 0, "crashes": 0, "restarts": 0}  # this pool's
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
+        # Requests waiting out their pause before a retry: a heap of (due time, id, request).
+        self._retrying: list[tuple[float, int, _Task]] = []
         self._next_id = 0
         self._closed = False
         self._broken: str | None = None
@@ -313,8 +315,9 @@ class GraderPool:
         for w in self._workers:
             self._kill(w)
         with self._lock:
-            pending = list(self._pending)
+            pending = list(self._pending) + [t for _, _, t in self._retrying]
             self._pending.clear()
+            self._retrying.clear()
         for t in pending:
             if not t.future.done():
                 t.future.set_exception(RuntimeError("GraderPool closed"))
@@ -407,9 +410,9 @@ class GraderPool:
             return
         if task.tries < self.max_retries and not self._closed:
             task.tries += 1
-            task.not_before = time.monotonic() + self.retry_backoff_s * 2 ** (task.tries - 1)
+            due = time.monotonic() + self.retry_backoff_s * 2 ** (task.tries - 1)
             with self._lock:
-                self._pending.appendleft(task)
+                heapq.heappush(self._retrying, (due, task.id, task))
             self._count("retries")
             return
         self._count("timeouts" if outcome.reason == "grader_timeout" else "crashes")
@@ -424,7 +427,8 @@ class GraderPool:
                 now = time.monotonic()
                 deadlines = [w.deadline for w in self._workers if w.state in ("starting", "busy")]
                 with self._lock:  # a retry waiting out its pause wakes the loop when it is due
-                    deadlines += [t.not_before for t in self._pending if t.not_before > now]
+                    if self._retrying:
+                        deadlines.append(self._retrying[0][0])
                 wait = max(0.0, min(deadlines) - now) if deadlines else None
                 for key, _ in self._selector.select(wait):
                     if key.data is None:
@@ -445,20 +449,20 @@ class GraderPool:
         pairs: list[tuple[_Worker, _Task]] = []
         now = time.monotonic()
         with self._lock:
-            ready = deque(t for t in self._pending if t.not_before <= now)
-            if not ready:
-                return
-            self._pending = deque(t for t in self._pending if t.not_before > now)
+            due = []
+            while self._retrying and self._retrying[0][0] <= now:
+                due.append(heapq.heappop(self._retrying)[2])
+            self._pending.extendleft(reversed(due))  # a retry goes before new requests
             for w in self._workers:
-                if not ready:
+                if not self._pending:
                     break
                 if w.state != "idle":
                     continue
-                task = ready.popleft()
+                task = self._pending.popleft()
+                # A retry's future is running already (since its first try).
                 if task.tries > 0 or task.future.set_running_or_notify_cancel():
                     w.task, w.state = task, "busy"
                     pairs.append((w, task))
-            self._pending.extendleft(reversed(ready))  # not taken: back at the front, in order
         for w, task in pairs:
             line = json.dumps({"id": task.id, "pred": task.prediction, "ref": task.reference}) + "\n"
             w.deadline = time.monotonic() + task.timeout_s
@@ -511,8 +515,9 @@ class GraderPool:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             self._broken = message
-            pending = list(self._pending)
+            pending = list(self._pending) + [t for _, _, t in self._retrying]
             self._pending.clear()
+            self._retrying.clear()
         for w in self._workers:
             if w.task is not None and not w.task.future.done():
                 w.task.future.set_exception(GraderUnavailable(message))
