@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 
 import pytest
@@ -802,6 +803,17 @@ def test_model_context_caps_the_response_feedback_included(world):
         assert all(len(ids) + p.max_new_tokens <= engine.max_model_len for ids, p, _ in engine.calls)
     with pytest.raises(ValueError, match=r"prompt 0 \(problem p-7\): prompt of \d+ tokens leaves no room"):
         rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])
+
+
+def test_an_error_inside_the_rollout_shows_its_own_traceback(world):
+    # rollout() runs its coroutine with asyncio.run once it found no running loop; raised from
+    # inside it, the error must not be chained to that check's "no running event loop".
+    prompt = world.prompts["three_blocks"]
+    with pytest.raises(ValueError, match="leaves no room") as raised:
+        rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "no running event loop" not in shown and "During handling" not in shown, shown
 
 
 # ---------------------------------------------------------------------------------------------

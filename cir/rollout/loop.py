@@ -387,7 +387,12 @@ def run_sync(coro: Awaitable) -> Any:
     """
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+        inside_a_loop = True
+    except RuntimeError:  # "no running event loop": the usual case
+        inside_a_loop = False
+    if not inside_a_loop:
+        # Run outside the `except` block: an exception from the rollout must show its own
+        # traceback, not one chained to the RuntimeError that only said there was no loop.
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()

@@ -32,7 +32,7 @@ import torch
 
 from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informative_groups, missing_groups
 from cir.config_loader import ConfigError, dump_yaml, to_dict
-from cir.data import DatasetError, Problem, ProblemSampler, load_problem_set
+from cir.data import DatasetError, Problem, ProblemSampler, drop_or_refuse_overlong, load_problem_set
 from cir.distributed import DistributedContext
 from cir.engines.factory import DEFAULT_ENGINE, EngineName, make_engine
 from cir.metrics import (
@@ -194,6 +194,9 @@ class Trainer:
         # (FSDP2 one layer at a time, so no rank ever holds the whole model there).
         load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
         model, self.tokenizer, self.extra_metrics = load_policy(cfg, load_device, checkpoint=resume_from)
+        # With the tokenizer at hand and before the engine starts: a prompt with no room for a
+        # response in the model's context is refused (or dropped) now, not hours in when drawn.
+        self._check_prompt_lengths(getattr(model.config, "max_position_embeddings", None))
         oc = cfg.optim
         # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
         # Under torchrun every rank builds its own engine here, at the same point: vLLM's start-up
@@ -258,6 +261,18 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
             _log(msg)
+
+    def _check_prompt_lengths(self, max_model_len: int | None) -> None:
+        """`cir.data.drop_or_refuse_overlong` over the training and held-out problems."""
+        count = lambda p: len(prompt_token_ids(self.template, p.problem, self.tokenizer))  # noqa: E731
+        check = lambda key, problems: drop_or_refuse_overlong(  # noqa: E731
+            key, problems, count, max_model_len, drop=self.cfg.data.drop_overlong, say=self._say
+        )
+        try:
+            self.train_problems = check(f"data.train={self.cfg.data.train!r}", self.train_problems)
+            self.eval_sets = {name: check(f"data.eval: {name}", problems) for name, problems in self.eval_sets.items()}
+        except DatasetError as e:
+            raise ConfigError(str(e)) from None
 
     def _resume_path(self, resume: bool | str) -> Path | None:
         if not resume:
