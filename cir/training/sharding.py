@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from cir.config_loader import ConfigError
 from cir.training.logprobs import ResponseLogprobs
-from cir.training.optim import ShardingConfig
+from cir.training.optim import ShardingConfig, actor_compute_dtype
 
 
 def should_shard(world_size: int, device_type: str) -> bool:
@@ -86,11 +86,12 @@ def shard_policy(policy: ResponseLogprobs, mesh: DeviceMesh, cfg: ShardingConfig
 
 
 def compute_dtype(model: torch.nn.Module, cfg: ShardingConfig, device_type: str, sharded: bool) -> torch.dtype:
-    """The dtype the forward and backward of `model` run in once the actor has built it."""
+    """The dtype the forward and backward of `model` run in once the actor has built it (the rule
+    the config checks at load, `actor_compute_dtype`, applied to the model at hand)."""
     param = next(model.parameters()).dtype
     if not sharded:
         return param
-    return mixed_precision(cfg, device_type).param_dtype or param
+    return getattr(torch, actor_compute_dtype(str(param).removeprefix("torch."), cfg, device_type))
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
