@@ -174,6 +174,10 @@ def test_when_and_how_the_actor_is_sharded(tok):
     assert compute_dtype(model, ShardingConfig(compute_dtype="float32"), "cuda", sharded=True) == torch.float32
     assert compute_dtype(model, ShardingConfig(), "cpu", sharded=True) == torch.float32
     assert compute_dtype(model, ShardingConfig(), "cuda", sharded=False) == torch.float32
+    with pytest.raises(ValueError, match="2 ranks train one sharded model"):
+        Actor(
+            model, tok, OptimConfig(), AlgoConfig(), total_optimizer_steps=1, dist=DistributedContext(0, 2), shard=False
+        )
     assert not torch.distributed.is_initialized()
     with pytest.raises(ConfigError, match=r"sharding\.replicate=2 does not divide the number of ranks \(3\)"):
         device_mesh(ShardingConfig(replicate=2), 3, "cpu")

@@ -199,6 +199,8 @@ class Actor:
         # Several ranks compute where their collectives run; one process where its model is.
         device_type = self.dist.device if self.dist.world_size > 1 else next(model.parameters()).device.type
         self.sharded = should_shard(self.dist.world_size, device_type) if shard is None else shard
+        if not self.sharded and self.dist.world_size > 1:
+            raise ValueError(f"{self.dist.world_size} ranks train one sharded model: shard=False is for one process")
         # flash-attn computes in bf16/fp16 only: a policy that computes in fp32 would fail at its
         # first forward, after a whole rollout; refuse now (the config refuses what it can know).
         self.compute_dtype = compute_dtype(model, sharding, device_type, self.sharded)
