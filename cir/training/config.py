@@ -2,7 +2,7 @@
 
 Each section lives beside the code it configures (`model` in `cir.models`, `data` in
 `cir.data`, `rollout` in `cir.rollout`, `sandbox` in `cir.sandbox`, `reward` in `cir.rewards`,
-`algo` in `cir.algorithms`, `optim` in `cir.training.optim`, `run` in
+`algo` in `cir.algorithms`, `optim` and `sharding` in `cir.training.optim`, `run` in
 `cir.training.trainer`, `demo` in `cir.tasks.demo`); `cir.config_loader` reads YAML and
 ``key=value`` overrides into it and checks every key, type and choice at load time.
 
@@ -30,7 +30,7 @@ from cir.rewards import RewardConfig
 from cir.rollout import RolloutConfig
 from cir.sandbox import SandboxConfig
 from cir.tasks.demo import DemoConfig
-from cir.training.optim import OptimConfig
+from cir.training.optim import OptimConfig, ShardingConfig, actor_compute_dtype, attention_precision_problem
 from cir.training.trainer import RunConfig
 
 
@@ -43,6 +43,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     # Progressive interaction budget: stages like {step: 0, tool_budget: 1, max_response_tokens: 2048}.
     # Empty: rollout.tool_budget and rollout.max_response_tokens for the whole run.
     schedule: list[StageConfig] = field(default_factory=list)
@@ -57,6 +58,13 @@ class TrainConfig:
                 "model.attn_implementation=flash_attention_2 with run.engine=hf: the hf engine supports sdpa and "
                 "eager only; use run.engine=vllm"
             )
+        # flash-attn: CUDA and bf16/fp16 compute only (run.device=auto: as on CUDA; the actor
+        # checks again where it lands).
+        device = "cuda" if self.run.device == "auto" else self.run.device
+        compute = actor_compute_dtype(self.model.dtype, self.sharding, device)
+        problem = attention_precision_problem(self.model.attn_implementation, compute, device)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def _bundled_configs() -> tuple[str, ...]:

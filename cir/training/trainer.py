@@ -50,7 +50,7 @@ from cir.rewards import RewardResult, score_trajectories
 from cir.rollout import rollout
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
-from cir.training.actor import make_actor, sync_weights
+from cir.training.actor import Actor, sync_weights
 from cir.training.batch import build_train_batch
 from cir.training.stop import StopRequest
 from cir.trajectory import Trajectory
@@ -219,12 +219,13 @@ class Trainer:
             reference = load_policy(cfg, load_device)[0]
             if self.dist.world_size == 1:
                 reference.to(self.device)
-        self.actor = make_actor(
+        self.actor = Actor(
             model,
             self.tokenizer,
             oc,
             cfg.algo,
             total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
+            sharding=cfg.sharding,
             dist=self.dist,
             reference=reference,
         )
