@@ -68,14 +68,18 @@ def zygote_children(zygote_pid: int) -> list[int]:
 
 def work_root_entries(sb) -> list[str]:
     """Per-snippet directories currently present in the sandbox's work root (seen through
-    the zygote's own mount namespace when it has one)."""
+    the zygote's own mount namespace when it has one; with a tmpfs per worker slot, the
+    entries inside each slot's)."""
     facts = sb.isolation_facts
     zygote = sb.stats()["zygote_pid"]
-    if (facts.get("mounts") or {}).get("private_tmp"):
+    fs = facts.get("filesystem") or {}
+    if facts.get("host_work_root") is None:
         path = f"/proc/{zygote}/root{facts['work_root']}"
     else:
         path = facts["work_root"]
-    return sorted(os.listdir(path))
+    if not fs.get("slot_tmpfs"):
+        return sorted(os.listdir(path))
+    return sorted(f"{slot}/{entry}" for slot in os.listdir(path) for entry in os.listdir(os.path.join(path, slot)))
 
 
 def wait_idle(sb, timeout: float = 20.0) -> dict:

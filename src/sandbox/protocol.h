@@ -20,11 +20,12 @@ enum class Type : uint32_t {
   Started = 11,  // StartedReport
   Exited = 12,   // ExitedReport
   Failed = 13,   // FailedReport: the zygote could not start the snippet (fork failed, ...)
+  Refused = 14,  // + text: the zygote cannot isolate as the policy asks (one line); it exits
 };
 
 struct Header {
   Type type;
-  uint32_t length;  // bytes of JSON text following the header (Hello / Ready)
+  uint32_t length;  // bytes of text following the header (Hello / Ready / Refused)
 };
 
 // Ready: Header, then ReadyFlags, then the JSON text.
@@ -76,6 +77,7 @@ struct FailedReport {
 enum class StatusKind : int32_t {
   ReplayDone = 1,  // session cell: the replayed history has run; the new cell starts now
   Done = 2,        // the code has run, output is flushed; the process exits with `status` next
+  SetupFailed = 3, // the process could not be set up for the snippet (the machine's fault); it exits
 };
 
 struct StatusRecord {

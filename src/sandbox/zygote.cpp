@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -109,13 +110,17 @@ std::string ZygoteServer::read_hello() {
   return buf.substr(sizeof h, h.length);
 }
 
-void ZygoteServer::configure(const ZygoteOptions& options) {
+ZygoteOptions ZygoteServer::configure(const ZygoteOptions& options) {
   opt_ = options;
   // The orphan sweep reads our children from /proc: only meaningful if /proc belongs to
   // our pid namespace.
   char link[32] = {0};
   ssize_t n = readlink("/proc/self", link, sizeof link - 1);
   if (n <= 0 || std::strtol(link, nullptr, 10) != long(getpid())) opt_.sweep_orphans = false;
+  opt_.seccomp = opt_.seccomp && seccomp_supported();
+  if (opt_.ipc_per_snippet) opt_.ipc_per_snippet = can_clone_with(CLONE_NEWIPC);
+  if (opt_.landlock) opt_.landlock = landlock_abi() >= 6;
+  return opt_;
 }
 
 void ZygoteServer::send(const void* msg, size_t len) {
@@ -129,6 +134,13 @@ void ZygoteServer::send_ready(const std::string& json, bool uses_host_work_root)
   std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
   msg.append(reinterpret_cast<const char*>(&flags), sizeof flags);
   msg += json;
+  send(msg.data(), msg.size());
+}
+
+void ZygoteServer::send_refused(const std::string& why) {
+  proto::Header h{proto::Type::Refused, uint32_t(why.size())};
+  std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
+  msg += why;
   send(msg.data(), msg.size());
 }
 
@@ -204,7 +216,7 @@ bool ZygoteServer::next_request(ChildRequest* out) {
       r.uid = geteuid();
       r.gid = getegid();
     }
-    r.workdir = opt_.work_root + "/s" + std::to_string(r.req.slot) + "-" + std::to_string(++seq_);
+    r.workdir = opt_.work_root + "/s" + std::to_string(r.req.slot) + (opt_.slot_dirs ? "/" : "-") + std::to_string(++seq_);
     if (mkdir(r.workdir.c_str(), 0700) != 0 || (opt_.drop_uid && chown(r.workdir.c_str(), r.uid, r.gid) != 0)) {
       start_failed(r, errno);
       continue;
@@ -325,6 +337,8 @@ ChildRequest ZygoteServer::become_spare() {
   stdin_w_.reset();
   ::close(ctrl_);
   ctrl_ = -1;
+  // Set apart from the other snippets now, while nothing waits for this process.
+  separate_from_siblings();
   alignas(8) char buf[sizeof(proto::Assignment) + 64];
   std::vector<int> fds;
   ssize_t n = recv_packet(sock.get(), buf, sizeof buf, &fds);
@@ -429,11 +443,22 @@ void ZygoteServer::retry_removals() {
   pending_removals_.swap(still);
 }
 
+void ZygoteServer::separate_from_siblings() {
+  if (separated_) return;
+  separated_ = true;
+  SiblingIsolation done = isolate_from_siblings(opt_.landlock);
+  if (opt_.ipc_per_snippet && !done.ipc_namespace) separate_error_ = errno_message("own IPC namespace");
+  if (opt_.landlock && !done.landlock) separate_error_ = errno_message("own Landlock domain");
+}
+
 ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
   ChildProgram prog;
   std::string blob;
   std::string error;
-  if (!read_whole_fd(r.code_fd, &blob) || !unpack_program(blob, &prog)) error = "could not read the snippet";
+  separate_from_siblings();  // (a spare did it while it waited)
+  error = separate_error_;
+  if (error.empty() && (!read_whole_fd(r.code_fd, &blob) || !unpack_program(blob, &prog)))
+    error = "could not read the snippet";
   ChildSpec spec;
   spec.stdin_fd = stdin_r_.get();
   spec.stdout_fd = r.out_fd;
@@ -458,9 +483,14 @@ ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
   if (error.empty()) error = cir::sandbox::enter_child(spec);
   if (!error.empty()) {
     // Once the descriptors are in place fd 2 is the snippet's stderr; before that it is the
-    // zygote's log. Either way the supervisor sees it.
+    // zygote's log. Either way the supervisor sees it. The status pipe (moved to its final
+    // number, or not yet) says it was the machine's fault.
     std::string msg = "cir-sandbox: snippet set-up failed: " + error + "\n";
     write_all(2, msg.data(), msg.size());
+    if (fcntl(spec.status_fd_target, F_GETFD) >= 0)
+      write_status_record(spec.status_fd_target, proto::StatusKind::SetupFailed, 71);
+    else if (fcntl(r.status_fd, F_GETFD) >= 0)
+      write_status_record(r.status_fd, proto::StatusKind::SetupFailed, 71);
     _exit(71);
   }
   prog.status_fd = spec.status_fd_target;
