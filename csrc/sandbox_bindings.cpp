@@ -166,7 +166,8 @@ NB_MODULE(_sandbox, m) {
           [](sb::Supervisor* self, std::vector<std::string> argv, std::vector<std::string> env, std::string config_json,
              std::string policy_json, int workers, size_t max_output_bytes, uint32_t uid_base, std::string host_tmp_dir,
              double startup_timeout_s, std::string executable, int fault_attempts, double retry_backoff_s,
-             double restart_backoff_s, double restart_backoff_max_s, int unavailable_after, double wall_guard_factor) {
+             double restart_backoff_s, double restart_backoff_max_s, int unavailable_after, double wall_guard_factor,
+             double wall_guard_extra_s) {
             sb::SupervisorOptions o;
             o.executable = std::move(executable);
             o.zygote_argv = std::move(argv);
@@ -184,12 +185,13 @@ NB_MODULE(_sandbox, m) {
             o.restart_backoff_max_s = restart_backoff_max_s;
             o.unavailable_after = unavailable_after;
             o.wall_guard_factor = wall_guard_factor;
+            o.wall_guard_extra_s = wall_guard_extra_s;
             new (self) sb::Supervisor(std::move(o));
           },
           "argv"_a, "env"_a, "config_json"_a, "policy_json"_a, "workers"_a, "max_output_bytes"_a, "uid_base"_a = 0,
           "host_tmp_dir"_a = "/tmp", "startup_timeout_s"_a = 300.0, "executable"_a = "", "fault_attempts"_a = 3,
           "retry_backoff_s"_a = 0.05, "restart_backoff_s"_a = 0.1, "restart_backoff_max_s"_a = 30.0,
-          "unavailable_after"_a = 3, "wall_guard_factor"_a = 3.0)
+          "unavailable_after"_a = 3, "wall_guard_factor"_a = 3.0, "wall_guard_extra_s"_a = 5.0)
       .def(
           "wait_ready",
           [](sb::Supervisor& s, double timeout_s) {

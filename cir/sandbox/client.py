@@ -148,6 +148,8 @@ class Sandbox:
         restart_backoff_s: (first, longest) wait before starting the interpreter again after a
             failed start. The sandbox never gives up: after three failed starts in a row it
             raises SandboxError for every snippet until a start succeeds.
+        wall_guard: (factor, extra seconds): the wall clock ends every snippet at
+            factor x its limit + extra, however long it waited for a CPU (see Time limit).
         native_fork: fork snippet processes from the zygote's C++ loop, leaving out Python's
             at-fork handlers that only matter when other threads exist (the zygote has
             none), instead of through ``os.fork`` from a Python loop (False: the reference
@@ -170,9 +172,10 @@ class Sandbox:
 
     Time limit: it counts the snippet's own time (running, or sleeping and waiting on its
     own account), not the time it was ready to run but waited for a CPU behind other work
-    (the scheduler's per-task run delay). A wall-clock guard still ends every snippet at
-    three times its limit; if the snippet had mostly waited for a CPU by then, that is a
-    fault of the machine ("starved"), retried, not the snippet's timeout.
+    (the scheduler's per-task run delay). A wall-clock guard still ends every snippet, at
+    three times its limit plus 5 s (`wall_guard`); if the snippet's own time was not used up
+    by then, it had mostly waited for a CPU: a fault of the machine ("starved"), retried,
+    never the snippet's timeout.
 
     Sessions: ``run(code, session="traj-17")`` first replays the earlier *successful* cells
     of that session in the same fresh process, with their output discarded, then runs
@@ -225,6 +228,7 @@ class Sandbox:
         fault_attempts: int = 3,
         retry_backoff_s: float = 0.05,
         restart_backoff_s: tuple[float, float] = (0.1, 30.0),
+        wall_guard: tuple[float, float] = (3.0, 5.0),
     ):
         from cir import _sandbox
 
@@ -285,6 +289,8 @@ class Sandbox:
             retry_backoff_s=float(retry_backoff_s),
             restart_backoff_s=float(first_backoff),
             restart_backoff_max_s=float(longest_backoff),
+            wall_guard_factor=float(wall_guard[0]),
+            wall_guard_extra_s=float(wall_guard[1]),
         )
         self._handle = _CoreHandle(supervisor)
         # Runs on close(), when the sandbox is collected, or at interpreter exit (finalizers

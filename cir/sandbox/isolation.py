@@ -82,7 +82,7 @@ def describe_isolation(facts: dict, *, network: bool = False) -> str:
         lines.append("seccomp: namespaces, mount, bpf, perf, io_uring, keyctl, module and x32 syscalls refused")
     lines.append(
         "limits: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0, "
-        "its own time (wall clock less CPU-queue wait; guard at 3x), output size"
+        "its own time (wall clock less CPU-queue wait, within a wall-clock guard), output size"
     )
     return "\n".join(lines)
 

@@ -94,6 +94,7 @@ Supervisor::Supervisor(SupervisorOptions options) : opt_(std::move(options)) {
   if (opt_.fault_attempts < 1) throw std::invalid_argument("fault_attempts must be >= 1");
   if (opt_.unavailable_after < 1) throw std::invalid_argument("unavailable_after must be >= 1");
   if (!(opt_.wall_guard_factor >= 1)) throw std::invalid_argument("wall_guard_factor must be >= 1");
+  if (!(opt_.wall_guard_extra_s >= 0)) throw std::invalid_argument("wall_guard_extra_s must be >= 0");
   policy_ = IsolationPolicy::from_json(opt_.policy_json);
   if (opt_.uid_base == 0) opt_.uid_base = choose_uid_base();
   slots_.assign(size_t(opt_.workers) * 2, nullptr);
@@ -584,7 +585,7 @@ void Supervisor::handle_ctrl() {
       r->in_replay = !r->job.cells.empty();
       double limit = r->in_replay ? r->job.replay_timeout_s : r->job.timeout_s;
       r->deadline_ns = s.t_start_ns + seconds_ns(limit);
-      r->guard_ns = s.t_start_ns + seconds_ns(limit * opt_.wall_guard_factor);
+      r->guard_ns = s.t_start_ns + seconds_ns(limit * opt_.wall_guard_factor + opt_.wall_guard_extra_s);
       if (r->kill_requested) request_kill(r);
       // Records written before this report was read (a very short snippet) are applied now.
       handle_status_records(r);
@@ -674,7 +675,7 @@ void Supervisor::handle_status_records(Request* r) {
       r->replay_cpu_ns = rec.cpu_ns;
       r->t_cell_ns = rec.t_ns;
       r->deadline_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s);
-      r->guard_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s * opt_.wall_guard_factor);
+      r->guard_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s * opt_.wall_guard_factor + opt_.wall_guard_extra_s);
     } else if (rec.kind == proto::StatusKind::SetupFailed) {
       r->pending_fault = "start_failed";  // the process exits by itself; retried once it is gone
     } else if (rec.kind == proto::StatusKind::Done && !r->in_replay && !r->out.timed_out && !r->kill_requested &&

@@ -47,8 +47,10 @@ struct SupervisorOptions {
   double restart_backoff_s = 0.1;
   double restart_backoff_max_s = 30;
   int unavailable_after = 3;
-  // The wall clock bounds every snippet at this multiple of its limit, whatever the CPU queue.
+  // The wall clock bounds every snippet at limit * wall_guard_factor + wall_guard_extra_s,
+  // however long it waited for a CPU (the extra gives short limits room on a busy machine).
   double wall_guard_factor = 3;
+  double wall_guard_extra_s = 5;
 };
 
 struct Job {
