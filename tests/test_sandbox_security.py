@@ -214,7 +214,9 @@ def test_without_namespaces_other_mechanisms_still_hold():
     assert "\n" not in message and "namespaces=False" in message and "accept_weaker_isolation=True" in message
     # Without a mount namespace a Python installed in a private directory (like root's home)
     # is not readable by the slot uid: preload what the snippets here import.
-    sandbox = Sandbox(workers=1, preload=("math", "socket"), warmup=False, namespaces=False, accept_weaker_isolation=True)
+    sandbox = Sandbox(
+        workers=1, preload=("math", "socket"), warmup=False, namespaces=False, accept_weaker_isolation=True
+    )
     try:
         facts = sandbox.isolation_facts
         assert not any(facts["namespaces"].values())

@@ -247,7 +247,9 @@ class Sandbox:
                 namespaces=bool(namespaces),
                 network=bool(network),
                 extra_readonly_paths=tuple(extra_readonly_paths),
-                work_dir_bytes=max(64 * MiB, 4 * int(max_file_bytes)) if work_dir_bytes is None else int(work_dir_bytes),
+                work_dir_bytes=max(64 * MiB, 4 * int(max_file_bytes))
+                if work_dir_bytes is None
+                else int(work_dir_bytes),
                 work_dir_inodes=int(work_dir_inodes),
                 accept_weaker_isolation=bool(accept_weaker_isolation),
             )
@@ -472,13 +474,14 @@ class Sandbox:
         output_limits; retries (runs repeated after a fault of the machine), restarts (of the
         warm interpreter, after it died or failed to start), start_failures (starts that never
         became ready); faults (snippets given up as "sandbox_fault", all reasons) and
-        faults_<reason> for each reason of results.FAULT_REASONS; unavailable (snippets
-        refused with SandboxError while no interpreter could be started).
+        faults_<reason> for interpreter_lost, start_failed, host_resource and starved (see
+        results.FAULT_REASONS); unavailable (snippets refused with SandboxError while no
+        interpreter could be started).
         """
         s = self.stats()
         keys = ("submitted", "executed", "timeouts", "output_limits", "retries", "restarts", "start_failures")
         out = {k: int(s[k]) for k in keys}
-        reasons = {k: int(s[f"faults_{k}"]) for k in FAULT_REASONS}
+        reasons = {k: int(s[f"faults_{k}"]) for k in FAULT_REASONS if k != "unavailable"}
         out["faults"] = sum(reasons.values())
         out.update({f"faults_{k}": v for k, v in reasons.items()})
         out["unavailable"] = int(s["unavailable"])

@@ -18,6 +18,8 @@ FAULT_REASONS = {
     "start_failed": "no process could be started or set up for it",
     "host_resource": "the training process ran out of descriptors or memory to run it",
     "starved": "it waited for a CPU so long that the wall-clock guard ended it before its own time was up",
+    # Set by callers (the rollout) for a call that raised SandboxError, never by the sandbox.
+    "unavailable": "the sandbox could not take the call (no interpreter could be started, or it was closed)",
 }
 
 
