@@ -374,6 +374,8 @@ NB_MODULE(_sandbox, m) {
         sb::json::Value v = sb::json::parse(plan_json);
         sb::RootPlan plan;
         plan.binds = sb::json::get_strings(v, "binds");
+        plan.masks = sb::json::get_strings(v, "masks");
+        plan.inner_binds = sb::json::get_strings(v, "inner_binds");
         plan.devices = sb::json::get_strings(v, "devices");
         plan.work_root = sb::json::get_string(v, "work_root");
         plan.slots = uint32_t(sb::json::get_uint(v, "slots"));
@@ -401,6 +403,7 @@ NB_MODULE(_sandbox, m) {
         d["ok"] = r.ok;
         d["error"] = r.error;
         d["visible"] = r.visible;
+        d["masked"] = r.masked;
         d["devices"] = r.devices;
         d["slot_tmpfs"] = r.slot_tmpfs;
         d["private_proc"] = r.private_proc;

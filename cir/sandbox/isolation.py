@@ -53,9 +53,11 @@ def describe_isolation(facts: dict, *, network: bool = False) -> str:
     if fs.get("root") == "allow-list" and fs.get("ok"):
         visible = ", ".join(fs.get("visible", []))
         devices = ", ".join(fs.get("devices", []))
+        masked = ", ".join(fs.get("masked", []))
         lines.append(
             "filesystem: an empty read-only root; visible read-only: "
-            f"{visible}; devices: {devices}; /proc; writable: only the snippet's own work dir{caps}"
+            f"{visible}" + (f" (shown empty but for the preloaded packages: {masked})" if masked else "") + "; "
+            f"devices: {devices}; /proc; writable: only the snippet's own work dir{caps}"
         )
     elif fs.get("ok"):
         lines.append(f"filesystem: the host's files, as far as permissions allow (weaker isolation); work dirs{caps}")

@@ -15,7 +15,9 @@ plan names, each at its host path). What is shown:
   imported) that is not part of the standard library: its top-level package directory or
   module file, with the package's ``<name>.libs`` and ``<name>-*.dist-info`` beside it. Not the
   directory holding it: a ``site-packages`` inside a checkout shows only those packages;
-  a module imported from the working directory or a project folder shows only itself;
+  a module imported from the working directory or a project folder shows only itself; a
+  package directory inside a shown directory (the standard library's ``site-packages``,
+  ``/usr/lib/python3/dist-packages``) is covered by an empty one with only these on top;
 - the time zone data (``/etc/localtime``, the interpreter's TZPATH) and the `extra` paths
   the policy names.
 
@@ -41,9 +43,12 @@ def plan_root(preloaded: list, extra: tuple = (), *, slots: int, work_root: str,
     paths = interpreter_paths() + library_paths() + module_paths(preloaded) + time_zone_paths()
     paths += list(extra)
     binds, symlinks = resolve(paths)
+    binds, masks, inner = mask_package_directories(binds, real_paths(module_paths(preloaded) + list(extra)))
     return {
         "binds": binds,
         "symlinks": symlinks,
+        "masks": masks,
+        "inner_binds": inner,
         "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")],
         "work_root": work_root,
         "slots": int(slots),
@@ -182,6 +187,45 @@ def resolve(paths: list) -> tuple:
             binds.append(path)
     symlinks = [[p, t] for p, t in sorted(links.items()) if not any(_under(p, kept) for kept in binds)]
     return binds, symlinks
+
+
+def real_paths(paths: list) -> list:
+    out = []
+    for path in paths:
+        end = _walk(os.path.abspath(path), {}, 0)
+        if end is not None:
+            out.append(end)
+    return out
+
+
+# Where installed packages live inside an interpreter's or the system's library directories.
+_PACKAGE_DIRS = ("site-packages", "dist-packages")
+
+
+def mask_package_directories(binds: list, wanted: list) -> tuple:
+    """A shown directory may hold every package installed there (the standard library's
+    site-packages, /usr/lib/python3/dist-packages under /usr/lib): each such directory is
+    covered by an empty one (a mask), and only the `wanted` entries below it (the preloaded
+    packages' files) are shown again on top. Returns (binds, masks, inner binds)."""
+    masks = []
+    for bind in binds:
+        if not os.path.isdir(bind):
+            continue
+        for pattern in ("", "python3*", "lib/python3*", "python3*/lib/python3*"):
+            for name in _PACKAGE_DIRS:
+                masks += _glob_dirs(os.path.join(bind, pattern, name) if pattern else os.path.join(bind, name))
+    masks = sorted({m for m in masks if not os.path.islink(m)})
+    masks = [m for m in masks if not any(_under(m, other) and m != other for other in masks)]
+    inner = sorted({w for w in wanted if any(_under(w, m) for m in masks)})
+    inner = [w for w in inner if not any(_under(w, other) and w != other for other in inner)]
+    outer = [b for b in binds if not any(_under(b, m) for m in masks)]
+    return outer, masks, inner
+
+
+def _glob_dirs(pattern: str) -> list:
+    import glob
+
+    return [p for p in glob.glob(pattern) if os.path.isdir(p)]
 
 
 def _walk(path: str, links: dict, depth: int):

@@ -371,7 +371,9 @@ RootReport setup_root(const RootPlan& plan, const IsolationPolicy& policy) {
   const std::string stage = "/tmp";
   struct stat st {};
   if (lstat(stage.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return fatal("the host has no /tmp directory to build the root on");
-  for (const std::string& path : plan.binds) {
+  std::vector<std::string> all = plan.binds;
+  all.insert(all.end(), plan.inner_binds.begin(), plan.inner_binds.end());
+  for (const std::string& path : all) {
     if (path.empty() || path[0] != '/' || path == "/") {
       r.error = "cannot show \"" + path + "\": not an absolute path below /";
       return r;
@@ -395,15 +397,26 @@ RootReport setup_root(const RootPlan& plan, const IsolationPolicy& policy) {
     return "/proc/self/fd/" + std::to_string(host_tmp.get()) + path.substr(4);
   };
 
-  // 1. What the interpreter needs, read-only, each at the path it has on the host.
-  for (const std::string& path : plan.binds) {
+  // 1. What the interpreter needs, read-only, each at the path it has on the host; package
+  // directories inside them emptied, with the preloaded packages shown again on top.
+  auto show = [&](const std::string& path) {
     std::string src = source(path);
-    if (stat(src.c_str(), &st) != 0) return undo("cannot show " + path);
+    if (stat(src.c_str(), &st) != 0) return false;
     std::string dst = in_root(path);
-    if (!make_mountpoint(dst, S_ISDIR(st.st_mode))) return undo("mountpoint for " + path);
-    if (mount(src.c_str(), dst.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) return undo("bind " + path);
+    if (!make_mountpoint(dst, S_ISDIR(st.st_mode))) return false;
+    if (mount(src.c_str(), dst.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) return false;
     r.visible.push_back(path);
+    return true;
+  };
+  for (const std::string& path : plan.binds)
+    if (!show(path)) return undo("show " + path);
+  for (const std::string& path : plan.masks) {
+    if (mount("cir-sandbox-mask", in_root(path).c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0)
+      return undo("cover " + path);
+    r.masked.push_back(path);
   }
+  for (const std::string& path : plan.inner_binds)
+    if (!show(path)) return undo("show " + path);
   for (const auto& [path, target] : plan.symlinks) {
     std::string dst = in_root(path);
     if (!mkdir_p(parent_of(dst), 0755)) return undo("directory for " + path);

@@ -63,6 +63,9 @@ struct IsolationPolicy;
 struct RootPlan {
   std::vector<std::string> binds;                            // parents before children, none inside another
   std::vector<std::pair<std::string, std::string>> symlinks;  // (path, target)
+  // Directories inside binds covered by an empty one (e.g. a site-packages holding every
+  // installed package), and what is shown again on top of them (the preloaded packages).
+  std::vector<std::string> masks, inner_binds;
   std::vector<std::string> devices;                          // names under /dev, e.g. "null"
   std::string work_root = "/tmp/cir-work";                   // slot k writes only in work_root/s<k>
   uint32_t slots = 0;
@@ -73,6 +76,7 @@ struct RootReport {
   bool ok = false;
   std::string error;                 // what failed (then nothing was changed, or the root could not be entered)
   std::vector<std::string> visible;  // the binds in place
+  std::vector<std::string> masked;   // directories shown empty (but for the inner binds)
   std::vector<std::string> devices;
   bool slot_tmpfs = false;  // one capped tmpfs per worker slot
   bool private_proc = false;
