@@ -1,5 +1,6 @@
 #include "sandbox/supervisor.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -856,6 +857,43 @@ int64_t Supervisor::own_time_ns(Request* r, int64_t now) {
   return std::max<int64_t>(0, wall - waited);
 }
 
+// CPU time used so far by the snippet's processes together: the main one, the children it
+// has waited for, and the descendants still running (those it orphaned are not found).
+int64_t Supervisor::tree_cpu_ns(Request* r) {
+  if (r->host_pid <= 0) return -1;
+  static const long ticks = sysconf(_SC_CLK_TCK);
+  int64_t total_ticks = 0;
+  std::vector<long> todo = {long(r->host_pid)};
+  for (size_t i = 0; i < todo.size() && i < 4096; ++i) {
+    std::string base = "/proc/" + std::to_string(todo[i]);
+    std::string stat;
+    if (!read_file((base + "/stat").c_str(), &stat)) continue;
+    size_t close = stat.rfind(')');  // the command name may hold spaces
+    if (close == std::string::npos) continue;
+    unsigned long long ut = 0, st = 0;
+    long long cut = 0, cst = 0;
+    if (std::sscanf(stat.c_str() + close + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %lld %lld", &ut,
+                    &st, &cut, &cst) != 4)
+      continue;
+    total_ticks += int64_t(ut + st) + (i == 0 ? cut + cst : 0);
+    DIR* tasks = opendir((base + "/task").c_str());
+    if (tasks == nullptr) continue;
+    while (dirent* e = readdir(tasks)) {
+      if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+      std::string kids;
+      if (!read_file((base + "/task/" + e->d_name + "/children").c_str(), &kids)) continue;
+      const char* p = kids.c_str();
+      char* end;
+      for (long v = std::strtol(p, &end, 10); end != p; v = std::strtol(p, &end, 10)) {
+        todo.push_back(v);
+        p = end;
+      }
+    }
+    closedir(tasks);
+  }
+  return ticks > 0 ? total_ticks * (1000000000LL / ticks) : -1;
+}
+
 void Supervisor::check_deadlines(int64_t now) {
   if (zstate_ == ZState::Starting && now >= startup_deadline_ns_) {
     zygote_died("no ready report within the start-up timeout");
@@ -872,8 +910,10 @@ void Supervisor::check_deadlines(int64_t now) {
     if (!r->delivered && now >= r->deadline_ns) {
       const int64_t limit = seconds_ns(r->in_replay ? r->job.replay_timeout_s : r->job.timeout_s);
       const int64_t own = own_time_ns(r.get(), now);
-      if (own >= limit) {
-        r->out.timed_out = true;  // its own time is up
+      // Its own time is up; or its processes together have had their limit's worth of CPU
+      // (then what its main process waited behind was itself, e.g. the children it forked).
+      if (own >= limit || tree_cpu_ns(r.get()) >= limit) {
+        r->out.timed_out = true;
         stats_.timeouts++;
         request_kill(r.get());
       } else if (now >= r->guard_ns) {

@@ -196,6 +196,7 @@ class Supervisor {
   size_t active() const;
   int64_t own_time_ns(Request* r, int64_t now);
   int64_t run_delay_ns(Request* r);
+  int64_t tree_cpu_ns(Request* r);
   std::string unavailable_message() const;
 
   SupervisorOptions opt_;
