@@ -359,7 +359,7 @@ def test_unix_sockets_of_the_host_and_of_other_snippets_are_unreachable(sb, worl
     import json, socket, time
     time.sleep(0.4)
     out = []
-    for address in ('\\0cir-adversarial-abstract', {world['unix']!r}):
+    for address in ('\\0cir-adversarial-abstract', {world["unix"]!r}):
         c = socket.socket(socket.AF_UNIX)
         try:
             c.connect(address)

@@ -55,6 +55,9 @@ struct StartedReport {
   int32_t pid;  // in the zygote's pid namespace
   uint64_t req_id;
   int64_t t_start_ns;  // CLOCK_MONOTONIC when the snippet got its process (fork or spare)
+  // The process's run delay (time runnable but waiting for a CPU) up to then, from the
+  // scheduler's statistics: a spare's from before its request is not the snippet's. -1: unknown.
+  int64_t run_delay_ns;
 };
 
 struct ExitedReport {
@@ -86,6 +89,7 @@ struct StatusRecord {
   int64_t cpu_ns;      // process CPU time so far, including children it waited for
   int64_t maxrss_kb;
   int64_t t_ns;        // CLOCK_MONOTONIC when the record was written
+  int64_t run_delay_ns;  // ReplayDone: the process's run delay so far (-1: unknown; else 0)
 };
 
 // Zygote -> pre-forked spare child: the request it is to run.

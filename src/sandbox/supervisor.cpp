@@ -583,6 +583,7 @@ void Supervisor::handle_ctrl() {
       r->pid = s.pid;
       r->t_start_ns = s.t_start_ns;
       r->t_cell_ns = s.t_start_ns;
+      r->delay_base_ns = std::max<int64_t>(0, s.run_delay_ns);
       r->in_replay = !r->job.cells.empty();
       double limit = r->in_replay ? r->job.replay_timeout_s : r->job.timeout_s;
       r->deadline_ns = s.t_start_ns + seconds_ns(limit);
@@ -675,6 +676,7 @@ void Supervisor::handle_status_records(Request* r) {
       r->in_replay = false;
       r->replay_cpu_ns = rec.cpu_ns;
       r->t_cell_ns = rec.t_ns;
+      if (rec.run_delay_ns >= 0) r->delay_base_ns = rec.run_delay_ns;
       r->deadline_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s);
       r->guard_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s * opt_.wall_guard_factor + opt_.wall_guard_extra_s);
     } else if (rec.kind == proto::StatusKind::SetupFailed) {
@@ -840,21 +842,16 @@ int64_t Supervisor::run_delay_ns(Request* r) {
     }
   }
   if (r->host_pid <= 0) return -1;
-  std::string text;
-  if (!read_file(("/proc/" + std::to_string(r->host_pid) + "/schedstat").c_str(), &text)) return -1;
-  unsigned long long on_cpu = 0, waited = 0;
-  if (std::sscanf(text.c_str(), "%llu %llu", &on_cpu, &waited) != 2) return -1;
-  return int64_t(waited);
+  return run_delay_of(std::to_string(r->host_pid));
 }
 
-// The snippet's own time: the wall clock since its cell started, less the time it was ready
-// to run but waited for a CPU behind other work. (The wait is counted from the process's
-// creation, so a little from before the cell started may be taken off too: in its favour.)
+// The snippet's own time: the wall clock since its cell started, less the time its main
+// process was ready to run but waited for a CPU since then.
 int64_t Supervisor::own_time_ns(Request* r, int64_t now) {
   int64_t wall = now - r->t_cell_ns;
   int64_t waited = run_delay_ns(r);
   if (waited < 0) return wall;
-  return std::max<int64_t>(0, wall - waited);
+  return std::max<int64_t>(0, wall - std::max<int64_t>(0, waited - r->delay_base_ns));
 }
 
 // CPU time used so far by the snippet's processes together: the main one, the children it
@@ -990,7 +987,7 @@ void Supervisor::retry_or_fault(const RequestPtr& r, const std::string& reason) 
   r->host_pid = 0;
   r->kill_sent = r->kill_requested = false;
   r->t_start_ns = r->t_cell_ns = r->deadline_ns = r->guard_ns = r->grace_ns = r->kill_ns = r->linger_ns = 0;
-  r->replay_cpu_ns = 0;
+  r->replay_cpu_ns = r->delay_base_ns = 0;
   r->in_replay = false;
   r->pending_fault.clear();
   r->status_buf.clear();

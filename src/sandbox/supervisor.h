@@ -160,6 +160,7 @@ class Supervisor {
     Watch w_out{WatchKind::Out, nullptr}, w_err{WatchKind::Err, nullptr}, w_status{WatchKind::Status, nullptr};
     int64_t t_start_ns = 0, t_cell_ns = 0, deadline_ns = 0, guard_ns = 0, grace_ns = 0, kill_ns = 0, linger_ns = 0;
     int64_t replay_cpu_ns = 0;
+    int64_t delay_base_ns = 0;  // the process's run delay when its cell started (not the cell's)
     int64_t not_before_ns = 0;  // a retry waits in the queue until then
     bool in_replay = false;
     bool kill_requested = false, kill_sent = false;

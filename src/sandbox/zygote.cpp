@@ -78,6 +78,7 @@ void write_status_record(int fd, proto::StatusKind kind, int32_t status) {
                (int64_t(children.ru_utime.tv_usec) + children.ru_stime.tv_usec) * 1000LL;
   rec.maxrss_kb = std::max(self.ru_maxrss, children.ru_maxrss);
   rec.t_ns = monotonic_ns();
+  rec.run_delay_ns = kind == proto::StatusKind::ReplayDone ? run_delay_of("self") : 0;
   write_all(fd, &rec, sizeof rec);
 }
 
@@ -248,6 +249,7 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
     return false;
   }
   spare_failures_ = 0;  // only spares that die unused in a row stop the pre-forking
+  r.handed_to_spare = true;
   started(r, pid);
   return true;
 }
@@ -255,7 +257,10 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
 void ZygoteServer::started(ChildRequest& r, pid_t pid) {
   running_[pid] = Running{r.req.req_id, r.req.slot, r.uid, r.gid, r.workdir};
   close_request_fds(r);
-  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns};
+  // A child forked for the request has waited for nothing yet; a spare may have (it was
+  // started earlier, perhaps on a busy CPU): that wait is not the snippet's.
+  int64_t delay = r.handed_to_spare ? run_delay_of(std::to_string(pid)) : 0;
+  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns, delay};
   send(&s, sizeof s);
 }
 
