@@ -683,17 +683,16 @@ int landlock_abi() {
   return abi < 0 ? 0 : int(abi);
 }
 
-SiblingIsolation isolate_from_siblings(bool want_landlock) {
+int landlock_scope_ruleset() {
+  LandlockRulesetAttr attr{0, 0, kScopeAbstractUnixSocket | kScopeSignal};
+  long fd = syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0U);  // close-on-exec
+  return fd < 0 ? -1 : int(fd);
+}
+
+SiblingIsolation isolate_from_siblings(int landlock_ruleset) {
   SiblingIsolation done;
   done.ipc_namespace = unshare(CLONE_NEWIPC) == 0;
-  if (want_landlock) {
-    LandlockRulesetAttr attr{0, 0, kScopeAbstractUnixSocket | kScopeSignal};
-    long fd = syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0U);
-    if (fd >= 0) {
-      done.landlock = syscall(SYS_landlock_restrict_self, int(fd), 0U) == 0;
-      ::close(int(fd));
-    }
-  }
+  if (landlock_ruleset >= 0) done.landlock = syscall(SYS_landlock_restrict_self, landlock_ruleset, 0U) == 0;
   return done;
 }
 

@@ -101,8 +101,10 @@ struct SiblingIsolation {
   bool ipc_namespace = false;
   bool landlock = false;
 };
-SiblingIsolation isolate_from_siblings(bool want_landlock);
+// `landlock_ruleset`: from landlock_scope_ruleset() (made once, in the zygote), -1 for none.
+SiblingIsolation isolate_from_siblings(int landlock_ruleset);
 int landlock_abi();  // 0: no Landlock
+int landlock_scope_ruleset();  // a ruleset of the two scopes (an fd), -1 where it cannot be made
 
 // Limits and identity of one snippet process.
 struct ChildSpec {

@@ -354,9 +354,10 @@ void Supervisor::spawn_zygote() {
   SpawnResult sp =
       spawn_process(path, opt_.zygote_argv, opt_.zygote_env, stdin_r.get(), theirs.get(), log_w.get(), candidates);
   if (sp.pid < 0) {
-    if (!weaker_ok) {
+    if (!weaker_ok && !ever_ready_) {
       // The kernel may refuse the namespaces themselves (a container, a distribution that
-      // restricts unprivileged user namespaces): that is final, not a passing fault.
+      // restricts unprivileged user namespaces): that is final, not a passing fault. (Once a
+      // zygote ran, a refusal is taken as passing, e.g. a namespace limit reached for now.)
       std::string missing = missing_namespaces(!root, !policy_.network);
       if (!missing.empty()) {
         refuse("cir sandbox: refusing to start: this machine cannot isolate snippets (no " + missing +

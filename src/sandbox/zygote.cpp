@@ -120,7 +120,8 @@ ZygoteOptions ZygoteServer::configure(const ZygoteOptions& options) {
   if (n <= 0 || std::strtol(link, nullptr, 10) != long(getpid())) opt_.sweep_orphans = false;
   opt_.seccomp = opt_.seccomp && seccomp_supported();
   if (opt_.ipc_per_snippet) opt_.ipc_per_snippet = can_clone_with(CLONE_NEWIPC);
-  if (opt_.landlock) opt_.landlock = landlock_abi() >= 6;
+  if (opt_.landlock && landlock_abi() >= 6) landlock_ruleset_.reset(landlock_scope_ruleset());
+  opt_.landlock = landlock_ruleset_.valid();
   return opt_;
 }
 
@@ -241,6 +242,18 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
   std::memcpy(a.workdir, r.workdir.c_str(), r.workdir.size() + 1);
   int fds[4] = {r.code_fd, r.out_fd, r.err_fd, r.status_fd};
   pid_t pid = spare_pid_;
+  // What the spare waited for a CPU before its request (it sleeps until then): not the snippet's.
+  r.run_delay_before_ns = -1;
+  if (spare_schedstat_.valid()) {
+    char text[96];
+    ssize_t n = pread(spare_schedstat_.get(), text, sizeof text - 1, 0);
+    unsigned long long on_cpu = 0, waited = 0;
+    if (n > 0) {
+      text[n] = '\0';
+      if (std::sscanf(text, "%llu %llu", &on_cpu, &waited) == 2) r.run_delay_before_ns = int64_t(waited);
+    }
+    spare_schedstat_.reset();
+  }
   bool ok = send_packet(spare_sock_.get(), &a, sizeof a, fds, 4);
   spare_sock_.reset();
   spare_pid_ = -1;
@@ -249,7 +262,6 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
     return false;
   }
   spare_failures_ = 0;  // only spares that die unused in a row stop the pre-forking
-  r.handed_to_spare = true;
   started(r, pid);
   return true;
 }
@@ -257,10 +269,8 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
 void ZygoteServer::started(ChildRequest& r, pid_t pid) {
   running_[pid] = Running{r.req.req_id, r.req.slot, r.uid, r.gid, r.workdir};
   close_request_fds(r);
-  // A child forked for the request has waited for nothing yet; a spare may have (it was
-  // started earlier, perhaps on a busy CPU): that wait is not the snippet's.
-  int64_t delay = r.handed_to_spare ? run_delay_of(std::to_string(pid)) : 0;
-  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns, delay};
+  // (A child forked for the request has waited for nothing yet.)
+  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns, r.run_delay_before_ns};
   send(&s, sizeof s);
 }
 
@@ -325,11 +335,14 @@ void ZygoteServer::prepare_spare() {
 void ZygoteServer::spare_forked(pid_t pid) {
   spare_child_sock_.reset();
   spare_pid_ = pid;
+  // Opened now, read when the spare gets its request (a pread: no path walk then).
+  spare_schedstat_.reset(::open(("/proc/" + std::to_string(pid) + "/schedstat").c_str(), O_RDONLY | O_CLOEXEC));
 }
 
 void ZygoteServer::spare_fork_failed() {
   spare_child_sock_.reset();
   spare_sock_.reset();
+  spare_schedstat_.reset();
   spare_failures_++;
 }
 
@@ -376,6 +389,7 @@ void ZygoteServer::reap_children() {
       // The spare died before it was used (e.g. killed from outside): make another.
       spare_pid_ = -1;
       spare_sock_.reset();
+      spare_schedstat_.reset();
       spare_failures_++;
     }
     // Anything else is an orphan a snippet left behind, already killed: just reaped.
@@ -451,7 +465,7 @@ void ZygoteServer::retry_removals() {
 void ZygoteServer::separate_from_siblings() {
   if (separated_) return;
   separated_ = true;
-  SiblingIsolation done = isolate_from_siblings(opt_.landlock);
+  SiblingIsolation done = isolate_from_siblings(opt_.landlock ? landlock_ruleset_.get() : -1);
   if (opt_.ipc_per_snippet && !done.ipc_namespace) separate_error_ = errno_message("own IPC namespace");
   if (opt_.landlock && !done.landlock) separate_error_ = errno_message("own Landlock domain");
 }

@@ -61,6 +61,7 @@ struct ChildRequest {
   uid_t uid = 0;
   gid_t gid = 0;
   int64_t t_start_ns = 0;
+  int64_t run_delay_before_ns = 0;  // zygote side: the spare's wait for a CPU before it (-1: unknown)
   bool handed_to_spare = false;  // zygote side: already running in the spare; fork a new spare
 };
 
@@ -158,6 +159,8 @@ class ZygoteServer {
   // The spare: its pid and our end of its socket (and its end, between prepare and fork).
   pid_t spare_pid_ = -1;
   Fd spare_sock_, spare_child_sock_;
+  Fd spare_schedstat_;  // the spare's /proc/<pid>/schedstat
+  Fd landlock_ruleset_;  // made once; each snippet process restricts itself with it
   int spare_failures_ = 0;
   bool seccomp_inherited_ = false;
   bool separated_ = false;  // (in a child) isolate_from_siblings() is done
