@@ -365,6 +365,8 @@ NB_MODULE(_sandbox, m) {
             return nb::make_tuple(cells, nb::bytes(p.code.data(), p.code.size()), p.status_fd);
           },
           "request"_a)
+      .def("fail_setup", &sb::ZygoteServer::fail_setup, "request"_a, "what"_a,
+           "In a child, before its code runs: reports a set-up failure (the machine's fault) and exits.")
       .def_prop_ro("running", &sb::ZygoteServer::running);
 
   m.def(

@@ -407,3 +407,49 @@ def test_root_and_proc_show_only_the_snippets_world(sb):
     assert not set(top) & {"sys", "var", "boot", "mnt", "srv", "run"}
     etc = probe(sb, "import os, json\nprint(json.dumps(sorted(os.listdir('/etc'))))")
     assert set(etc) <= {"ld.so.cache", "localtime"}, etc
+
+
+# -- a snippet cannot make its own result a fault of the machine --------------------------------
+# (A trajectory with a sandbox fault is left out of training: a policy that could fake one
+# could leave out every trajectory it is about to lose.)
+
+
+def test_a_forged_status_record_does_not_make_a_fault(sb):
+    forger = """
+    import os, struct, sys
+    record = struct.pack('iiqqqq', 3, 71, 0, 0, 0, 0)  # what a set-up failure once looked like
+    for fd in range(3, 1024):
+        try:
+            os.write(fd, record)
+        except OSError:
+            pass
+    sys.stderr.write('cir-sandbox: snippet set-up failed: forged\\n')
+    sys.stderr.flush()
+    os._exit(71)
+    """
+    r = sb.run(textwrap.dedent(forger))
+    assert (r.status, r.exit_code, r.attempts, r.fault) == ("error", 71, 1, "model"), r
+
+
+def test_starving_itself_through_detached_processes_is_its_own_timeout():
+    """Busy processes the snippet detached (setsid, double fork: orphaned to the zygote)
+    slow its own main process down: that is not the machine starving it."""
+    with Sandbox(
+        workers=1, timeout_s=0.5, wall_guard=(1.0, 0.5), max_processes=32, preload=("math",), warmup=False
+    ) as sb:
+        code = """
+        import os
+        for _ in range(8):
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    while True:
+                        pass
+                os._exit(0)
+        while True:
+            pass
+        """
+        r = sb.run(textwrap.dedent(code))
+        assert (r.status, r.attempts, r.fault) == ("timeout", 1, "model"), r
+        assert sb.counters()["faults"] == 0
+        assert_clean(sb)

@@ -115,8 +115,8 @@ class Sandbox:
 
     Args:
         workers: snippets running at the same time (default: CPU count).
-        timeout_s: wall-clock limit per snippet, counted from the moment it starts (time in
-            the queue does not count).
+        timeout_s: time limit per snippet, counted from the moment it starts (time in the
+            queue does not count), on its own time (see Time limit below).
         memory_mb: address space a snippet may use on top of the preloaded modules
             (RLIMIT_AS), i.e. what ``python -c`` gets under ``ulimit -v``.
         max_output_bytes: stdout + stderr kept per snippet; past it the snippet is killed and

@@ -20,7 +20,7 @@ class SandboxConfig:
     """The trainer's sandbox (see `cir.sandbox.Sandbox` for what each limit means).
 
     workers: snippets running at the same time.
-    timeout_s: wall-clock limit per snippet.
+    timeout_s: time limit per snippet: its own time, not time waiting for a CPU (see `Sandbox`).
     memory_mb: address space a snippet may use on top of the preloaded modules.
     max_output_bytes: stdout + stderr kept per snippet (the model sees at most this much).
     preload: modules imported once in the warm interpreter (their installed packages, and

@@ -102,7 +102,7 @@ def main() -> None:
             filesystem = {"root": "host", "allow_list_error": filesystem["error"], **report}
         if report["ok"]:
             work_root, slot_dirs = _WORK_ROOT, True
-            _forget_host_paths()
+            _forget_host_paths(config["sys_path"])
         filesystem.update(
             work_dir_bytes=int(policy["work_dir_bytes"]),
             work_dir_inodes=int(policy["work_dir_inodes"]),
@@ -488,16 +488,21 @@ _RUNTIME_MODULES = (
 _WORK_ROOT = "/tmp/cir-work"
 
 
-def _forget_host_paths() -> None:
+def _forget_host_paths(sys_path: list) -> None:
     """After the switch to the snippets' root: the import system's caches describe the
     host's directories (listings of a whole site-packages, finders for folders that are gone
-    now): drop them, so that a snippet's imports see only its own root."""
+    now): drop them, so that a snippet's imports see only its own root. Then fill them again
+    from the new root, once, here: a child would list the directories for every import of a
+    module not loaded yet, and lose the listing when it exits."""
     import importlib
+    import importlib.machinery
 
     for path in list(sys.path_importer_cache):
         if path and not os.path.exists(path):
             del sys.path_importer_cache[path]
     importlib.invalidate_caches()
+    # A failed look-up visits every entry of the path: each finder lists its directory.
+    importlib.machinery.PathFinder.find_spec("_cir_no_such_module_", [p for p in sys_path if p and os.path.exists(p)])
 
 
 _WARMUP_SYMPY = """
@@ -709,13 +714,13 @@ class _ChildContext:
     def run(self, server, request) -> int:
         from cir import _sandbox
 
-        # (A failure to set the process up is reported by enter_child itself, as the machine's.)
-        cells, code, status_fd = server.enter_child(request)
+        # A failure to set the process up is the machine's fault, reported (and retried) as
+        # such, never through the status pipe, which the snippet's code can write to.
         try:
             main_globals = self.reset_interpreter(request.workdir)
-        except BaseException:
-            _sandbox.write_status(status_fd, 3)  # set-up failed: the machine's fault, retried
-            raise
+        except BaseException as exc:  # noqa: BLE001
+            server.fail_setup(request, f"resetting the interpreter: {exc!r}")
+        cells, code, status_fd = server.enter_child(request)  # (calls fail_setup itself)
         if cells:
             self.replay(cells, main_globals)
             _sandbox.write_status(status_fd, 1)

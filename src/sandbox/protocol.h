@@ -12,7 +12,7 @@ namespace cir::sandbox::proto {
 enum class Type : uint32_t {
   // supervisor -> zygote
   Hello = 1,     // + JSON text: namespaces in effect, work root, the Python-side options
-  Run = 2,       // RunRequest + fds [code memfd, stdout write end, stderr write end, status write end]
+  Run = 2,       // RunRequest + fds [code memfd (read-write: see kSetupFailedMark), stdout, stderr, status write ends]
   Kill = 3,      // KillRequest: kill the snippet and everything it started
   Shutdown = 4,  //
   // zygote -> supervisor
@@ -80,8 +80,14 @@ struct FailedReport {
 enum class StatusKind : int32_t {
   ReplayDone = 1,  // session cell: the replayed history has run; the new cell starts now
   Done = 2,        // the code has run, output is flushed; the process exits with `status` next
-  SetupFailed = 3, // the process could not be set up for the snippet (the machine's fault); it exits
 };
+
+// A process that could not be set up for its snippet (the machine's fault, not the code's)
+// writes this over the start of the snippet's code memfd and exits with kSetupFailedExit.
+// Not on the status pipe: the snippet's code can write there, and must not be able to make
+// its own result a fault of the machine. The memfd is closed before the code runs.
+constexpr char kSetupFailedMark[8] = {'c', 'i', 'r', '-', 's', 'e', 't', 'u'};
+constexpr int kSetupFailedExit = 71;
 
 struct StatusRecord {
   StatusKind kind;

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 #include <stdexcept>
 
 #include "sandbox/protocol.h"
@@ -33,8 +34,6 @@ constexpr int64_t kExitGraceNs = 2'000'000'000;  // after the exit report, wait 
 // A deadline extended for time the snippet spent waiting for a CPU is looked at again no
 // sooner than this.
 constexpr int64_t kMinRecheckNs = 5'000'000;
-// Written by the zygote's child when it cannot be set up (see ZygoteServer::enter_child).
-constexpr char kSetupFailedMarker[] = "cir-sandbox: snippet set-up failed";
 
 int64_t seconds_ns(double s) { return int64_t(s * 1e9); }
 
@@ -612,8 +611,8 @@ void Supervisor::handle_ctrl() {
         r->out.cpu_ms = std::max(cpu, 0.0);
         r->out.maxrss_kb = e.maxrss_kb;
       }
-      if (r->out.exit_code == 71 && r->out.err.rfind(kSetupFailedMarker, 0) == 0 && r->pending_fault.empty())
-        r->pending_fault = "start_failed";  // set-up failed before it could say so on its status pipe
+      if (r->out.exit_code == proto::kSetupFailedExit && r->pending_fault.empty() && setup_failed(r))
+        r->pending_fault = "start_failed";  // the process could not be set up: retried
       r->grace_ns = monotonic_ns() + kExitGraceNs;
       maybe_deliver_after_exit(r);
     } else if (type == proto::Type::Failed && size_t(n) >= sizeof(proto::FailedReport)) {
@@ -680,8 +679,6 @@ void Supervisor::handle_status_records(Request* r) {
       if (rec.run_delay_ns >= 0) r->delay_base_ns = rec.run_delay_ns;
       r->deadline_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s);
       r->guard_ns = r->t_cell_ns + seconds_ns(r->job.timeout_s * opt_.wall_guard_factor + opt_.wall_guard_extra_s);
-    } else if (rec.kind == proto::StatusKind::SetupFailed) {
-      r->pending_fault = "start_failed";  // the process exits by itself; retried once it is gone
     } else if (rec.kind == proto::StatusKind::Done && !r->in_replay && !r->out.timed_out && !r->kill_requested &&
                r->pending_fault.empty()) {
       // The code has run and flushed its output: answer now, without waiting for the
@@ -737,7 +734,9 @@ void Supervisor::dispatch() {
     RequestPtr r = *due;
     queue_.erase(due);
     const Job& j = r->job;
-    Fd code(make_memfd("cir-snippet", pack_program(j.cells, j.code)));
+    // Kept until the outcome: a process that cannot be set up marks it (proto::kSetupFailedMark).
+    Fd& code = r->code;
+    code.reset(make_memfd("cir-snippet", pack_program(j.cells, j.code)));
     int po[2] = {-1, -1}, pe[2] = {-1, -1}, ps[2] = {-1, -1};
     if (!code.valid() || pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0 || pipe2(ps, O_CLOEXEC) != 0) {
       for (int fd : {po[0], po[1], pe[0], pe[1], ps[0], ps[1]})
@@ -811,39 +810,50 @@ int64_t Supervisor::next_deadline() const {
   return d;
 }
 
-// Time waited in the CPU queue (runnable, not running) by the snippet's main process since it
-// was created, from the scheduler's per-task statistics; -1 where they cannot be read.
-int64_t Supervisor::run_delay_ns(Request* r) {
-  if (r->host_pid == 0) {
-    r->host_pid = -1;
-    if (!ns_.pid) {
-      r->host_pid = r->pid;
-    } else if (zygote_pid_ > 0) {
-      // Its pid here: the zygote's child whose innermost pid is the one the zygote reported.
-      std::string kids;
-      std::string path = "/proc/" + std::to_string(zygote_pid_) + "/task/" + std::to_string(zygote_pid_) + "/children";
-      if (read_file(path.c_str(), &kids)) {
-        const char* p = kids.c_str();
-        char* end;
-        for (long v = std::strtol(p, &end, 10); end != p; v = std::strtol(p, &end, 10)) {
-          p = end;
-          std::string status;
-          if (!read_file(("/proc/" + std::to_string(v) + "/status").c_str(), &status)) continue;
-          size_t at = status.find("\nNSpid:");
-          if (at == std::string::npos) continue;
-          size_t eol = status.find('\n', at + 1);
-          std::string line = status.substr(at + 8, eol == std::string::npos ? std::string::npos : eol - at - 8);
-          size_t last = line.find_last_of(" \t");
-          if (std::strtol(line.c_str() + (last == std::string::npos ? 0 : last + 1), nullptr, 10) == r->pid) {
-            r->host_pid = pid_t(v);
-            break;
-          }
-        }
+// The snippet's main process as this supervisor sees it (its pid in the zygote's pid
+// namespace is another number): the zygote's child whose innermost pid is the one reported.
+pid_t Supervisor::host_pid_of(Request* r) {
+  if (r->host_pid != 0) return r->host_pid;
+  r->host_pid = -1;
+  if (!ns_.pid) {
+    r->host_pid = r->pid;
+  } else if (zygote_pid_ > 0) {
+    for (long v : zygote_children()) {
+      std::string status;
+      if (!read_file(("/proc/" + std::to_string(v) + "/status").c_str(), &status)) continue;
+      size_t at = status.find("\nNSpid:");
+      if (at == std::string::npos) continue;
+      size_t eol = status.find('\n', at + 1);
+      std::string line = status.substr(at + 8, eol == std::string::npos ? std::string::npos : eol - at - 8);
+      size_t last = line.find_last_of(" \t");
+      if (std::strtol(line.c_str() + (last == std::string::npos ? 0 : last + 1), nullptr, 10) == r->pid) {
+        r->host_pid = pid_t(v);
+        break;
       }
     }
   }
-  if (r->host_pid <= 0) return -1;
-  return run_delay_of(std::to_string(r->host_pid));
+  return r->host_pid;
+}
+
+std::vector<long> Supervisor::zygote_children() const {
+  std::vector<long> out;
+  std::string kids;
+  std::string path = "/proc/" + std::to_string(zygote_pid_) + "/task/" + std::to_string(zygote_pid_) + "/children";
+  if (zygote_pid_ <= 0 || !read_file(path.c_str(), &kids)) return out;
+  const char* p = kids.c_str();
+  char* end;
+  for (long v = std::strtol(p, &end, 10); end != p; v = std::strtol(p, &end, 10)) {
+    out.push_back(v);
+    p = end;
+  }
+  return out;
+}
+
+// Time waited in the CPU queue (runnable, not running) by the snippet's main process since it
+// was created, from the scheduler's per-task statistics; -1 where they cannot be read.
+int64_t Supervisor::run_delay_ns(Request* r) {
+  pid_t pid = host_pid_of(r);
+  return pid > 0 ? run_delay_of(std::to_string(pid)) : -1;
 }
 
 // The snippet's own time: the wall clock since its cell started, less the time its main
@@ -856,12 +866,20 @@ int64_t Supervisor::own_time_ns(Request* r, int64_t now) {
 }
 
 // CPU time used so far by the snippet's processes together: the main one, the children it
-// has waited for, and the descendants still running (those it orphaned are not found).
+// has waited for, the descendants still running, and the processes orphaned to the zygote
+// (detached with setsid and a double fork: whose they are cannot be told, so they count
+// for every running snippet; a snippet must not be able to look starved by its own doing).
 int64_t Supervisor::tree_cpu_ns(Request* r) {
-  if (r->host_pid <= 0) return -1;
+  if (host_pid_of(r) <= 0) return -1;
   static const long ticks = sysconf(_SC_CLK_TCK);
   int64_t total_ticks = 0;
   std::vector<long> todo = {long(r->host_pid)};
+  std::set<long> others;  // the main processes of the other running snippets
+  for (const auto& q : slots_)
+    if (q && q.get() != r && q->state == RState::Running && !q->gone && host_pid_of(q.get()) > 0)
+      others.insert(q->host_pid);
+  for (long kid : zygote_children())
+    if (kid != r->host_pid && !others.count(kid)) todo.push_back(kid);
   for (size_t i = 0; i < todo.size() && i < 4096; ++i) {
     std::string base = "/proc/" + std::to_string(todo[i]);
     std::string stat;
@@ -982,6 +1000,7 @@ void Supervisor::retry_or_fault(const RequestPtr& r, const std::string& reason) 
   Outcome fresh;
   fresh.attempts = r->out.attempts;
   r->out = std::move(fresh);
+  r->code.reset();
   r->state = RState::Queued;
   r->gone = false;
   r->pid = -1;
@@ -1007,6 +1026,12 @@ void Supervisor::close_streams(Request* r) {
   }
 }
 
+bool Supervisor::setup_failed(Request* r) {
+  char mark[sizeof proto::kSetupFailedMark];
+  return r->code.valid() && pread(r->code.get(), mark, sizeof mark, 0) == ssize_t(sizeof mark) &&
+         std::memcmp(mark, proto::kSetupFailedMark, sizeof mark) == 0;
+}
+
 void Supervisor::release_slot(Request* r) {
   close_streams(r);
   const int slot = r->slot;
@@ -1019,6 +1044,7 @@ void Supervisor::release_slot(Request* r) {
 void Supervisor::deliver(Request* r) {
   if (r->delivered) return;
   close_streams(r);
+  r->code.reset();
   r->delivered = true;
   r->linger_ns = monotonic_ns() + int64_t(opt_.kill_grace_s * 1e9);
   if (r->gone || r->state == RState::Queued) release_slot(r);

@@ -157,6 +157,7 @@ class Supervisor {
     pid_t pid = -1;       // in the zygote's pid namespace
     pid_t host_pid = 0;   // the same process as this supervisor sees it (0: not looked up yet)
     Fd out_r, err_r, status_r;
+    Fd code;  // the code memfd, kept until the outcome (see proto::kSetupFailedMark)
     Watch w_out{WatchKind::Out, nullptr}, w_err{WatchKind::Err, nullptr}, w_status{WatchKind::Status, nullptr};
     int64_t t_start_ns = 0, t_cell_ns = 0, deadline_ns = 0, guard_ns = 0, grace_ns = 0, kill_ns = 0, linger_ns = 0;
     int64_t replay_cpu_ns = 0;
@@ -188,6 +189,7 @@ class Supervisor {
   void deliver(Request* r);
   void release_slot(Request* r);
   void close_streams(Request* r);
+  bool setup_failed(Request* r);
   RequestPtr in_slot(uint64_t id);
   void shutdown_all(const std::string& why);
   void fail_queued(const std::string& why);
@@ -196,6 +198,8 @@ class Supervisor {
   void kill_slot_processes();
   size_t active() const;
   int64_t own_time_ns(Request* r, int64_t now);
+  pid_t host_pid_of(Request* r);
+  std::vector<long> zygote_children() const;
   int64_t run_delay_ns(Request* r);
   int64_t tree_cpu_ns(Request* r);
   std::string unavailable_message() const;

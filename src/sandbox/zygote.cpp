@@ -462,6 +462,19 @@ void ZygoteServer::retry_removals() {
   pending_removals_.swap(still);
 }
 
+void ZygoteServer::fail_setup(const ChildRequest& r, const std::string& what) {
+  // Once the descriptors are in place fd 2 is the snippet's stderr; before that it is the
+  // zygote's log. Either way the supervisor sees it. The mark on the code memfd (still open:
+  // it is closed only when the set-up succeeds) says it was the machine's fault.
+  std::string msg = "cir-sandbox: snippet set-up failed: " + what + "\n";
+  write_all(2, msg.data(), msg.size());
+  if (r.code_fd >= 0) {
+    ssize_t n = pwrite(r.code_fd, proto::kSetupFailedMark, sizeof proto::kSetupFailedMark, 0);
+    (void)n;
+  }
+  _exit(proto::kSetupFailedExit);
+}
+
 void ZygoteServer::separate_from_siblings() {
   if (separated_) return;
   separated_ = true;
@@ -504,13 +517,7 @@ ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
     // Once the descriptors are in place fd 2 is the snippet's stderr; before that it is the
     // zygote's log. Either way the supervisor sees it. The status pipe (moved to its final
     // number, or not yet) says it was the machine's fault.
-    std::string msg = "cir-sandbox: snippet set-up failed: " + error + "\n";
-    write_all(2, msg.data(), msg.size());
-    if (fcntl(spec.status_fd_target, F_GETFD) >= 0)
-      write_status_record(spec.status_fd_target, proto::StatusKind::SetupFailed, 71);
-    else if (fcntl(r.status_fd, F_GETFD) >= 0)
-      write_status_record(r.status_fd, proto::StatusKind::SetupFailed, 71);
-    _exit(71);
+    fail_setup(r, error);
   }
   prog.status_fd = spec.status_fd_target;
   return prog;

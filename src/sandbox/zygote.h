@@ -122,10 +122,11 @@ class ZygoteServer {
   ChildRequest become_spare();
 
   // In the child: reads the program, locks the process down (see enter_child) and returns
-  // what to run. On failure writes a message to stderr, a SetupFailed record to the status
-  // pipe (the supervisor retries it: the machine's fault) and exits with status 71: a
-  // snippet never runs half-isolated.
+  // what to run. On failure calls fail_setup: a snippet never runs half-isolated.
   ChildProgram enter_child(const ChildRequest& r);
+  // In the child, before its code runs: says on stderr what failed, marks the request's code
+  // memfd (proto::kSetupFailedMark: the supervisor retries it, the machine's fault) and exits.
+  [[noreturn]] void fail_setup(const ChildRequest& r, const std::string& what);
 
   size_t running() const { return running_.size(); }
   bool sweeping() const { return opt_.sweep_orphans; }
