@@ -15,7 +15,8 @@ from cir.engines.base import Completion, SamplingParams, evaluates_stop_rule, st
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import _decode, _encode, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, fence_closed, find_code_block
-from cir.trajectory import BUDGET_EXHAUSTED, ToolCall, Trajectory
+from cir.sandbox import ExecResult, SandboxError
+from cir.trajectory import BUDGET_EXHAUSTED, SANDBOX_FAULT, ToolCall, Trajectory
 
 # ---------------------------------------------------------------------------------------------
 # One trajectory as a state machine, shared by both schedules
@@ -186,6 +187,16 @@ class _TrajectoryRun:
             raise RuntimeError("take_result called without a pending code block")
         code, span, prefix, limit = self._pending
         self._pending = None
+        if result.status == SANDBOX_FAULT:
+            # The machine failed (retried by the sandbox, still failing): nothing the model
+            # could learn from. The call is recorded as such, nothing is shown to the model,
+            # and the trajectory ends here (left out of training and of the scores).
+            end = len(self.trajectory.response_ids)
+            self.trajectory.tool_calls.append(
+                ToolCall(code=code, status=SANDBOX_FAULT, output="", code_span=span, feedback_span=(end, end))
+            )
+            self._finish("sandbox_fault")
+            return
         # The template supplies the newline that closes the output, so trailing newlines of
         # stdout are dropped (no blank line before the closing fence).
         output = result.feedback().rstrip("\n")
@@ -223,7 +234,12 @@ class _TrajectoryRun:
 
 
 async def _execute(sandbox, run: _TrajectoryRun, code: str):
-    return await sandbox.arun(code, timeout_s=run.config.exec_timeout_s, session=run.session)
+    try:
+        return await sandbox.arun(code, timeout_s=run.config.exec_timeout_s, session=run.session)
+    except SandboxError as exc:
+        # The sandbox could not take this call at all (its interpreter cannot start for now, it
+        # was closed): this trajectory ends in a sandbox fault; the others of the batch go on.
+        return ExecResult(SANDBOX_FAULT, "", str(exc), 0, 0.0, 0.0, reason="unavailable", attempts=0)
 
 
 def _close_session(sandbox, run: _TrajectoryRun) -> None:
