@@ -15,7 +15,7 @@ from cir.distributed import DistributedContext
 from cir.models import tiny_causal_lm
 from cir.tokenization import byte_tokenizer
 from cir.training import checkpoint as ckpt
-from cir.training.actor import make_actor
+from cir.training.actor import Actor
 from cir.training.optim import OptimConfig
 
 
@@ -25,7 +25,7 @@ def actor():
     sharded state has tensors to write)."""
     tok = byte_tokenizer()
     model = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
-    actor = make_actor(model, tok, OptimConfig(), AlgoConfig(), total_optimizer_steps=4, dist=DistributedContext())
+    actor = Actor(model, tok, OptimConfig(), AlgoConfig(), total_optimizer_steps=4, dist=DistributedContext())
     for p in actor.policy.parameters():
         p.grad = torch.zeros_like(p)
     actor.optimizer.step()
