@@ -339,6 +339,13 @@ def test_pause_resolves_requests_in_flight_with_exactly_what_they_sampled(world)
     for partial, cont, whole in zip(partials, continued, unpaused):
         assert partial.token_ids + cont.token_ids == whole.token_ids
         _assert_close(partial.logprobs + cont.logprobs, whole.logprobs)
+    # sleep() resolves what is still in flight the same way (vLLM's own sleep would drop it).
+    steps = engine.activity().steps
+    futures = [engine.submit(p, _greedy(max_new)) for p in prompts[:2]]
+    _wait_for(lambda: engine.activity().steps >= steps + 3)
+    engine.sleep()
+    assert [f.result(timeout=0).finish_reason for f in futures] == ["aborted", "aborted"]
+    engine.wake()
 
 
 def test_weights_loaded_while_paused_serve_the_continuation(world):

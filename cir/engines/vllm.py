@@ -327,11 +327,11 @@ class VLLMEngine(WorkerEngine):
 
     def sleep(self) -> None:
         """On a GPU: offload the weights to CPU memory and free the KV cache (vLLM's sleep mode,
-        level 1) while the trainer updates. Call it while paused: requests still in flight are
-        resolved first as a pause would ("aborted"). Call `wake` before the next `load_weights`.
-        On a CPU: nothing (vLLM has no sleep mode there, and nothing competes for the memory)."""
-        if self._sleep_supported:
-            self._call(self._sleep_now, "sleep")
+        level 1) while the trainer updates; call `wake` before the next `load_weights`. On a CPU
+        the memory part is skipped (vLLM has no sleep mode there, and nothing competes for the
+        memory). Call it while paused: requests still in flight are resolved first, as a pause
+        resolves them ("aborted"), since vLLM's own sleep would drop them without an output."""
+        self._call(self._sleep_now, "sleep")
 
     def wake(self) -> None:
         """Take back what `sleep` freed, before the next rollout (no-op on a CPU)."""
@@ -481,7 +481,8 @@ class VLLMEngine(WorkerEngine):
 
     def _sleep_now(self) -> None:
         self._abort_in_flight()
-        self._llm.sleep(level=1)
+        if self._sleep_supported:
+            self._llm.sleep(level=1)
 
     def _packed_modules_mapping(self) -> dict[str, str]:
         """Sub-module name -> the fused vLLM layer it loads into (e.g. "q_proj" -> "qkv_proj")."""

@@ -411,7 +411,8 @@ class WorkerEngine:
 
     def _do(self, work: _Work) -> None:
         if work.pause_epoch is not None:
-            self._abort_in_flight()
+            with self._step_lock:
+                self._abort_in_flight()
             with self._cond:
                 self._pause_done = work.pause_epoch
                 self._cond.notify_all()
@@ -456,20 +457,20 @@ class WorkerEngine:
                 fail(request.future, error)
 
     def _abort_in_flight(self) -> None:
-        """Resolve every running request with its partial completion and drop it from the batch."""
+        """Resolve every running request with its partial completion and drop it from the batch.
+        On the engine thread, between two steps (a command may call it, e.g. before vLLM sleeps)."""
         victims = list(self._in_flight())
         if not victims:
             return
-        with self._step_lock:
-            try:
-                partials = [self._partial(request) for request in victims]
-                self._abort(victims)
-            except BaseException as error:
-                with contextlib.suppress(BaseException):
-                    self._reset()
-                for request in victims:
-                    fail(request.future, error)
-                return
+        try:
+            partials = [self._partial(request) for request in victims]
+            self._abort(victims)
+        except BaseException as error:
+            with contextlib.suppress(BaseException):
+                self._reset()
+            for request in victims:
+                fail(request.future, error)
+            return
         aborted = sum(resolve(request.future, partial) for request, partial in zip(victims, partials))
         with self._cond:
             self._aborted += aborted
