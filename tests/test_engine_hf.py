@@ -805,3 +805,26 @@ def test_cuda_greedy_matches_generate(tok):
     for p, c, s in zip(prompts, completions, sampled):
         assert c.token_ids == _reference_greedy(cpu_model, p, 30)
         _assert_logprobs_match(cpu_model, p, s, 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_pause_and_greedy_continuation(tok):
+    model = tiny_causal_lm(tok, seed=14).cuda()
+    prompts = _prompts(tok, 4, seed=16)
+    max_new = 40
+    with HFEngine(model, tok) as eng:
+        unpaused = eng.generate_batch(prompts, _greedy(max_new))
+        start = eng.activity().steps
+        futures = [eng.submit(p, _greedy(max_new)) for p in prompts]
+        _wait_for(lambda: eng.activity().steps >= start + 5)
+        eng.pause()
+        partials = [f.result(timeout=0) for f in futures]
+        eng.resume()
+        continued = eng.generate_batch(
+            [p + c.token_ids for p, c in zip(prompts, partials)],
+            [_greedy(max_new - len(c.token_ids)) for c in partials],
+        )
+    for partial, cont, whole in zip(partials, continued, unpaused):
+        assert partial.finish_reason == "aborted" and 5 <= len(partial.token_ids) < max_new
+        assert partial.token_ids + cont.token_ids == whole.token_ids
+        _assert_close(partial.logprobs + cont.logprobs, whole.logprobs)
