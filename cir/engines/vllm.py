@@ -455,7 +455,8 @@ class VLLMEngine(WorkerEngine):
         ids = [r.request_id for r in requests if self._running.pop(r.request_id, None) is not None]
         if ids:
             self._llm.abort_request(ids)
-            self._finish_launched_batches()
+            if not self._running:  # a pause (not a cancellation among running requests)
+                self._finish_launched_batches()
 
     def _partial(self, request: _Request) -> Completion:
         """What vLLM holds for a running request after the last step: its output token ids and
@@ -472,9 +473,10 @@ class VLLMEngine(WorkerEngine):
             self._llm.abort_request(running)
 
     def _finish_launched_batches(self) -> None:
-        """With asynchronous scheduling (vLLM's default on GPUs) a step may return while the next
-        batch is already running on the device; collect it, so that nothing runs once the
-        requests are aborted (its tokens belong to aborted requests and are dropped)."""
+        """With asynchronous scheduling (vLLM's default on GPUs; off on CPUs) a step may return
+        while the next batch is already running on the device; once every request is aborted,
+        collect it, so that nothing runs after a pause (its tokens belong to aborted requests and
+        are dropped). With requests still running, the next step would schedule more batches."""
         core = getattr(self._llm.engine_core, "engine_core", None)
         while getattr(core, "batch_queue", None):
             self._llm.step()
