@@ -111,7 +111,7 @@ class EngineActivity:
 
     wall_s: float  # since the engine started
     busy_s: float  # running forward passes (admissions and decoding steps)
-    paused_s: float  # between pause() and resume()
+    paused_s: float  # from each pause() call to its resume() (a step in progress may overlap it)
     held_s: float  # paused while requests submitted meanwhile waited for resume()
     steps: int  # engine steps run (one forward pass each over the running batch)
     aborted: int  # requests resolved with a partial completion (finish_reason "aborted")
