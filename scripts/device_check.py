@@ -57,15 +57,7 @@ BUDGETS = {
     "train": 40,
 }
 # --cpu: tiny sizes; the whole must pass in CI in under two minutes.
-CPU_BUDGETS = {
-    "environment": 10,
-    "install": 1,
-    "gpu tests": 25,
-    "cpu torchrun tests": 25,
-    "kernels": 20,
-    "step": 20,
-    "train": 35,
-}
+CPU_BUDGETS = dict.fromkeys(BUDGETS, 60)  # each step at most a minute; the total's 120 s binds
 # What the check cannot measure on the device image, and why.
 UNMEASURED = {
     "vLLM sleep level 1 then a full reload, every step": "needs vLLM, which the device image lacks "
@@ -150,16 +142,9 @@ class Check:
         if code != 0:
             raise StepError("the probe failed" if code is not None else "timeout", timeout=code is None)
         step.figures = json.loads(out.strip().splitlines()[-1])
-        step.figures["torchrun_shutdown_timeout"] = self.torchrun_has_shutdown_timeout(step)
         if shutil.which("nvidia-smi"):
             smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
             step.figures["nvidia_smi"] = smi.stdout.strip()
-
-    def torchrun_has_shutdown_timeout(self, step: Step) -> bool:
-        proc = subprocess.run(
-            [self.python, "-m", "torch.distributed.run", "--help"], capture_output=True, text=True, timeout=30
-        )
-        return "--shutdown-timeout" in proc.stdout
 
     def install(self, step: Step) -> None:
         if self.cpu:
@@ -505,6 +490,8 @@ for name in ("triton", "transformers", "vllm", "liger_kernel", "math_verify", "f
         info[name] = version(name.replace("_", "-"))
     except Exception:
         info[name] = "present"
+from torch.distributed.run import get_args_parser  # torch 2.11's torchrun lacks --shutdown-timeout
+info["torchrun_shutdown_timeout"] = "--shutdown-timeout" in get_args_parser()._option_string_actions
 print(json.dumps(info))
 """
 
