@@ -304,13 +304,13 @@ def test_cli_bench_estimate(capsys):
 
 
 def test_one_rank_sharded_actor_is_estimated_like_fsdp():
-    """`sharded=True` at one rank (cir bench step --sharded: FSDP2 at world size 1, bf16 compute)
-    counts the gathered bf16 copy and the unsharded gradients, as for several ranks; one plain
-    process computes in the parameters' dtype and gathers nothing."""
+    """One rank on a GPU is sharded as the actor builds it there (FSDP2 over a group of one, bf16
+    compute): the gathered bf16 copy and the unsharded gradients count, as for several ranks; a
+    plain module (sharded=False) computes in the parameters' dtype and gathers nothing."""
     shape = ModelShape(8, 16, 2, 2, 1, 32, False, 64)
     kw = dict(gpus=1, gpu=GPU("toy", 2**30, 1.0, 1.0), prompts_per_step=2, group_size=2, max_response_tokens=8,
               micro_batch_tokens=16, gradient_checkpointing=False)  # fmt: skip
-    plain, sharded = estimate(shape, **kw), estimate(shape, **kw, sharded=True)
+    plain, sharded = estimate(shape, **kw, sharded=False), estimate(shape, **kw)
     assert plain.gathered_params == plain.unsharded_grads == 0
     assert sharded.gathered_params == 2 * (520 + 2 * 608) and sharded.unsharded_grads == 6 * (520 + 608)
     assert sharded.activations < plain.activations  # bf16 activations, not fp32

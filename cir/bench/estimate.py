@@ -55,7 +55,7 @@ from pathlib import Path
 
 GiB = 1024**3
 MiB = 1024**2
-REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.fsdp)
+REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.sharding)
 SYNC_BUCKET_BYTES = 256 << 20  # cir.training.actor.DEFAULT_BUCKET_BYTES (a test keeps them equal)
 
 
@@ -389,21 +389,22 @@ def estimate(
     """The estimate for one run on `gpus` GPUs of kind `gpu` (see the module docstring).
     `engine_dtype`, `engine_memory_fraction`: as `run.engine_dtype` ("auto" is bfloat16 on a
     GPU) and `run.engine_memory_fraction`; `sync_bucket_bytes`: the weight sync's bucket size.
-    `sharded`: the actor is FSDP2-sharded (bf16 compute, fp32 master weights); default: when
-    there are several ranks (one process computes in `param_dtype`, with no gathered copy)."""
+    `sharded`: the actor is FSDP2-sharded (bf16 compute, fp32 master weights); default: the
+    actor's own rule on CUDA (`cir.training.sharding.should_shard`: always, one rank included)."""
     from cir.engines.vllm import engine_start_bytes, reload_temporary_bytes
     from cir.training.optim import OptimConfig
+    from cir.training.sharding import should_shard
 
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: must be >= 1")
     if not 0 < engine_memory_fraction < 1:
         raise ValueError(f"engine_memory_fraction={engine_memory_fraction}: must be in (0, 1)")
     a, n, p = assumptions, gpus, shape.params
-    sharded = n > 1 if sharded is None else sharded
+    sharded = should_shard(n, "cuda") if sharded is None else sharded
     pb = dtype_bytes(param_dtype)
     engine_dtype = gpu_engine_dtype(engine_dtype)
     eb = dtype_bytes(engine_dtype)
-    # FSDP2 computes in bf16 on CUDA; one process (LocalActor) computes in the parameters' dtype.
+    # FSDP2 computes in bf16 on CUDA; the plain module computes in the parameters' dtype.
     cb = 2 if sharded else pb
     notes: list[str] = []
 
@@ -453,11 +454,11 @@ def estimate(
     # weight_sync: sync_weights then gathers full tensors in model.dtype (FSDP2's full_tensor) in
     # buckets of >= 256 MiB, each closed by the tensor that crosses the mark, and the loop still
     # holds the previous bucket while the next is gathered: at most 2 x (256 MiB + the largest
-    # tensor). One process (LocalActor) hands over its live parameters: no copy. vLLM reloads each
+    # tensor). A plain module hands over its live parameters: no copy. vLLM reloads each
     # layer through a temporary copy of it (reload_temporary_bytes), on top of its share.
     # empty_cache releases only wholly free segments; one pinned by a live block (a gradient shard
     # carved out of a cached activation block) stays, which the reserve is assumed to cover.
-    weight_sync = 2 * (sync_bucket_bytes + pb * shape.largest_tensor_params) if n > 1 else 0.0
+    weight_sync = 2 * (sync_bucket_bytes + pb * shape.largest_tensor_params) if sharded else 0.0
     reload_temporary = float(reload_temporary_bytes(shape.largest_engine_layer_params, eb))
     wake_peak = resident + engine + weight_sync + reload_temporary + reserve
     # The policy is still on the CPU when the engine starts (cir.training.trainer): only this

@@ -4,8 +4,8 @@ It builds a model from a `transformers` config with random weights and the confi
 vocabulary (a named size, a JSON file or a Hugging Face folder's config.json), a batch of the
 given shape (prompts x samples, prompt and response tokens: random tokens, or with `--rollout`
 sampled by the `transformers` engine from random prompts), and runs the actor's update on it as
-the trainer does (`cir.training.actor.make_actor`; with `--sharded`, the FSDP2 actor at world
-size 1: bf16 compute and fp32 master weights on CUDA). After warm-up steps it reports, for the
+the trainer does (`cir.training.actor.Actor`: on CUDA the FSDP2 actor at world size 1, bf16
+compute and fp32 master weights; `--sharded` shards on a CPU too). After warm-up steps it reports, for the
 timed steps:
 
 - time per step and tokens per second; with `--rollout`, generation and the weight hand-off too;
@@ -318,16 +318,6 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------- the run
 
 
-def _single_rank_group(cuda: bool) -> None:
-    """A process group of one (FSDP2 needs one): NCCL on CUDA, gloo on a CPU; an in-memory store."""
-    import torch
-
-    if torch.distributed.is_initialized():
-        return
-    store = torch.distributed.HashStore()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
-
-
 def _device_gpu(device, measured_tflops: float, copy_bytes_per_s: float, gpu_name: str | None):
     """The estimator's GPU record for this device: a datasheet entry when named or recognised,
     else this device's own memory with the rate and bandwidth measured here."""
@@ -354,7 +344,7 @@ def run_step_bench(args) -> dict:
     from cir.algorithms import AlgoConfig
     from cir.bench.estimate import Assumptions, ModelShape, causal_pairs, estimate
     from cir.distributed import DistributedContext
-    from cir.training.actor import make_actor, sync_weights
+    from cir.training.actor import Actor, sync_weights
     from cir.training.batch import build_train_batch
     from cir.training.optim import OptimConfig
 
@@ -368,9 +358,6 @@ def run_step_bench(args) -> dict:
     config = model_config(args.model)
     shape = ModelShape.from_hf_config(config.to_dict())
     param_dtype = getattr(torch, args.dtype)
-    # What the update's matmuls run in: FSDP2 computes in bf16 on CUDA, one process in the
-    # parameters' dtype.
-    compute_dtype = torch.bfloat16 if (args.sharded and cuda) else param_dtype
     num = args.prompts * args.samples
 
     torch.manual_seed(args.seed)
@@ -400,19 +387,23 @@ def run_step_bench(args) -> dict:
         logprob_impl=args.logprob_impl,
     )
     total_steps = (args.warmup + args.steps) * args.ppo_epochs * args.mini_batches
-    if args.sharded:
-        # make_actor shards only in a world of several ranks; the FSDP2 actor at world size 1
-        # is what a one-GPU run of the recipes' actor looks like (bf16 compute, fp32 master).
-        from cir.training.fsdp import FSDPActor
-
-        _single_rank_group(cuda)
-        dist = DistributedContext(rank=0, world_size=1, device="cuda" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        actor = FSDPActor(model, None, optim, algo, total_optimizer_steps=total_steps, dist=dist)
-    else:
-        model.to(device)
-        actor = make_actor(model, None, optim, algo, total_optimizer_steps=total_steps, dist=DistributedContext())
+    if cuda:
+        torch.cuda.set_device(device)
+    model.to(device)
+    # The trainer's actor as one process builds it: sharded (FSDP2 over a group of one, bf16
+    # compute, fp32 master weights) on CUDA, the plain module on a CPU unless --sharded.
+    actor = Actor(
+        model,
+        None,
+        optim,
+        algo,
+        total_optimizer_steps=total_steps,
+        dist=DistributedContext(),
+        shard=True if args.sharded else None,
+    )
+    # What the update's matmuls run in, as the actor decided it.
+    compute_dtype = actor.compute_dtype
+    sharded = actor.sharded
 
     def batch_of(trajectories):
         return build_train_batch(
@@ -534,7 +525,7 @@ def run_step_bench(args) -> dict:
         ppo_epochs=args.ppo_epochs,
         mini_batches=args.mini_batches,
         kl_reference=args.kl,
-        sharded=args.sharded and cuda,
+        sharded=sharded,
         assumptions=Assumptions(
             prompt_tokens=args.prompt_tokens, mean_response_tokens=args.response_tokens, mfu=args.mfu
         ),
@@ -585,7 +576,7 @@ def run_step_bench(args) -> dict:
         "settings": {
             "param_dtype": args.dtype,
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "sharded": bool(args.sharded),
+            "sharded": bool(sharded),
             "gradient_checkpointing": bool(args.gradient_checkpointing),
             "logprob_impl": args.logprob_impl,
             "ppo_epochs": args.ppo_epochs,
@@ -709,7 +700,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="parameters (master weights)"
     )
-    parser.add_argument("--sharded", action="store_true", help="the FSDP2 actor at world size 1 (bf16 compute on CUDA)")
+    parser.add_argument("--sharded", action="store_true", help="shard on a CPU too (on CUDA the actor always shards)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--logprob-impl", choices=["auto", "triton", "torch", "reference"], default="auto")
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
