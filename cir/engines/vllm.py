@@ -42,6 +42,16 @@ since reloading a layer half-way would leave the rest of it uninitialised. Then 
 is reset (running requests are preempted and recomputed), so no KV computed with old weights is
 reused.
 
+Weights on a GPU: two CUDA streams. vLLM's engine thread works on a stream of its own (vLLM sets
+one per thread, for CUDA-graph capture), while the trainer's thread wrote the bucket on its
+current stream (FSDP2's all-gather, or the optimizer step for one process's live parameters),
+and nothing orders the two: the engine could copy a bucket the all-gather has not written yet,
+and the trainer could reuse or overwrite the bucket's memory while the engine's copies are still
+queued. `load_weights` therefore records an event on the trainer's stream that the engine's
+stream waits on before its first copy, and the engine's stream records one, once its copies are
+queued, that the trainer's stream waits on before anything it queues next (`_StreamHandoff`):
+device-side waits, no host synchronisation.
+
 Under torchrun (data-parallel SPMD: every rank generates for its own shard of the step's
 prompts), each rank runs its own engine with vLLM's `distributed_executor_backend=
 "external_launcher"` and tensor, pipeline and data parallel sizes all 1. Why that setting, from
@@ -78,11 +88,12 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,7 +334,9 @@ class VLLMEngine(WorkerEngine):
             else:  # the rest of this layer comes in a later bucket: keep a copy meanwhile
                 self._held.setdefault(key, {}).update((name, t.to("cpu", copy=True)) for name, t in tensors)
         if ready:
-            self._call(lambda: self._reload(ready), "load_weights")
+            handoff = _StreamHandoff.from_trainer([t for _, t in ready])
+            self._call(lambda: handoff.on_engine(lambda: self._reload(ready)), "load_weights")
+            handoff.back_on_trainer()
 
     def sleep(self) -> None:
         """On a GPU: offload the weights to CPU memory and free the KV cache (vLLM's sleep mode,
@@ -517,6 +530,61 @@ class VLLMEngine(WorkerEngine):
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
+
+
+class _StreamHandoff:
+    """Orders a weight hand-off between the trainer's CUDA stream and the engine thread's.
+
+    `from_trainer` (trainer's thread): an event on each device's current stream, after the work
+    that wrote the bucket. `on_engine(copy)` (engine thread): its current stream waits on those
+    events, `copy` queues the copies, and an event is recorded behind them. `back_on_trainer`
+    (trainer's thread): the trainer's streams wait on that event, so neither the bucket's memory
+    (freed and reused by the caching allocator) nor live parameters (a later optimizer step) are
+    written before the engine has read them. Without CUDA tensors in the bucket, each is a no-op.
+    """
+
+    def __init__(self, ready: dict[torch.device, torch.cuda.Event]):
+        self._ready = ready
+        self._done: dict[torch.device, torch.cuda.Event] = {}
+
+    @classmethod
+    def from_trainer(cls, tensors: Iterable[torch.Tensor]) -> _StreamHandoff:
+        ready = {}
+        for device in {t.device for t in tensors if t.is_cuda}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            ready[device] = event
+        return cls(ready)
+
+    def on_engine(self, copy: Callable[[], object]):
+        for device, event in self._ready.items():
+            torch.cuda.current_stream(device).wait_event(event)
+        result = copy()
+        for device in self._ready:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._done[device] = event
+        return result
+
+    def back_on_trainer(self) -> None:
+        for device, event in self._done.items():
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+def engine_start_bytes(total_bytes: float, memory_fraction: float) -> int:
+    """The GPU memory a vLLM engine takes when it starts with `gpu_memory_utilization` =
+    `memory_fraction`: that share of the device's total memory, not of what is free. vLLM refuses
+    to start when less than this is free (vLLM 0.32, `vllm.v1.worker.utils.request_memory`)."""
+    return math.ceil(total_bytes * memory_fraction)
+
+
+def reload_temporary_bytes(largest_layer_params: int, dtype_bytes: int) -> int:
+    """GPU memory a weight hand-off holds beside the engine's own weights: vLLM's layerwise reload
+    (`reload_weights`) materialises a layer's tensors anew in the engine's dtype, loads the bucket
+    into them, runs the layer's post-load processing and copies the result over the tensors the
+    engine runs with, one layer at a time: at most the largest layer (a fused vLLM layer such as
+    qkv_proj or gate_up_proj, or the embedding / LM head) is held twice."""
+    return largest_layer_params * dtype_bytes
 
 
 def _in_process_group() -> bool:

@@ -268,9 +268,7 @@ class Actor:
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
-        # Strictly on-policy (one epoch, one mini-batch): the old policy is the current one, so
-        # its log-probs come from the same forward (ratio exactly 1) and need no extra pass.
-        on_policy = oc.ppo_epochs == 1 and oc.mini_batches == 1
+        on_policy = oc.on_policy  # the old log-probs come from the update's own forward
         fixed_by_mini, placeholder_fixed = self._fixed_logprobs(batch, on_policy)
 
         def loss_of(mb: MicroBatch, f: FixedLogprobs):

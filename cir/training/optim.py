@@ -43,6 +43,13 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
+    @property
+    def on_policy(self) -> bool:
+        """Strictly on-policy (one epoch, one mini-batch): every optimizer step trains on samples
+        of the weights it starts from, so the old log-probs are the update's own forward (ratio
+        exactly 1) and need no extra pass."""
+        return self.ppo_epochs == 1 and self.mini_batches == 1
+
 
 def lr_multiplier(cfg: OptimConfig, total_optimizer_steps: int) -> Callable[[int], float]:
     """The LR factor by optimizer step: linear warm-up, then the schedule's decay over
