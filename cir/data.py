@@ -3,7 +3,9 @@
 `load_problems` reads a JSONL / JSON / parquet file, a directory of them, a bundled benchmark
 by short name (``aime24``, ``math500``, ...), or a Hugging Face dataset, and turns every row
 into a `Problem` with one reference answer. A row that cannot be used fails at load time with
-the file, the line and what is wrong, never later inside a training step.
+the file, the line and what is wrong, never later inside a training step. `load_problem_set`
+also knows the problem sets made by code (`register_problem_set`: the demo task registers
+``demo``).
 
 `ProblemSampler` walks the problems in a reshuffled order each epoch; its position is two
 integers, so a resumed run draws exactly the batches the uninterrupted run would have.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ class DataConfig:
     """`data.*`: where the problems come from and how they are shown to the model."""
 
     # A .jsonl/.json file, a folder, a benchmark short name (aime24, math500, ...), a Hugging
-    # Face dataset name, or a built-in task's name ("demo": the arithmetic task).
+    # Face dataset name, or a registered problem set's name ("demo": the demo task's arithmetic).
     train: str = "demo"
     eval: list[str] = field(default_factory=lambda: ["demo"])
     eval_limit: int | None = None  # at most this many problems per eval set
@@ -60,31 +62,6 @@ class DataConfig:
     benchmark_dir: str | None = None  # where benchmark short names are looked up
 
 
-def load_problem_set(spec: str, *, split: str, cfg, limit: int | None = None) -> list[Problem]:
-    """`load_problems` for the run `cfg` (a TrainConfig), where `spec` may also name a built-in
-    task (`cir.tasks`). Any failure is a `DatasetError` whose message starts with `spec`."""
-    from cir.tasks import get_task
-
-    dc = cfg.data
-    task = get_task(spec)
-    try:
-        if task is not None:
-            problems = task.problems(cfg, split)
-            return problems if limit is None else problems[:limit]
-        return load_problems(
-            spec,
-            split=split,
-            limit=limit,
-            benchmark_dir=dc.benchmark_dir,
-            problem_field=dc.problem_field,
-            answer_field=dc.answer_field,
-        )
-    except DatasetError:
-        raise
-    except (OSError, KeyError, ValueError, ImportError) as e:
-        raise DatasetError(f"{spec}: {e}") from e
-
-
 @dataclass
 class Problem:
     id: str
@@ -92,6 +69,59 @@ class Problem:
     answer: str  # the reference answer (bare: "\frac{1}{2}", not a worked solution)
     source: str  # where it came from (file stem, benchmark or dataset name)
     meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Problem sets made by code
+
+
+# (split, *, seed, options) -> problems; see `register_problem_set`.
+ProblemSetFn = Callable[..., list[Problem]]
+_PROBLEM_SETS: dict[str, ProblemSetFn] = {}
+
+
+def register_problem_set(name: str, load: ProblemSetFn, *, overwrite: bool = False) -> None:
+    """Make `data.train=name` / `data.eval=[name]` call `load(split, seed=..., options=...)`:
+    `split` is "train" or "test", `seed` the run's seed, `options` the config section registered
+    under the same name (None if none)."""
+    if name in _PROBLEM_SETS and not overwrite:
+        raise ValueError(f"a problem set named {name!r} is already registered (pass overwrite=True)")
+    _PROBLEM_SETS[name] = load
+
+
+def problem_set_names() -> list[str]:
+    return sorted(_PROBLEM_SETS)
+
+
+def load_problem_set(
+    spec: str,
+    *,
+    split: str,
+    limit: int | None = None,
+    seed: int = 0,
+    options: Any = None,
+    benchmark_dir: str | os.PathLike | None = None,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+) -> list[Problem]:
+    """`load_problems`, where `spec` may also name a registered problem set (given `seed` and
+    `options`). Any failure is a `DatasetError` whose message starts with `spec`."""
+    try:
+        if spec in _PROBLEM_SETS:
+            problems = _PROBLEM_SETS[spec](split, seed=seed, options=options)
+            return problems if limit is None else problems[:limit]
+        return load_problems(
+            spec,
+            split=split,
+            limit=limit,
+            benchmark_dir=benchmark_dir,
+            problem_field=problem_field,
+            answer_field=answer_field,
+        )
+    except DatasetError:
+        raise
+    except (OSError, KeyError, ValueError, ImportError) as e:
+        raise DatasetError(f"{spec}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
