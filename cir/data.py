@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from cir.rewards.answers import extract_boxed
 
-# Bundled evaluation sets: short name -> file name in the benchmark directory.
+# Bundled evaluation sets: short name -> file name in the benchmark directory. The files ship
+# inside the package (cir/benchmarks, with a README on where they come from).
 BENCHMARKS: dict[str, str] = {
     "aime24": "aime24.jsonl",
     "aime25": "aime25.jsonl",
@@ -205,7 +207,7 @@ def load_problems(
     * a directory: its data files whose names start with `split` (``train.jsonl``,
       ``test-00000.parquet``), or, when none does, all its data files, in name order;
     * a bundled benchmark's short name (see `BENCHMARKS`), looked up in `benchmark_dir`, else
-      ``$CIR_BENCHMARK_DIR``, else ``shared/data/benchmarks`` beside the repository;
+      ``$CIR_BENCHMARK_DIR``, else in the package (``cir/benchmarks``);
     * otherwise a Hugging Face dataset name (``datasets.load_dataset(spec, hf_config,
       split=split)``; needs ``pip install datasets``).
 
@@ -243,22 +245,24 @@ def benchmark_path(name: str, benchmark_dir: str | os.PathLike | None = None) ->
     """The file of bundled benchmark `name` (see `load_problems` for where it is looked up)."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    candidates: list[Path] = []
     if benchmark_dir is not None:
-        candidates.append(Path(benchmark_dir))
+        directory = Path(benchmark_dir)
     elif os.environ.get(BENCHMARK_DIR_ENV):
-        candidates.append(Path(os.environ[BENCHMARK_DIR_ENV]))
+        directory = Path(os.environ[BENCHMARK_DIR_ENV])
     else:
-        # A source checkout sits next to shared/data/benchmarks (the repository's CI layout).
-        candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks")
-    for directory in candidates:
-        file = directory / BENCHMARKS[name]
-        if file.is_file():
-            return file
-    raise FileNotFoundError(
-        f"benchmark {name!r}: {BENCHMARKS[name]} not found in {', '.join(str(c) for c in candidates)}; "
-        f"pass benchmark_dir= or set {BENCHMARK_DIR_ENV}"
-    )
+        directory = packaged_benchmark_dir()
+    file = directory / BENCHMARKS[name]
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"benchmark {name!r}: {BENCHMARKS[name]} not found in {directory}; "
+            f"pass benchmark_dir= or set {BENCHMARK_DIR_ENV}"
+        )
+    return file
+
+
+def packaged_benchmark_dir() -> Path:
+    """The benchmark files installed with the package."""
+    return Path(str(resources.files("cir") / "benchmarks"))
 
 
 def _looks_like_path(spec: str) -> bool:
