@@ -45,18 +45,19 @@ def register(parser) -> None:
 
 
 def run(args) -> int:
-    from cir.training.config import dump_yaml, load_train_config
+    from cir.training.config import check_train_config, dump_yaml, load_train_config
 
     resume, overrides = _resume_and_overrides(args.resume, args.overrides)
     try:
         cfg = load_train_config(args.config, overrides)
+        if args.print_config:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only (no process group needed)
+                print(dump_yaml(cfg), end="")
+            return 0
+        check_train_config(cfg)  # this machine: the run folder, the engine
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only (no process group needed)
-            print(dump_yaml(cfg), end="")
-        return 0
     from cir.distributed import init_distributed
 
     # Under torchrun every rank runs this; rank 0 prints, logs and writes.

@@ -126,10 +126,11 @@ class TrainConfig:
 
 
 def check_train_config(cfg: TrainConfig) -> None:
-    """What a config's values alone do not show, checked in milliseconds before anything is
-    built: a run folder that is a file, and an engine that cannot serve the model (not
-    installed, or e.g. a head size vLLM's CPU backend does not take), as far as the model's
-    architecture is known without loading it."""
+    """What a config's values alone do not show, about the machine it is to run on, checked in
+    milliseconds before anything is built (`cir train` and the trainer run it; loading a config
+    to print or estimate it does not): a run folder that is a file, and an engine that cannot
+    serve the model (not installed, or e.g. a head size vLLM's CPU backend does not take), as far
+    as the model's architecture is known without loading it."""
     out_dir = Path(cfg.run.out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: exists and is not a folder")
@@ -153,16 +154,13 @@ def preset_path(name: str) -> Path:
 
 
 def load_train_config(config: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """`config`: None (the demo preset), a preset name, or a YAML path. The config is checked
-    (`check_train_config`) as it loads."""
+    """`config`: None (the demo preset), a preset name, or a YAML path."""
     if config is None:
         config = "demo"
     path = preset_path(config) if config in PRESETS else Path(config)
     if not path.is_file():
         raise ConfigError(f"config {config!r}: no such file (presets: {', '.join(PRESETS)})")
-    cfg = load(TrainConfig, path, overrides)
-    check_train_config(cfg)
-    return cfg
+    return load(TrainConfig, path, overrides)
 
 
 __all__ = [
