@@ -64,21 +64,12 @@ class DataConfig:
     benchmark_dir: str | None = None  # where benchmark short names are looked up
 
 
-@dataclass
-class Problem:
-    id: str
-    problem: str  # the problem statement shown to the model
-    answer: str  # the reference answer (bare: "\frac{1}{2}", not a worked solution)
-    source: str  # where it came from (file stem, benchmark or dataset name)
-    meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields
-
-
 # ---------------------------------------------------------------------------------------------
-# Problem sets made by code
+# Problem sets made by code (a task registers its own)
 
 
 # (split, *, seed, options) -> problems; see `register_problem_set`.
-ProblemSetFn = Callable[..., list[Problem]]
+ProblemSetFn = Callable[..., list["Problem"]]
 _PROBLEM_SETS: dict[str, ProblemSetFn] = {}
 
 
@@ -124,6 +115,15 @@ def load_problem_set(
         raise
     except (OSError, KeyError, ValueError, ImportError) as e:
         raise DatasetError(f"{spec}: {e}") from e
+
+
+@dataclass
+class Problem:
+    id: str
+    problem: str  # the problem statement shown to the model
+    answer: str  # the reference answer (bare: "\frac{1}{2}", not a worked solution)
+    source: str  # where it came from (file stem, benchmark or dataset name)
+    meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from cir.data import Problem, register_problem_set
 from cir.models import register_model_builder
 from cir.prompts import PromptTemplate, prompt_token_ids, register_prompt
-from cir.rollout import build_feedback
+from cir.rollout import RolloutConfig, build_feedback
 from cir.training.config import register_section
 from cir.trajectory import Trajectory
 
@@ -104,7 +104,6 @@ def build_policy(
     """(model, tokenizer, metrics): the demo's tiny Qwen2 after its supervised warm start on
     traces whose output blocks follow `feedback_template` (the rollout's)."""
     from cir.distributed import DistributedContext
-    from cir.rollout import RolloutConfig
 
     d = options or DemoConfig()
     tokenizer = demo_tokenizer()

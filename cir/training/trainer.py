@@ -120,8 +120,8 @@ def load_run_problems(cfg: TrainConfig) -> tuple[list[Problem], dict[str, list[P
 
 def check_run_inputs(cfg: TrainConfig) -> None:
     """What can be checked in milliseconds, before anything heavy starts: the run folder and the
-    engine (`check_train_config`, which loading a config ran already), the model and tokenizer
-    paths, the prompt template. (Data is loaded, hence checked, right after.)"""
+    engine (`check_train_config`, which `cir train` ran already), the model and tokenizer paths,
+    the prompt template. (Data is loaded, hence checked, right after.)"""
     check_train_config(cfg)
     check_model_path(cfg.model.path)
     if cfg.model.tokenizer is not None:
