@@ -82,10 +82,6 @@ def register_problem_set(name: str, load: ProblemSetFn, *, overwrite: bool = Fal
     _PROBLEM_SETS[name] = load
 
 
-def problem_set_names() -> list[str]:
-    return sorted(_PROBLEM_SETS)
-
-
 def load_problem_set(
     spec: str,
     *,

@@ -75,10 +75,6 @@ def register_model_builder(
     _BUILDERS[name] = ModelBuilder(build, architecture)
 
 
-def model_builder_names() -> list[str]:
-    return sorted(_BUILDERS)
-
-
 # A hub name: "name" or "org/name" (letters, digits, "-", "_", ".").
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
