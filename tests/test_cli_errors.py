@@ -158,6 +158,7 @@ _DRIVER = textwrap.dedent(
     [
         (["train", "--print-config", "run.steps=-1"], "cir train: run.steps=-1: must be >= 0"),
         (["train", "run.steps=-1"], "cir train: run.steps=-1: must be >= 0"),
+        (["train", "model.path=/nonexistent"], "cir train: model.path='/nonexistent': no such model folder"),
         (
             ["bench", "estimate", "--config", "paper", "--gpus", "8", "run.steps=-1"],
             "cir bench estimate: run.steps=-1: ",

@@ -45,7 +45,7 @@ def register(parser) -> None:
 
 
 def run(args) -> int:
-    from cir.training.config import check_train_config, dump_yaml, load_train_config
+    from cir.training.config import check_run_inputs, dump_yaml, load_train_config
 
     resume, overrides = _resume_and_overrides(args.resume, args.overrides)
     try:
@@ -54,7 +54,7 @@ def run(args) -> int:
             if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only (no process group needed)
                 print(dump_yaml(cfg), end="")
             return 0
-        check_train_config(cfg)  # this machine: the run folder, the engine
+        check_run_inputs(cfg)  # this machine: the run folder, the engine, the model, the prompt
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,8 @@ from cir.algorithms.schedule import StageConfig
 from cir.config_loader import SECTIONS, ConfigError, dump_yaml, load
 from cir.data import DataConfig
 from cir.engines.factory import DEFAULT_ENGINE, EngineDtype, engine_names, engine_refuses
-from cir.models import ModelConfig, model_architecture
+from cir.models import ModelConfig, check_model_path, model_architecture
+from cir.prompts import get_prompt
 from cir.rewards.registry import RewardConfig
 from cir.rollout.config import RolloutConfig
 from cir.sandbox.config import SandboxConfig
@@ -125,12 +126,13 @@ class TrainConfig:
             )
 
 
-def check_train_config(cfg: TrainConfig) -> None:
-    """What a config's values alone do not show, about the machine it is to run on, checked in
-    milliseconds before anything is built (`cir train` and the trainer run it; loading a config
-    to print or estimate it does not): a run folder that is a file, and an engine that cannot
-    serve the model (not installed, or e.g. a head size vLLM's CPU backend does not take), as far
-    as the model's architecture is known without loading it."""
+def check_run_inputs(cfg: TrainConfig) -> None:
+    """What the config's values alone do not show, checked in milliseconds on the machine the run
+    is to use, before anything is built (`cir train` runs it before importing torch; the trainer
+    runs it too; loading a config to print or estimate it does not): a run folder that is a
+    file; an engine that cannot serve the model (not installed, or e.g. a head size vLLM's CPU
+    backend does not take), as far as the model's architecture is known without loading it; the
+    model and tokenizer paths; the prompt template. (The data is loaded, hence checked, next.)"""
     out_dir = Path(cfg.run.out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: exists and is not a folder")
@@ -138,6 +140,13 @@ def check_train_config(cfg: TrainConfig) -> None:
     problem = engine_refuses(cfg.run.engine, architecture)
     if problem is not None:
         raise ConfigError(f"run.engine={cfg.run.engine!r} with model.path={cfg.model.path!r}: {problem}")
+    check_model_path(cfg.model.path)
+    if cfg.model.tokenizer is not None:
+        check_model_path(cfg.model.tokenizer, key="model.tokenizer")
+    try:
+        get_prompt(cfg.data.prompt)
+    except KeyError as e:
+        raise ConfigError(f"data.prompt={cfg.data.prompt!r}: {e.args[0]}") from None
 
 
 def _bundled_configs() -> tuple[str, ...]:
@@ -168,7 +177,7 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "TrainConfig",
-    "check_train_config",
+    "check_run_inputs",
     "dump_yaml",
     "load_train_config",
     "preset_path",

@@ -44,7 +44,7 @@ from cir.metrics import (
     truncate_metrics,
     write_jsonl,
 )
-from cir.models import check_model_path, load_policy
+from cir.models import load_policy
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import RewardResult, score_trajectories
 from cir.rollout import rollout, sample_seed
@@ -52,7 +52,7 @@ from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
 from cir.training.actor import make_actor, sync_weights
 from cir.training.batch import build_train_batch
-from cir.training.config import check_train_config
+from cir.training.config import check_run_inputs
 from cir.training.stop import StopRequest
 from cir.trajectory import Trajectory
 
@@ -116,20 +116,6 @@ def load_run_problems(cfg: TrainConfig) -> tuple[list[Problem], dict[str, list[P
     if not train:
         raise ConfigError(f"data.train={dc.train!r} holds no problems")
     return train, eval_sets
-
-
-def check_run_inputs(cfg: TrainConfig) -> None:
-    """What can be checked in milliseconds, before anything heavy starts: the run folder and the
-    engine (`check_train_config`, which `cir train` ran already), the model and tokenizer paths,
-    the prompt template. (Data is loaded, hence checked, right after.)"""
-    check_train_config(cfg)
-    check_model_path(cfg.model.path)
-    if cfg.model.tokenizer is not None:
-        check_model_path(cfg.model.tokenizer, key="model.tokenizer")
-    try:
-        get_prompt(cfg.data.prompt)
-    except KeyError as e:
-        raise ConfigError(f"data.prompt={cfg.data.prompt!r}: {e.args[0]}") from None
 
 
 class Trainer:
