@@ -9,6 +9,9 @@ also knows the problem sets made by code (`register_problem_set`: the demo task 
 
 `ProblemSampler` walks the problems in a reshuffled order each epoch; its position is two
 integers, so a resumed run draws exactly the batches the uninterrupted run would have.
+
+`find_overlong` is the one rule for prompts too long for the model (no room left for a response
+in its context), applied at load by `cir train` (`drop_or_refuse_overlong`) and `cir eval`.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class DataConfig:
     problem_field: str | None = None
     answer_field: str | None = None
     benchmark_dir: str | None = None  # where benchmark short names are looked up
+    # A prompt that leaves no room for a response in the model's context stops `cir train` at
+    # load (exit 2, naming how many and the first rows); true: such prompts are left out of
+    # data.train and data.eval instead, with a logged count.
+    drop_overlong: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +127,7 @@ class Problem:
     answer: str  # the reference answer (bare: "\frac{1}{2}", not a worked solution)
     source: str  # where it came from (file stem, benchmark or dataset name)
     meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields
+    where: str = ""  # the row in its file, for messages ("train.jsonl:12", "data.json row 3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +380,76 @@ def _row_to_problem(
     id_field = next((f for f in ID_FIELDS if f in row and not _is_blank(row[f])), None)
     pid = str(row[id_field]) if id_field else f"{source}-{index}"
     meta = {k: v for k, v in row.items() if k != pfield and k != id_field}
-    return Problem(id=pid, problem=text, answer=answer, source=source, meta=meta)
+    return Problem(id=pid, problem=text, answer=answer, source=source, meta=meta, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts too long for the model
+
+# The least room a prompt must leave in the model's context: one response token. The rollout
+# needs it to start a trajectory (it refuses a prompt without it), so a prompt short of it would
+# stop a run the first time the sampler draws it.
+MIN_RESPONSE_TOKENS = 1
+
+
+@dataclass(frozen=True)
+class OverlongPrompt:
+    problem: Problem
+    tokens: int  # the prompt's length in tokens
+
+
+def find_overlong(
+    problems: Iterable[Problem], prompt_tokens: Callable[[Problem], int], max_model_len: int | None
+) -> list[OverlongPrompt]:
+    """The problems whose prompt (`prompt_tokens(problem)` tokens) leaves less than
+    `MIN_RESPONSE_TOKENS` of the model's context (`max_model_len`, prompt + response; None: no
+    limit) for a response."""
+    if max_model_len is None:
+        return []
+    found = []
+    for problem in problems:
+        n = prompt_tokens(problem)
+        if n + MIN_RESPONSE_TOKENS > max_model_len:
+            found.append(OverlongPrompt(problem, n))
+    return found
+
+
+def overlong_message(overlong: list[OverlongPrompt], total: int, max_model_len: int, show: int = 3) -> str:
+    """ "N of M prompts leave no room ...: <first rows>", each row by file and line (or id)."""
+    rows = [
+        f"{o.problem.where or 'problem ' + o.problem.id} (id {o.problem.id}, {o.tokens} tokens)"
+        for o in overlong[:show]
+    ]
+    more = f" and {len(overlong) - show} more" if len(overlong) > show else ""
+    return (
+        f"{len(overlong)} of {total} prompts leave no room for a response in the model's context of "
+        f"{max_model_len} tokens: {'; '.join(rows)}{more}"
+    )
+
+
+def drop_or_refuse_overlong(
+    key: str,
+    problems: list[Problem],
+    prompt_tokens: Callable[[Problem], int],
+    max_model_len: int | None,
+    *,
+    drop: bool,
+    say: Callable[[str], None],
+) -> list[Problem]:
+    """`problems` checked with `find_overlong`: returned as they are when none is too long; else
+    a `DatasetError` starting with `key` (``data.drop_overlong=false``), or (`drop`) the others,
+    with a count through `say`. Dropping every problem is an error too."""
+    overlong = find_overlong(problems, prompt_tokens, max_model_len)
+    if not overlong:
+        return problems
+    message = f"{key}: {overlong_message(overlong, len(problems), max_model_len)}"
+    if not drop:
+        raise DatasetError(f"{message} (data.drop_overlong=true leaves them out)")
+    if len(overlong) == len(problems):
+        raise DatasetError(f"{message}: none left")
+    say(f"{message}; left out (data.drop_overlong=true)")
+    too_long = {id(o.problem) for o in overlong}
+    return [p for p in problems if id(p) not in too_long]
 
 
 # ---------------------------------------------------------------------------------------------

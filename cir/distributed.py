@@ -140,17 +140,30 @@ class DistributedContext:
         return list(items[start:end])
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistributedContext:
+def process_group_backend(device: str = "auto") -> str:
+    """The backend for a run on `device` ("auto", "cpu" or "cuda", as `run.device`): NCCL for a
+    run on CUDA ("auto" with CUDA available), gloo when the CPU is asked for or there is no CUDA.
+    A CPU run on a machine with GPUs must not pick NCCL: every rank would claim a GPU
+    (`set_device(LOCAL_RANK)`), and a rank beyond the machine's GPU count would fail."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': no CUDA device is available")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if on_cuda else "gloo"
+
+
+def init_distributed(timeout_s: float = 1800.0, device: str = "auto") -> DistributedContext:
     """Join the process group when launched by `torchrun` (WORLD_SIZE > 1): NCCL with one GPU per
-    rank where CUDA is available, gloo otherwise. A collective that waits longer than
-    `timeout_s` fails instead of hanging, so one rank's crash ends the job."""
+    rank for a run on CUDA, gloo for a run on the CPU (`process_group_backend`). A collective
+    that waits longer than `timeout_s` fails instead of hanging, so one rank's crash ends the job."""
     import datetime
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistributedContext()
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -87,28 +89,44 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics JSONL. A last line cut off mid-write (a crash, a full disk, a power
+    cut: often a run of NUL bytes) is dropped with a message on stderr; an unreadable line
+    before the last is an error naming the file and the line."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
     rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from None
+            print(
+                f"[cir] {path}:{number}: dropped the last line, cut off mid-write ({len(line)} bytes: {exc})",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
 def write_jsonl(path: str | Path, rows) -> None:
-    """Write `rows` as JSON lines, all or nothing: a crash mid-write leaves the old file."""
+    """Write `rows` as JSON lines, all or nothing: a crash mid-write leaves the old file (the new
+    one is on disk before it takes the old one's name)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> list[dict]:
-    """Drop rows logged after `last_step` (used on resume, so no step appears twice); returns
-    the rows kept."""
+    """Drop rows logged after `last_step` (used on resume, so no step appears twice), and a last
+    line cut off by the crash (see `read_metrics`); returns the rows kept."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -176,10 +194,23 @@ def plot_curves(
 
 
 def step_metrics(
-    trajectories, rewards, *, trained: int, stage, epoch: int, times: dict[str, float], dist=None
+    trajectories,
+    rewards,
+    *,
+    trained: int,
+    stage,
+    epoch: int,
+    times: dict[str, float],
+    dist=None,
+    grader=None,
 ) -> dict[str, float]:
     """The numbers of one RL step over every rank (`trajectories`: this rank's, all rolled out;
-    `trained` of them kept): reward, tool use, response shape, schedule, data and time.
+    `trained` of them kept): reward, tool use, response shape, schedule, data, faults and time.
+
+    Reward and accuracy are those of the graded trajectories: a result with a fault
+    (`RewardResult.fault`) is no verdict and is counted under ``fault/`` instead. `grader`: the
+    step's `cir.rewards.GraderCounters` (``grader_counters()`` after the step's grading minus
+    before), logged as ``grader/retries``, ``grader/faults``, ``grader/restarts``, ...
 
     Counts are summed over ranks first and turned into means and rates afterwards, so a rate is
     the global one (not an average of per-rank rates); times are this rank's."""
@@ -188,15 +219,24 @@ def step_metrics(
 
     dist = dist or DistributedContext()
     local = rollout_totals(trajectories)
-    local["reward_sum"] = sum(r.reward for r in rewards)
-    local["correct"] = sum(bool(r.correct) for r in rewards)
+    graded = [r for r in rewards if r.fault is None]
+    local["reward_sum"] = sum(r.reward for r in graded)
+    local["correct"] = sum(bool(r.correct) for r in graded)
+    local["graded"] = len(graded)
+    local["fault_sandbox"] = sum(r.fault == "sandbox" for r in rewards)
+    local["fault_grader"] = len(rewards) - len(graded) - local["fault_sandbox"]
     local["trained"] = trained
+    grader_metrics = grader.as_metrics() if grader is not None else {}
+    local.update(grader_metrics)
     totals = dict(zip(local, dist.sum_floats(list(local.values()))))
     stats = rates(totals)
-    n = max(totals["trajectories"], 1)
+    graded_total = max(totals["graded"], 1)
     return {
-        "reward/mean": totals["reward_sum"] / n,
-        "reward/accuracy": totals["correct"] / n,
+        "reward/mean": totals["reward_sum"] / graded_total,
+        "reward/accuracy": totals["correct"] / graded_total,
+        "fault/sandbox_trajectories": totals["fault_sandbox"],
+        "fault/grader_trajectories": totals["fault_grader"],
+        **{name: totals[name] for name in grader_metrics},
         "tool/calls_per_traj": stats.get("tool_calls_per_traj", 0.0),
         "tool/error_rate": stats.get("exec_error_rate", 0.0),
         "tool/timeout_rate": stats.get("timeout_rate", 0.0),

@@ -21,13 +21,26 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from cir.config_loader import ConfigError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+
+# What `model.dtype` may be: the parameters' and optimizer state's dtype.
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(ModelDtype)
+
+
+def __getattr__(name: str):
+    # `DTYPES` (name -> torch dtype) imports torch, so it is made on first use, not at import.
+    if name == "DTYPES":
+        import torch
+
+        return {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -36,7 +49,7 @@ class ModelConfig:
     # the tiny model the demo task warm-starts itself).
     path: str = "demo"
     tokenizer: str | None = None  # default: the model's own
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameters and optimizer state
+    dtype: ModelDtype = "float32"  # parameters and optimizer state
     # flash_attention_2 needs flash-attn (`pip install 'cir[flash]'`) and a GPU; it runs packed
     # micro-batches (optim.packing) through flash-attn's varlen kernel.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

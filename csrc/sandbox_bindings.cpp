@@ -18,7 +18,9 @@
 
 #include "sandbox/arena_pool.h"
 #include "sandbox/isolation.h"
+#include "sandbox/json.h"
 #include "sandbox/mt19937.h"
+#include "sandbox/policy.h"
 #include "sandbox/protocol.h"
 #include "sandbox/supervisor.h"
 #include "sandbox/util.h"
@@ -40,7 +42,7 @@ nb::dict outcome_dict(sb::Outcome& o) {
   d["truncated_stream"] = o.truncated_stream;
   d["timed_out"] = o.timed_out;
   d["cancelled"] = o.cancelled;
-  d["lost"] = o.lost;
+  d["fault"] = o.fault;
   d["has_status"] = o.has_status;
   d["exit_code"] = o.exit_code;
   d["wall_ms"] = o.wall_ms;
@@ -162,27 +164,34 @@ NB_MODULE(_sandbox, m) {
       .def(
           "__init__",
           [](sb::Supervisor* self, std::vector<std::string> argv, std::vector<std::string> env, std::string config_json,
-             int workers, size_t max_output_bytes, bool use_namespaces, bool allow_user_namespace, bool net_namespace, bool drop_uid,
-             uint32_t uid_base, std::string host_tmp_dir, double startup_timeout_s, std::string executable) {
+             std::string policy_json, int workers, size_t max_output_bytes, uint32_t uid_base, std::string host_tmp_dir,
+             double startup_timeout_s, std::string executable, int fault_attempts, double retry_backoff_s,
+             double restart_backoff_s, double restart_backoff_max_s, int unavailable_after, double wall_guard_factor,
+             double wall_guard_extra_s) {
             sb::SupervisorOptions o;
             o.executable = std::move(executable);
             o.zygote_argv = std::move(argv);
             o.zygote_env = std::move(env);
             o.zygote_config_json = std::move(config_json);
+            o.policy_json = std::move(policy_json);
             o.workers = workers;
             o.max_output_bytes = max_output_bytes;
-            o.use_namespaces = use_namespaces;
-            o.allow_user_namespace = allow_user_namespace;
-            o.net_namespace = net_namespace;
-            o.drop_uid = drop_uid;
             o.uid_base = uid_base;
             o.host_tmp_dir = std::move(host_tmp_dir);
             o.startup_timeout_s = startup_timeout_s;
+            o.fault_attempts = fault_attempts;
+            o.retry_backoff_s = retry_backoff_s;
+            o.restart_backoff_s = restart_backoff_s;
+            o.restart_backoff_max_s = restart_backoff_max_s;
+            o.unavailable_after = unavailable_after;
+            o.wall_guard_factor = wall_guard_factor;
+            o.wall_guard_extra_s = wall_guard_extra_s;
             new (self) sb::Supervisor(std::move(o));
           },
-          "argv"_a, "env"_a, "config_json"_a, "workers"_a, "max_output_bytes"_a, "use_namespaces"_a = true,
-          "allow_user_namespace"_a = true, "net_namespace"_a = true, "drop_uid"_a = true, "uid_base"_a = 0, "host_tmp_dir"_a = "/tmp",
-          "startup_timeout_s"_a = 300.0, "executable"_a = "")
+          "argv"_a, "env"_a, "config_json"_a, "policy_json"_a, "workers"_a, "max_output_bytes"_a, "uid_base"_a = 0,
+          "host_tmp_dir"_a = "/tmp", "startup_timeout_s"_a = 300.0, "executable"_a = "", "fault_attempts"_a = 3,
+          "retry_backoff_s"_a = 0.05, "restart_backoff_s"_a = 0.1, "restart_backoff_max_s"_a = 30.0,
+          "unavailable_after"_a = 3, "wall_guard_factor"_a = 3.0, "wall_guard_extra_s"_a = 5.0)
       .def(
           "wait_ready",
           [](sb::Supervisor& s, double timeout_s) {
@@ -245,13 +254,19 @@ NB_MODULE(_sandbox, m) {
              d["timeouts"] = st.timeouts;
              d["output_limits"] = st.output_limits;
              d["retries"] = st.retries;
-             d["lost"] = st.lost;
              d["restarts"] = st.restarts;
+             d["start_failures"] = st.start_failures;
+             d["faults_interpreter_lost"] = st.faults_interpreter_lost;
+             d["faults_start_failed"] = st.faults_start_failed;
+             d["faults_host_resource"] = st.faults_host_resource;
+             d["faults_starved"] = st.faults_starved;
+             d["unavailable"] = st.unavailable;
              d["queued"] = st.queued;
              d["inflight"] = st.inflight;
              d["occupied_slots"] = st.occupied_slots;
              d["zygote_pid"] = st.zygote_pid;
              d["ready"] = st.ready;
+             d["available"] = st.available;
              return d;
            })
       .def_prop_ro("ready_json", &sb::Supervisor::ready_json)
@@ -273,26 +288,37 @@ NB_MODULE(_sandbox, m) {
       .def("read_hello", &sb::ZygoteServer::read_hello)
       .def(
           "configure",
-          [](sb::ZygoteServer& z, std::string work_root, bool drop_uid, uint32_t uid_base, bool drop_capabilities,
-             bool seccomp, bool block_inet_sockets, uint64_t as_extra_bytes, uint32_t nproc_extra, bool sweep_orphans,
-             bool spares) {
+          [](sb::ZygoteServer& z, std::string policy_json, bool net_namespace, std::string work_root, bool slot_dirs,
+             bool drop_uid, uint32_t uid_base, bool drop_capabilities, uint64_t as_extra_bytes, uint32_t nproc_extra,
+             bool sweep_orphans, bool spares) {
+            sb::IsolationPolicy policy = sb::IsolationPolicy::from_json(policy_json);
             sb::ZygoteOptions o;
             o.work_root = std::move(work_root);
+            o.slot_dirs = slot_dirs;
             o.drop_uid = drop_uid;
             o.uid_base = uid_base;
             o.drop_capabilities = drop_capabilities;
-            o.seccomp = seccomp;
-            o.block_inet_sockets = block_inet_sockets;
+            o.seccomp = true;
+            o.block_inet_sockets = !policy.network && !net_namespace;
+            o.ipc_per_snippet = policy.namespaces;
+            o.landlock = true;
             o.as_extra_bytes = as_extra_bytes;
             o.nproc_extra = nproc_extra;
             o.sweep_orphans = sweep_orphans;
             o.spares = spares;
-            z.configure(o);
-            return z.sweeping();
+            sb::ZygoteOptions e = z.configure(o);
+            nb::dict d;
+            d["seccomp"] = e.seccomp;
+            d["seccomp_blocks_inet"] = e.seccomp && e.block_inet_sockets;
+            d["ipc_namespace_per_snippet"] = e.ipc_per_snippet;
+            d["landlock_scopes"] = e.landlock;
+            d["orphan_sweep"] = e.sweep_orphans;
+            return d;
           },
-          "work_root"_a, "drop_uid"_a, "uid_base"_a, "drop_capabilities"_a, "seccomp"_a, "block_inet_sockets"_a,
-          "as_extra_bytes"_a, "nproc_extra"_a, "sweep_orphans"_a, "spares"_a = true)
+          "policy_json"_a, "net_namespace"_a, "work_root"_a, "slot_dirs"_a, "drop_uid"_a, "uid_base"_a,
+          "drop_capabilities"_a, "as_extra_bytes"_a, "nproc_extra"_a, "sweep_orphans"_a, "spares"_a = true)
       .def("send_ready", &sb::ZygoteServer::send_ready, "json"_a, "uses_host_work_root"_a)
+      .def("send_refused", &sb::ZygoteServer::send_refused, "why"_a)
       .def("next_request",
            [](sb::ZygoteServer& z) -> std::optional<sb::ChildRequest> {
              sb::ChildRequest r;
@@ -339,22 +365,60 @@ NB_MODULE(_sandbox, m) {
             return nb::make_tuple(cells, nb::bytes(p.code.data(), p.code.size()), p.status_fd);
           },
           "request"_a)
+      .def("fail_setup", &sb::ZygoteServer::fail_setup, "request"_a, "what"_a,
+           "In a child, before its code runs: reports a set-up failure (the machine's fault) and exits.")
       .def_prop_ro("running", &sb::ZygoteServer::running);
 
   m.def(
-      "setup_mounts",
-      [](std::vector<std::string> readable, uint64_t tmp_bytes, std::string work_root, bool new_proc) {
-        sb::MountReport r = sb::setup_mounts(readable, tmp_bytes, work_root, new_proc);
+      "setup_root",
+      [](std::string policy_json, std::string plan_json, bool weaker) {
+        sb::IsolationPolicy policy = sb::IsolationPolicy::from_json(policy_json);
+        sb::json::Value v = sb::json::parse(plan_json);
+        sb::RootPlan plan;
+        plan.binds = sb::json::get_strings(v, "binds");
+        plan.masks = sb::json::get_strings(v, "masks");
+        plan.inner_binds = sb::json::get_strings(v, "inner_binds");
+        plan.devices = sb::json::get_strings(v, "devices");
+        plan.work_root = sb::json::get_string(v, "work_root");
+        plan.slots = uint32_t(sb::json::get_uint(v, "slots"));
+        plan.new_proc = sb::json::get_bool(v, "new_proc");
+        const sb::json::Value* links = sb::json::member(v, "symlinks");
+        if (links == nullptr || links->kind != sb::json::Value::Kind::Array)
+          throw std::invalid_argument("plan: \"symlinks\" must be an array");
+        for (const auto& pair : links->array) {
+          if (pair.kind != sb::json::Value::Kind::Array || pair.array.size() != 2 ||
+              pair.array[0].kind != sb::json::Value::Kind::String || pair.array[1].kind != sb::json::Value::Kind::String)
+            throw std::invalid_argument("plan: each symlink must be [path, target]");
+          plan.symlinks.emplace_back(pair.array[0].string, pair.array[1].string);
+        }
         nb::dict d;
-        d["private_mounts"] = r.private_mounts;
-        d["readonly_root"] = r.readonly_root;
-        d["private_tmp"] = r.private_tmp;
+        if (weaker) {
+          std::string error;
+          bool ok = sb::setup_private_tmp(plan, policy, &error);
+          d["ok"] = ok;
+          d["error"] = error;
+          d["slot_tmpfs"] = ok;
+          d["private_proc"] = ok && plan.new_proc;
+          return d;
+        }
+        sb::RootReport r = sb::setup_root(plan, policy);
+        d["ok"] = r.ok;
+        d["error"] = r.error;
+        d["visible"] = r.visible;
+        d["masked"] = r.masked;
+        d["devices"] = r.devices;
+        d["slot_tmpfs"] = r.slot_tmpfs;
         d["private_proc"] = r.private_proc;
-        d["exposed"] = r.exposed;
-        d["warnings"] = r.warnings;
+        d["chroot"] = r.chroot;
         return d;
       },
-      "readable"_a, "tmp_bytes"_a, "work_root"_a, "new_proc"_a);
+      "policy_json"_a, "plan_json"_a, "weaker"_a = false,
+      "Zygote: the snippets' filesystem (weaker=False: the allow-list root of the plan; True: only a private /tmp).");
+  m.def("policy_fields", &sb::IsolationPolicy::field_names, "The isolation policy's fields as the C++ side reads them.");
+  m.def(
+      "check_policy", [](std::string policy_json) { sb::IsolationPolicy::from_json(policy_json); }, "policy_json"_a,
+      "Raises ValueError if the C++ side does not accept the policy JSON.");
+  m.def("landlock_abi", &sb::landlock_abi);
   m.def(
       "start_aligned_arenas",
       [] {

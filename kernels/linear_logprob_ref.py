@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Default size (in logits) of the largest [N, chunk] temporary of the chunked fallback: 2^23
-# fp32 values = 32 MiB. Big enough that each chunk is one efficient matmul on CPU, small enough
-# that the fallback's peak stays far below the naive form's at LM vocabulary sizes.
-FALLBACK_CHUNK_ELEMENTS = 1 << 23
+# Default size (in logits) of each [N, chunk] temporary of the chunked fallback: 2^21 fp32
+# values = 8 MiB. Each chunk is still one efficient matmul on a CPU, and its two temporaries stay
+# in the last-level cache between the passes over them; the fallback's peak stays far below the
+# naive form's at LM vocabulary sizes.
+FALLBACK_CHUNK_ELEMENTS = 1 << 21
 _MIN_CHUNK = 128
 
 
@@ -137,55 +138,96 @@ def linear_logprob_reference(
 
 
 def default_fallback_chunk(num_rows: int, vocab: int) -> int:
-    """Vocabulary columns per chunk so that one [N, chunk] fp32 temporary is ~32 MiB."""
+    """Vocabulary columns per chunk so that one [N, chunk] temporary is FALLBACK_CHUNK_ELEMENTS."""
     chunk = max(_MIN_CHUNK, FALLBACK_CHUNK_ELEMENTS // max(num_rows, 1))
     return min(chunk, vocab)
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, v0: int, v1: int, inv_temp: float, cd: torch.dtype) -> Tensor:
-    """z[:, v0:v1] in the compute dtype (a fresh tensor the caller may modify in place)."""
-    z = h @ weight[v0:v1].to(cd).T
-    return z.mul_(inv_temp)
+class _TargetsByChunk:
+    """Which rows have their target in which vocabulary chunk, sorted once, so that a chunk's
+    target logits are picked up with one gather (no per-chunk scan over every row)."""
+
+    def __init__(self, targets: Tensor, valid: Tensor, chunk: int, num_chunks: int):
+        rows = valid.nonzero().squeeze(1)
+        which = targets.index_select(0, rows) // chunk
+        order = torch.argsort(which, stable=True)
+        self.rows = rows.index_select(0, order)
+        self.cols = targets.index_select(0, self.rows) - which.index_select(0, order) * chunk
+        counts = torch.bincount(which, minlength=num_chunks).tolist()
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+
+    def of(self, k: int) -> tuple[Tensor, Tensor] | None:
+        """(rows, their target's column within chunk k), or None when no target falls there."""
+        lo, hi = self.offsets[k], self.offsets[k + 1]
+        return None if lo == hi else (self.rows[lo:hi], self.cols[lo:hi])
+
+
+def _scaled_hidden(hidden: Tensor, temperature: float, cd: torch.dtype) -> Tensor:
+    """hidden / temperature in the compute dtype: (h / T) @ W.T is the scaled logits, so no chunk
+    needs its own pass to divide by T."""
+    h = hidden.to(cd)
+    return h if temperature == 1.0 else h * (1.0 / temperature)
+
+
+def _weight_chunk(weight: Tensor, v0: int, v1: int, cd: torch.dtype) -> Tensor:
+    w = weight[v0:v1]
+    return w if w.dtype == cd else w.to(cd)
 
 
 class _ChunkedLinearLogprob(torch.autograd.Function):
-    """Vocabulary-chunked forward (online log-sum-exp) and recomputing backward."""
+    """Vocabulary-chunked forward (per-chunk log-sum-exp, merged online) and a recomputing
+    backward, both written to make as few passes over each [N, chunk] block as torch allows.
+
+    Cost on a CPU (fp32, N rows, H hidden, V vocabulary): the forward is one GEMM (2NHV) and four
+    cheap passes per chunk (max, subtract, exp, sum; two more for the entropy); the backward
+    recomputes the logits (2NHV, the price of bounded memory), forms dz in three or four passes and
+    runs two GEMMs (4NHV), writing grad_weight's rows in place. Targets and the one-hot part of
+    the gradient are handled once for all chunks, not per chunk. Rows whose upstream gradients are
+    all zero (ignored rows, interpreter feedback, zero advantages) are left out of the backward's
+    GEMMs. The chunk is chosen so a [N, chunk] block stays in the CPU's caches between passes.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, ignore_index, chunk):
         cd = compute_dtype(hidden.dtype)
         n, vocab = hidden.shape[0], weight.shape[0]
-        inv_temp = 1.0 / temperature
-        h = hidden.to(cd)
+        h = _scaled_hidden(hidden, temperature, cd)
         valid = targets != ignore_index
+        num_chunks = -(-vocab // chunk)
+        picks = _TargetsByChunk(targets, valid, chunk, num_chunks)
         # Running per-row statistics over the chunks seen so far, relative to the running max m:
-        # s = sum exp(z - m), t = sum exp(z - m) * (z - m), target_z = the target's logit.
+        # s = sum exp(z - m), t = sum exp(z - m) * (z - m); the target's logit.
         m = torch.full((n,), float("-inf"), dtype=cd, device=hidden.device)
         s = torch.zeros(n, dtype=cd, device=hidden.device)
-        t = torch.zeros(n, dtype=cd, device=hidden.device)
+        t = torch.zeros(n, dtype=cd, device=hidden.device) if with_entropy else None
         target_z = torch.zeros(n, dtype=cd, device=hidden.device)
-        for v0 in range(0, vocab, chunk):
-            v1 = min(v0 + chunk, vocab)
-            z = _chunk_logits(h, weight, v0, v1, inv_temp, cd)
-            local = targets - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            target_z += torch.where(inside, picked, torch.zeros_like(picked))
-            m_new = torch.maximum(m, z.amax(dim=1))
-            alpha = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
-            z.sub_(m_new[:, None])  # z now holds z - m_new
-            e = torch.exp(z)
+        z_buf = torch.empty((n, min(chunk, vocab)), dtype=cd, device=hidden.device)
+        e_buf = torch.empty_like(z_buf)
+        for k in range(num_chunks):
+            v0, v1 = k * chunk, min((k + 1) * chunk, vocab)
+            z, e = z_buf[:, : v1 - v0], e_buf[:, : v1 - v0]
+            torch.mm(h, _weight_chunk(weight, v0, v1, cd).T, out=z)
+            pick = picks.of(k)
+            if pick is not None:
+                target_z.index_copy_(0, pick[0], z[pick[0], pick[1]])
+            m_chunk = z.amax(dim=1)
+            z.sub_(m_chunk[:, None])  # z - m_chunk <= 0
+            torch.exp(z, out=e)
+            s_chunk = e.sum(dim=1)
+            t_chunk = e.mul_(z).sum(dim=1) if with_entropy else None
+            # Merge: rescale both sides to the new max (alpha = 0 on the first chunk, m = -inf).
+            m_new = torch.maximum(m, m_chunk)
+            alpha, beta = torch.exp(m - m_new), torch.exp(m_chunk - m_new)
             if with_entropy:
-                # Rescale t to the new max: sum e'(z - m_new) = alpha * (t + (m - m_new) * s);
-                # on the first chunk s = 0 and m = -inf, so the shift is 0 (not -inf * 0).
+                # sum e'(z - m_new) = alpha (t + (m - m_new) s) + beta (t_c + (m_c - m_new) s_c);
+                # before the first chunk s = 0 and m = -inf: that shift must be 0, not -inf * 0.
                 shift = torch.where(s > 0, (m - m_new) * s, torch.zeros_like(s))
-                s_chunk = e.sum(dim=1)
-                t = alpha * (t + shift) + e.mul_(z).sum(dim=1)
-            else:
-                s_chunk = e.sum(dim=1)
-            s = alpha * s + s_chunk
+                t = alpha * (t + shift) + beta * (t_chunk + (m_chunk - m_new) * s_chunk)
+            s = alpha * s + beta * s_chunk
             m = m_new
-            del z, e
+        del z_buf, e_buf
         # log p = (z - m) - log s: keeping the row max m apart from the small log s avoids the
         # rounding of a large lse (logits of ~1e4 would otherwise lose ~1e-3 of every log p).
         log_s = torch.log(s)
@@ -212,41 +254,80 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         if grad_logprob is None and grad_entropy is None:
             return None, None, None, None, None, None, None
         cd = compute_dtype(hidden.dtype)
-        vocab = weight.shape[0]
+        n, vocab, chunk = hidden.shape[0], weight.shape[0], ctx.chunk
         inv_temp = 1.0 / ctx.temperature
         valid = targets != ctx.ignore_index
-        # d(output)/dz combined with the upstream grads, zeroed on ignored rows; the final
-        # 1/temperature of dz/dlogits is folded in here.
-        g_lp = None if grad_logprob is None else torch.where(valid, grad_logprob.to(cd), 0.0) * inv_temp
-        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.to(cd), 0.0) * inv_temp
-        h = hidden.to(cd)
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.empty_like(weight) if need_w else None
-        for v0 in range(0, vocab, ctx.chunk):
-            v1 = min(v0 + ctx.chunk, vocab)
-            z = _chunk_logits(h, weight, v0, v1, inv_temp, cd)
-            z.sub_(row_max[:, None]).sub_(log_s[:, None])  # log p
-            p = torch.exp(z)
-            # dz = g_lp * (onehot - p) - g_ent * p * (log p + entropy)
-            if g_ent is not None:
-                dz = z.add_(entropy[:, None]).mul_(p).mul_(-g_ent[:, None])
-                if g_lp is not None:
-                    dz.sub_(p.mul_(g_lp[:, None]))
-            else:
-                dz = p.mul_(-g_lp[:, None])
+        # dL/dz for the scaled logits z = (h / T) @ W.T, row i, column j:
+        #   g_lp (onehot_j - p_j) - g_ent p_j (log p_j + entropy) = p_j (a + b log p_j) + g_lp onehot_j
+        # with a = -(g_lp + g_ent entropy), b = -g_ent, zero on ignored rows.
+        g_lp = None if grad_logprob is None else torch.where(valid, grad_logprob.to(cd), 0.0)
+        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.to(cd), 0.0)
+        active = torch.zeros_like(valid)
+        for g in (g_lp, g_ent):
+            if g is not None:
+                active |= g != 0
+        rows = active.nonzero().squeeze(1)
+        h = _scaled_hidden(hidden, ctx.temperature, cd)
+        grad_h = torch.zeros((n, hidden.shape[1]), dtype=cd, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+        if rows.numel() > 0:
+            all_rows = rows.numel() == n
+            pick = (lambda x: x) if all_rows else (lambda x: x.index_select(0, rows))
+            h_a, m_a, log_s_a = pick(h), pick(row_max), pick(log_s)
+            a = torch.zeros(rows.numel(), dtype=cd, device=hidden.device)
             if g_lp is not None:
-                local = targets - v0
-                inside = (local >= 0) & (local < v1 - v0)
-                picked = torch.where(inside, g_lp, torch.zeros_like(g_lp))
-                dz.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], picked[:, None])
+                a -= pick(g_lp)
+            b = None
+            if g_ent is not None:
+                b = -pick(g_ent)
+                a += b * pick(entropy)
+            a, b = a[:, None], (None if b is None else b[:, None])
+            gh_a = torch.zeros_like(h_a) if need_h else None
+            z_buf = torch.empty((rows.numel(), min(chunk, vocab)), dtype=cd, device=hidden.device)
+            p_buf = torch.empty_like(z_buf)
+            gw_buf = (
+                None if weight.dtype == cd else torch.empty((min(chunk, vocab), h.shape[1]), dtype=cd, device=h.device)
+            )
+            for v0 in range(0, vocab, chunk):
+                v1 = min(v0 + chunk, vocab)
+                z, p = z_buf[:, : v1 - v0], p_buf[:, : v1 - v0]
+                w_chunk = _weight_chunk(weight, v0, v1, cd)
+                torch.mm(h_a, w_chunk.T, out=z)
+                z.sub_(m_a[:, None]).sub_(log_s_a[:, None])  # log p
+                torch.exp(z, out=p)
+                if b is not None:
+                    dz = z.mul_(b).add_(a).mul_(p)
+                else:
+                    dz = p.mul_(a)
+                if need_h:
+                    gh_a.addmm_(dz, w_chunk)
+                if need_w:
+                    if gw_buf is None:
+                        torch.mm(dz.T, h_a, out=grad_w[v0:v1])
+                    else:
+                        gw = gw_buf[: v1 - v0]
+                        torch.mm(dz.T, h_a, out=gw)
+                        grad_w[v0:v1] = gw
             if need_h:
-                grad_h.addmm_(dz, weight[v0:v1].to(cd))
+                if all_rows:
+                    grad_h = gh_a
+                else:
+                    grad_h.index_copy_(0, rows, gh_a)
+        if g_lp is not None:
+            # The one-hot part, g_lp at each row's target: its rows of W and of h, once.
+            safe = torch.where(valid, targets, torch.zeros_like(targets))
+            if need_h:
+                grad_h.addcmul_(g_lp[:, None], _rows_of(weight, safe, cd))
             if need_w:
-                grad_w[v0:v1] = (dz.T @ h).to(weight.dtype)
-            del z, p, dz
+                grad_w.index_add_(0, safe, (g_lp[:, None] * h).to(weight.dtype))
         if need_h:
-            grad_h = grad_h.to(hidden.dtype)
+            grad_h = grad_h.mul_(inv_temp).to(hidden.dtype)
         return grad_h, grad_w, None, None, None, None, None
+
+
+def _rows_of(weight: Tensor, index: Tensor, cd: torch.dtype) -> Tensor:
+    rows = weight.index_select(0, index)
+    return rows if rows.dtype == cd else rows.to(cd)
 
 
 def _reshape_outputs(logprob: Tensor, entropy: Tensor | None, lead_shape: torch.Size):

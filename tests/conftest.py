@@ -76,3 +76,13 @@ def warm_model_dir(tmp_path_factory):
     return save_warm_demo_model(
         tmp_path_factory.mktemp("warm_demo_model"), num_heads=4, steps=600, batch_size=64, lr=6e-3, tool_share=0.5
     )
+
+
+def assert_metrics_match(got: dict, want: dict, keys, *, rel: float = 0.0, abs: float = 0.0, where=None) -> None:
+    """`got[key] == want[key]` for every key of `keys`: exactly by default, else within `rel`/`abs`
+    (pytest.approx). For the runs that must agree with one process (several ranks, a resumed
+    run): a failure names `where` (e.g. the step), the key and both values."""
+    for key in keys:
+        assert key in got and key in want, (where, key, "missing")
+        close = got[key] == want[key] if rel == abs == 0 else got[key] == pytest.approx(want[key], rel=rel, abs=abs)
+        assert close, (where, key, got[key], want[key])

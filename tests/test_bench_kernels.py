@@ -100,12 +100,19 @@ def test_table_is_aligned():
     assert "1.235" in text and lines[3].rstrip().endswith("-")
 
 
+def test_matmul_path_names_the_non_tensor_core_fp32_case():
+    assert "not the tensor cores" in bench.matmul_path("fp32")
+    assert "tensor cores" in bench.matmul_path("bf16") and "not" not in bench.matmul_path("bf16")
+
+
 @pytest.mark.gpu
 def test_quick_gpu_run_reports_every_section(tmp_path):
-    # Two shapes with every baseline, torch.compile included: minutes, not seconds.
-    _, report = _run_cli(tmp_path, "--policy-tokens", "65536", timeout=1200)
+    # One shape with every baseline, torch.compile and Triton's autotuning included: a couple of
+    # minutes, within one 600 s device command (scripts/device_check.py runs the full targets).
+    _, report = _run_cli(tmp_path, "--shapes", "2048x2048x32000", "--policy-tokens", "65536", timeout=300)
     assert report["cuda"] is True and report["gpu_measurements"] == "ran"
     gpu = report["gpu"]
+    assert gpu["dtype"] == "bf16" and gpu["matmul_path"].startswith("bf16 inputs: tensor cores")
     assert all(c["ok"] for c in report["checks"])
     ours = [t for t in gpu["linear_logprob"] if t["impl"] == "ours"]
     assert ours and all(t["status"] == "ok" and t["ms"] > 0 and t["extra"]["tflops"] > 0 for t in ours)

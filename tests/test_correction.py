@@ -76,7 +76,7 @@ def _update_once(correction: str, sampler_shift: float):
     from cir.algorithms import AlgoConfig
     from cir.models import tiny_causal_lm
     from cir.tokenization import byte_tokenizer
-    from cir.training.actor import LocalActor
+    from cir.training.actor import Actor
     from cir.training.batch import build_train_batch
     from cir.training.logprobs import token_logprobs
     from cir.training.optim import OptimConfig
@@ -91,35 +91,27 @@ def _update_once(correction: str, sampler_shift: float):
         t.append(torch.randint(3, 200, (6,), generator=g).tolist(), [0.0] * 6, trainable=True)
         trajs.append(t)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    probe = build_train_batch(
-        trajs,
-        adv,
-        pad_id=tok.pad_token_id,
-        device="cpu",
-        mini_batches=1,
-        micro_batch_tokens=4096,
-        temperature=1.0,
-        max_response_tokens=16,
-    )
+
+    def train_batch():
+        return build_train_batch(
+            trajs,
+            adv,
+            pad_id=tok.pad_token_id,
+            device="cpu",
+            mini_batches=1,
+            micro_batch_tokens=4096,
+            temperature=1.0,
+            max_response_tokens=16,
+        )
+
     with torch.no_grad():
-        (mb,) = probe.micro_batches
+        (mb,) = train_batch().micro_batches
         own = token_logprobs(model, mb, temperature=1.0, with_entropy=False)[0]
-    for t in trajs:  # the engine's log-probs, as the rollout would have recorded them
-        start = sum(len(x.response_ids) for x in trajs[: trajs.index(t)])
-        t.sampler_logprobs[:] = (own[start : start + 6] + sampler_shift).tolist()
-    batch = build_train_batch(
-        trajs,
-        adv,
-        pad_id=tok.pad_token_id,
-        device="cpu",
-        mini_batches=1,
-        micro_batch_tokens=4096,
-        temperature=1.0,
-        max_response_tokens=16,
-    )
+    for k, t in enumerate(trajs):  # the engine's log-probs, as the rollout would have recorded them
+        t.sampler_logprobs[:] = (own[6 * k : 6 * (k + 1)] + sampler_shift).tolist()
     algo = AlgoConfig(rollout_correction=correction, rollout_correction_cap=2.0)
-    actor = LocalActor(model, tok, OptimConfig(lr=1e-2), algo, total_optimizer_steps=1)
-    metrics = actor.update(batch)
+    actor = Actor(model, tok, OptimConfig(lr=1e-2), algo, total_optimizer_steps=1)
+    metrics = actor.update(train_batch())
     return metrics, {k: v.clone() for k, v in model.state_dict().items()}
 
 

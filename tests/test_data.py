@@ -13,11 +13,15 @@ from transformers import PreTrainedTokenizerFast
 
 from cir.data import (
     BENCHMARKS,
+    MIN_RESPONSE_TOKENS,
     DatasetError,
     Problem,
     ProblemSampler,
     answer_from_solution,
+    drop_or_refuse_overlong,
+    find_overlong,
     load_problems,
+    overlong_message,
     problems_to_rows,
     reference_answer,
 )
@@ -254,6 +258,37 @@ def test_empty_or_missing_answer_names_line(tmp_path):
     n = write(tmp_path / "rows.json", json.dumps([{"problem": "a", "answer": "1"}, {"problem": "b"}]))
     with pytest.raises(DatasetError, match=re.escape(f"{n} row 1: no answer field")):
         load_problems(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts too long for the model
+
+
+def test_overlong_prompts_are_found_with_their_rows_and_dropped_or_refused(tmp_path):
+    rows = [{"problem": "x" * n, "answer": "1"} for n in (5, 9, 10, 3, 30, 12)]
+    f = write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    problems = load_problems(f)
+    assert [p.where for p in problems[:2]] == [f"{f}:1", f"{f}:2"]
+    length = lambda p: len(p.problem)  # noqa: E731
+    # The rule: prompt + one response token must fit the context (9 fits 10, 10 does not).
+    assert MIN_RESPONSE_TOKENS == 1
+    found = find_overlong(problems, length, max_model_len=10)
+    assert [(o.problem.where, o.tokens) for o in found] == [(f"{f}:3", 10), (f"{f}:5", 30), (f"{f}:6", 12)]
+    assert find_overlong(problems, length, max_model_len=None) == []
+    assert overlong_message(found, 6, 10, show=2) == (
+        f"3 of 6 prompts leave no room for a response in the model's context of 10 tokens: "
+        f"{f}:3 (id train-2, 10 tokens); {f}:5 (id train-4, 30 tokens) and 1 more"
+    )
+    with pytest.raises(DatasetError, match=re.escape("data.train: 3 of 6 prompts leave no room")) as refused:
+        drop_or_refuse_overlong("data.train", problems, length, 10, drop=False, say=print)
+    assert "data.drop_overlong=true" in str(refused.value)
+    said: list[str] = []
+    kept = drop_or_refuse_overlong("data.train", problems, length, 10, drop=True, say=said.append)
+    assert [p.where for p in kept] == [f"{f}:1", f"{f}:2", f"{f}:4"]
+    assert len(said) == 1 and said[0].startswith("data.train: 3 of 6 prompts") and "left out" in said[0]
+    assert drop_or_refuse_overlong("data.train", problems, length, 100, drop=False, say=print) is problems
+    with pytest.raises(DatasetError, match="none left"):
+        drop_or_refuse_overlong("data.train", problems, length, 2, drop=True, say=print)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ import torch
 
 from cir.distributed import init_distributed
 
-dist = init_distributed()
+# A CPU test asks for the CPU: gloo, even on a machine with GPUs (NCCL would claim GPU LOCAL_RANK).
+dist = init_distributed(device="cpu")
+print(f"rank {dist.rank} backend {torch.distributed.get_backend()} device {dist.device}", flush=True)
 # Uneven and nested, as a held-out evaluation's rows are: rank r sends r + 1 rows.
 got = dist.gather_to_main([{"rank": dist.rank, "row": i} for i in range(dist.rank + 1)])
 print(f"rank {dist.rank} got " + json.dumps(got), flush=True)
@@ -90,3 +92,18 @@ def test_gather_to_main_brings_every_rank_object_to_rank_0_in_rank_order(tmp_pat
     expected = [[{"rank": 0, "row": 0}], [{"rank": 1, "row": 0}, {"rank": 1, "row": 1}]]
     assert f"rank 0 got {json.dumps(expected)}" in proc.stdout, proc.stdout
     assert "rank 1 got null" in proc.stdout, proc.stdout
+    assert "rank 0 backend gloo device cpu" in proc.stdout and "rank 1 backend gloo device cpu" in proc.stdout
+
+
+def test_backend_follows_the_device_asked_for():
+    from cir.distributed import process_group_backend
+
+    assert process_group_backend("cpu") == "gloo"
+    assert process_group_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        assert process_group_backend("cuda") == "nccl"
+    else:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            process_group_backend("cuda")
+    with pytest.raises(ValueError, match="'tpu'"):
+        process_group_backend("tpu")

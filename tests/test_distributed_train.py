@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_metrics_match
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -115,7 +116,7 @@ def test_two_ranks_equal_one_process(tmp_path, warm_model_dir):
     for a, b in zip(one, two):
         # Rollouts are the same samples (seeds follow a problem's global position), graded alike,
         # and rates are global (counts summed over ranks before dividing).
-        for key in (
+        rollout = (
             "reward/mean",
             "tool/calls_per_traj",
             "tool/error_rate",
@@ -123,10 +124,10 @@ def test_two_ranks_equal_one_process(tmp_path, warm_model_dir):
             "response/model_tokens_mean",
             "data/trajectories",
             "data/trajectories_trained",
-        ):
-            assert a[key] == b[key], (a["step"], key)
-        for key in ("actor/loss", "actor/grad_norm", "actor/advantage_abs_mean"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        )
+        assert_metrics_match(b, a, rollout, where=a["step"])
+        actor = ("actor/loss", "actor/grad_norm", "actor/advantage_abs_mean")
+        assert_metrics_match(b, a, actor, rel=1e-4, abs=1e-6, where=a["step"])
     # Before any update the weights are identical, so every sampled token is: the entropy of the
     # whole batch agrees to float rounding. After an update the two runs' weights differ in the
     # last bits (sums over ranks come in another order), which can flip a sampled token now and
@@ -154,9 +155,9 @@ def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, warm_mo
     up = _train(tmp_path / "up", warm_model_dir, "run.steps=2", *sharded, ranks=2, resume=True)
     for resumed in (down, up):
         assert resumed[-1]["step"] == 2
-        assert resumed[-1]["reward/mean"] == straight[-1]["reward/mean"]
-        for key in ("actor/grad_norm", "actor/loss", "actor/kl_loss"):
-            assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-4, abs=1e-7), key
+        assert_metrics_match(resumed[-1], straight[-1], ["reward/mean"])
+        actor = ("actor/grad_norm", "actor/loss", "actor/kl_loss")
+        assert_metrics_match(resumed[-1], straight[-1], actor, rel=1e-4, abs=1e-7)
     for run in ("down", "up"):
         _assert_close(_weights(tmp_path / "straight", 2), _weights(tmp_path / run, 2), atol=1e-5)
     # The folders are plain transformers models, and they predict alike.

@@ -8,7 +8,9 @@ were trained to emit one known Qwen-tokenized text, so token boundaries are real
 import asyncio
 import random
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -564,6 +566,234 @@ def test_share_model_refuses_to_move_the_trainers_model(model, tok):
         HFEngine(model, tok, dtype=torch.float64)
 
 
+# ----------------------------------------------------------------------------------------------
+# Pause and resume (what the asynchronous collector builds on)
+# ----------------------------------------------------------------------------------------------
+
+
+def _wait_for(condition, timeout_s=60.0):
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.001)
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n, temperature=0)
+
+
+def _assert_close(got, want, tol=LOGPROB_TOL):
+    assert len(got) == len(want)
+    assert max((abs(a - b) for a, b in zip(got, want)), default=0.0) < tol
+
+
+def test_pause_resolves_every_request_with_its_partial_and_greedy_continuations_are_exact(model, tok):
+    prompts = _prompts(tok, 6, seed=11)
+    max_new = 60
+    with HFEngine(model, tok, max_batch_size=4) as eng:
+        unpaused = eng.generate_batch(prompts, _greedy(max_new))
+        start, sampled = eng.activity(), eng.stats.tokens_generated
+        futures = [eng.submit(p, _greedy(max_new)) for p in prompts]  # four run, two wait in the queue
+        _wait_for(lambda: eng.activity().steps >= start.steps + 10)
+        eng.pause()
+        assert all(f.done() for f in futures)  # resolved by the time pause returns
+        partials = [f.result() for f in futures]
+        sampled = eng.stats.tokens_generated - sampled
+        steps = eng.activity().steps
+        time.sleep(0.1)
+        assert eng.activity().steps == steps  # no forward pass while paused
+        eng.resume()
+        continued = eng.generate_batch(
+            [p + c.token_ids for p, c in zip(prompts, partials)],
+            [_greedy(max_new - len(c.token_ids)) for c in partials],
+        )
+        activity = eng.activity() - start
+    lengths = [len(c.token_ids) for c in partials]
+    assert sum(lengths) == sampled  # every token sampled before the pause is in a partial
+    assert all(10 <= n < max_new for n in lengths[:4]), lengths  # the running ones, cut mid-way
+    assert lengths[4:] == [0, 0]  # the queued ones had sampled nothing
+    assert activity.aborted == 6 and activity.pauses == 1
+    for partial, cont, whole in zip(partials, continued, unpaused):
+        n = len(partial.token_ids)
+        assert partial.finish_reason == "aborted" and partial.stop_token_id is None
+        # Exactly what the request had sampled: the unpaused completion's first n tokens and log-probs.
+        assert partial.token_ids == whole.token_ids[:n]
+        _assert_close(partial.logprobs, whole.logprobs[:n])
+        # Continued with the prefix, greedy: token for token the unpaused completion.
+        assert partial.token_ids + cont.token_ids == whole.token_ids
+        _assert_close(partial.logprobs + cont.logprobs, whole.logprobs)
+        assert cont.finish_reason == "length"
+
+
+def test_a_paused_seeded_request_keeps_exactly_what_it_sampled(model, tok):
+    prompts = _prompts(tok, 3, seed=12)
+    params = [SamplingParams(max_new_tokens=80, temperature=1.0, top_p=0.9, seed=40 + i) for i in range(3)]
+    with HFEngine(model, tok) as eng:
+        unpaused = eng.generate_batch(prompts, params)
+        start, sampled = eng.activity().steps, eng.stats.tokens_generated
+        futures = [eng.submit(p, sp) for p, sp in zip(prompts, params)]
+        _wait_for(lambda: eng.activity().steps >= start + 12)
+        eng.pause()
+        eng.resume()
+        sampled = eng.stats.tokens_generated - sampled
+    assert sum(len(f.result(timeout=0).token_ids) for f in futures) == sampled
+    for future, whole, prompt in zip(futures, unpaused, prompts):
+        partial = future.result(timeout=0)
+        n = len(partial.token_ids)
+        assert partial.finish_reason == "aborted" and 12 <= n < 80
+        assert partial.token_ids == whole.token_ids[:n]
+        _assert_close(partial.logprobs, whole.logprobs[:n])
+        _assert_logprobs_match(model, prompt, partial, 1.0)
+
+
+def test_requests_submitted_while_paused_wait_for_resume(model, tok):
+    prompt = tok.encode("(12+7)*3=")
+    with HFEngine(model, tok) as eng:
+        assert eng.generate_batch([prompt], _greedy(5))[0].finish_reason == "length"
+        before = eng.activity()
+        # Four decoding steps after the prefill; the counters of the last may land just after it resolved.
+        assert before.busy_s > 0 and before.steps >= 3 and 0 <= before.idle_share <= 1
+        eng.pause()
+        eng.pause()  # pausing a paused engine does nothing
+        steps = eng.activity().steps  # settled: pause returns after the thread's last turn
+        future = eng.submit(prompt, _greedy(30))
+        time.sleep(0.2)
+        assert not future.done()  # not refused, not run: waiting
+        assert eng.activity().steps == steps
+        eng.resume()
+        completion = future.result(timeout=60)
+        eng.resume()  # resuming a running engine does nothing
+        during = eng.activity() - before
+    assert completion.token_ids == _reference_greedy(model, prompt, 30)
+    assert completion.finish_reason == "length"
+    assert during.pauses == 1 and during.aborted == 0
+    assert during.paused_s >= 0.2 and during.held_s >= 0.19
+    assert during.held_s <= during.paused_s <= during.wall_s
+    assert during.steps >= 28 and 0 < during.busy_s < during.wall_s
+
+
+def test_weights_loaded_between_pause_and_resume_serve_the_continuation(tok):
+    model_a = tiny_causal_lm(tok, seed=10)
+    model_b = tiny_causal_lm(tok, seed=11)
+    prompts = _prompts(tok, 4, seed=13)
+    max_new = 50
+    with HFEngine(model_a, tok, share_model=False) as eng:
+        start = eng.activity().steps
+        futures = [eng.submit(p, _greedy(max_new)) for p in prompts]
+        _wait_for(lambda: eng.activity().steps >= start + 8)
+        eng.pause()
+        partials = [f.result(timeout=0) for f in futures]
+        eng.load_weights(model_b.named_parameters())
+        eng.resume()
+        resumed = [p + c.token_ids for p, c in zip(prompts, partials)]
+        remaining = [_greedy(max_new - len(c.token_ids)) for c in partials]
+        continued = eng.generate_batch(resumed, remaining)
+    with HFEngine(model_b, tok) as fresh:
+        expected = fresh.generate_batch(resumed, remaining)
+    for prompt, partial, cont, want in zip(prompts, partials, continued, expected):
+        n = len(partial.token_ids)
+        assert 8 <= n < max_new
+        assert partial.token_ids == _reference_greedy(model_a, prompt, max_new)[:n]  # sampled under A
+        assert cont.token_ids == want.token_ids  # continued under B, as a fresh engine on B does
+        _assert_close(cont.logprobs, want.logprobs)
+    assert any(
+        c.token_ids != _reference_greedy(model_a, p + pc.token_ids, len(c.token_ids))
+        for p, pc, c in zip(prompts, partials, continued)
+    )  # not vacuous: B continues differently from A
+
+
+def test_pause_and_resume_in_a_loop_under_concurrent_submitters(model, tok):
+    prompts = _prompts(tok, 8, seed=14)
+    max_new = 40
+    with HFEngine(model, tok, max_batch_size=4) as eng:
+        unpaused = eng.generate_batch(prompts, _greedy(max_new))
+        start, sampled = eng.activity(), eng.stats.tokens_generated
+
+        def trajectory(i):
+            """Drive one greedy request to its end, continuing it after every pause."""
+            tokens, logprobs, pieces = [], [], 0
+            while True:
+                c = eng.submit(prompts[i] + tokens, _greedy(max_new - len(tokens))).result(timeout=60)
+                tokens, logprobs, pieces = tokens + c.token_ids, logprobs + c.logprobs, pieces + 1
+                if c.finish_reason != "aborted":
+                    return tokens, logprobs, pieces
+
+        with ThreadPoolExecutor(4) as pool:
+            runs = [pool.submit(trajectory, i) for i in range(len(prompts))]
+            for _ in range(25):
+                time.sleep(0.004)
+                eng.pause(timeout_s=30)
+                time.sleep(0.002)
+                eng.resume()
+            results = [run.result(timeout=120) for run in runs]
+        activity = eng.activity() - start
+        sampled = eng.stats.tokens_generated - sampled
+    # No token lost or duplicated across the pieces: every sampled token came back once, and the
+    # pieces of each trajectory join into the unpaused completion.
+    assert sum(len(tokens) for tokens, _, _ in results) == sampled
+    for (tokens, logprobs, _), whole in zip(results, unpaused):
+        assert tokens == whole.token_ids
+        _assert_close(logprobs, whole.logprobs)
+    assert activity.pauses == 25
+    assert sum(pieces - 1 for _, _, pieces in results) >= 8  # the pauses did cut trajectories
+    assert activity.aborted >= 8
+
+
+def test_pause_and_close_while_requests_run(model, tok):
+    prompts = _prompts(tok, 6, seed=15)
+    eng = HFEngine(model, tok, max_batch_size=4)
+    long = _greedy(1000)
+    futures = [eng.submit(p, long) for p in prompts]
+    _wait_for(lambda: eng.activity().steps >= 3)
+    pauser = threading.Thread(target=eng.pause)
+    pauser.start()
+    pauser.join(30)
+    assert not pauser.is_alive()
+    assert all(f.result(timeout=0).finish_reason == "aborted" for f in futures)
+    # Resumed, then closed from another thread while steps run: every future resolves, close returns.
+    eng.resume()
+    futures = [eng.submit(p, long) for p in prompts]
+    _wait_for(lambda: eng.activity().steps >= 6)
+    closer = threading.Thread(target=eng.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive()
+    for f in futures:
+        with pytest.raises(RuntimeError, match="closed"):
+            f.result(timeout=5)
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.pause()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(prompts[0], long)
+
+
+def test_a_stuck_step_ends_in_timeouts_not_a_hang(model, tok):
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(text):
+        entered.set()
+        release.wait(60)
+        return False
+
+    register_stop_rule("test-stuck", stuck, overwrite=True)
+    eng = HFEngine(model, tok, timeout_s=0.3)
+    try:
+        future = eng.submit(tok.encode("1+1="), SamplingParams(max_new_tokens=5, temperature=0, stop_rule="test-stuck"))
+        assert entered.wait(30)  # the engine thread is inside a step, stuck in the stop rule
+        with pytest.raises(TimeoutError, match="pause waited 0.3 s"):
+            eng.pause()
+        with pytest.raises(TimeoutError, match="load_weights waited 0.3 s"):
+            eng.load_weights(model.named_parameters())
+        with pytest.raises(TimeoutError, match="did not stop within 0.3 s"):
+            eng.close()
+        with pytest.raises(RuntimeError, match="stuck"):
+            future.result(timeout=0)  # the request did not wait for the stuck step
+    finally:
+        release.set()
+    eng.close(timeout_s=30)  # unstuck, the thread ends
+
+
 @pytest.mark.gpu
 def test_cuda_greedy_matches_generate(tok):
     model = tiny_causal_lm(tok, seed=13).cuda()
@@ -575,3 +805,26 @@ def test_cuda_greedy_matches_generate(tok):
     for p, c, s in zip(prompts, completions, sampled):
         assert c.token_ids == _reference_greedy(cpu_model, p, 30)
         _assert_logprobs_match(cpu_model, p, s, 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_pause_and_greedy_continuation(tok):
+    model = tiny_causal_lm(tok, seed=14).cuda()
+    prompts = _prompts(tok, 4, seed=16)
+    max_new = 40
+    with HFEngine(model, tok) as eng:
+        unpaused = eng.generate_batch(prompts, _greedy(max_new))
+        start = eng.activity().steps
+        futures = [eng.submit(p, _greedy(max_new)) for p in prompts]
+        _wait_for(lambda: eng.activity().steps >= start + 5)
+        eng.pause()
+        partials = [f.result(timeout=0) for f in futures]
+        eng.resume()
+        continued = eng.generate_batch(
+            [p + c.token_ids for p, c in zip(prompts, partials)],
+            [_greedy(max_new - len(c.token_ids)) for c in partials],
+        )
+    for partial, cont, whole in zip(partials, continued, unpaused):
+        assert partial.finish_reason == "aborted" and 5 <= len(partial.token_ids) < max_new
+        assert partial.token_ids + cont.token_ids == whole.token_ids
+        _assert_close(partial.logprobs + cont.logprobs, whole.logprobs)

@@ -7,14 +7,22 @@ token those of `HFEngine` on the same weights: vLLM stops on the stand-in stop s
 cannot run the closing-fence predicate), which also fires on every opening fence, and the
 rollout continues after such false stops.
 
+Pause and resume run on the module's engine too: partial completions are exactly what each
+request sampled, greedy continuations with the prefix equal the unpaused completions, weights
+loaded while paused serve the continuation, and a pause/resume loop under concurrent submitters
+neither hangs nor loses a token.
+
 vLLM keeps process-wide state, so one engine runs at a time: the module's engine is closed by the
-weight-update test (the last one), which then starts two more in turn.
+weight-update test (the last one, closing it while requests run), which then starts two more in
+turn.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -278,6 +286,129 @@ def test_bad_requests_fail_clearly(world):
         VLLMEngine.from_model(world.model, world.tok)
 
 
+def _wait_for(condition, timeout_s=120.0):
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.001)
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n, temperature=0.0)
+
+
+def _assert_close(got, want, tol=LOGPROB_TOL):
+    assert len(got) == len(want)
+    assert max((abs(a - b) for a, b in zip(got, want)), default=0.0) < tol
+
+
+def test_pause_resolves_requests_in_flight_with_exactly_what_they_sampled(world):
+    engine = world.engine
+    max_new = 30
+    prompts = [world.prompts[n] for n in SCRIPTS[:4]] + [world.prompts[RANDOM]]
+    params = [_greedy(max_new)] * 4 + [SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=5)]
+    unpaused = engine.generate_batch(prompts, params)
+    # Submitted while paused: they wait, then all enter vLLM in the same step.
+    engine.pause()
+    start = engine.activity()
+    futures = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+    time.sleep(0.1)
+    assert not any(f.done() for f in futures) and engine.activity().steps == start.steps
+    engine.resume()
+    _wait_for(lambda: engine.activity().steps >= start.steps + 8)
+    engine.pause()
+    assert all(f.done() for f in futures)  # resolved by the time pause returns
+    partials = [f.result() for f in futures]
+    steps = engine.activity().steps - start.steps
+    time.sleep(0.1)
+    assert engine.activity().steps - start.steps == steps  # no step while paused
+    engine.resume()
+    during = engine.activity() - start
+    assert during.aborted == 5 and during.pauses == 1 and during.held_s >= 0.09
+    for partial, whole in zip(partials, unpaused):
+        assert partial.finish_reason == "aborted"
+        # One token per step for each (they were admitted together): none lost or duplicated.
+        assert len(partial.token_ids) == steps < max_new
+        assert partial.token_ids == whole.token_ids[:steps]  # greedy, and seeded sampling too
+        _assert_close(partial.logprobs, whole.logprobs[:steps])
+    # Greedy continuations with the prefix: token for token the unpaused completions.
+    continued = engine.generate_batch(
+        [p + c.token_ids for p, c in zip(prompts[:4], partials)], _greedy(max_new - steps)
+    )
+    for partial, cont, whole in zip(partials, continued, unpaused):
+        assert partial.token_ids + cont.token_ids == whole.token_ids
+        _assert_close(partial.logprobs + cont.logprobs, whole.logprobs)
+    # sleep() resolves what is still in flight the same way (vLLM's own sleep would drop it).
+    steps = engine.activity().steps
+    futures = [engine.submit(p, _greedy(max_new)) for p in prompts[:2]]
+    _wait_for(lambda: engine.activity().steps >= steps + 3)
+    engine.sleep()
+    assert [f.result(timeout=0).finish_reason for f in futures] == ["aborted", "aborted"]
+    engine.wake()
+
+
+def test_weights_loaded_while_paused_serve_the_continuation(world):
+    engine = world.engine
+    other = tiny_causal_lm(world.tok, **MODEL, seed=3)
+    max_new = 30
+    prompts = [world.prompts[n] for n in SCRIPTS[:3]]
+    unpaused = engine.generate_batch(prompts, _greedy(max_new))
+    try:
+        start = engine.activity().steps
+        futures = [engine.submit(p, _greedy(max_new)) for p in prompts]
+        _wait_for(lambda: engine.activity().steps >= start + 6)
+        engine.pause()
+        partials = [f.result(timeout=0) for f in futures]
+        engine.load_weights(other.state_dict().items())
+        engine.resume()
+        resumed = [p + c.token_ids for p, c in zip(prompts, partials)]
+        remaining = [_greedy(max_new - len(c.token_ids)) for c in partials]
+        continued = engine.generate_batch(resumed, remaining)
+    finally:
+        engine.load_weights(world.model.state_dict().items())
+    with HFEngine(other, world.tok, share_model=True) as fresh:
+        expected = fresh.generate_batch(resumed, remaining)
+    for partial, cont, want, whole in zip(partials, continued, expected, unpaused):
+        n = len(partial.token_ids)
+        assert 6 <= n < max_new and partial.token_ids == whole.token_ids[:n]  # sampled under the old weights
+        assert cont.token_ids == want.token_ids  # continued under the new ones, as a fresh engine on them does
+        _assert_close(cont.logprobs, want.logprobs)
+        assert cont.token_ids != whole.token_ids[n:]  # not vacuous: the new weights write something else
+
+
+def test_pause_and_resume_in_a_loop_under_concurrent_submitters(world):
+    engine = world.engine
+    max_new = 24
+    prompts = [world.prompts[n] for n in SCRIPTS[:6]]
+    unpaused = engine.generate_batch(prompts, _greedy(max_new))
+    start = engine.activity()
+
+    def trajectory(i):
+        """Drive one greedy request to its end, continuing it after every pause."""
+        tokens, logprobs, pieces = [], [], 0
+        while True:
+            c = engine.submit(prompts[i] + tokens, _greedy(max_new - len(tokens))).result(timeout=120)
+            tokens, logprobs, pieces = tokens + c.token_ids, logprobs + c.logprobs, pieces + 1
+            if c.finish_reason != "aborted":
+                return tokens, logprobs, pieces
+
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(trajectory, i) for i in range(len(prompts))]
+        for _ in range(10):
+            time.sleep(0.05)
+            engine.pause(timeout_s=60)
+            time.sleep(0.01)
+            engine.resume()
+        results = [run.result(timeout=300) for run in runs]
+    during = engine.activity() - start
+    for (tokens, logprobs, _), whole in zip(results, unpaused):
+        assert tokens == whole.token_ids  # the pieces join into the unpaused completion
+        _assert_close(logprobs, whole.logprobs)
+    assert during.pauses == 10
+    assert sum(pieces - 1 for _, _, pieces in results) >= 3  # the pauses did cut trajectories
+
+
 def test_load_weights_gives_the_new_weights_outputs_and_no_stale_cache(world, tmp_path):
     """Runs last: it closes the module's engine, then starts two more, one after another."""
     prompt = world.prompts["three_blocks"]
@@ -304,7 +435,17 @@ def test_load_weights_gives_the_new_weights_outputs_and_no_stale_cache(world, tm
     # A fresh engine on the saved new weights (a model folder, as `cir eval` passes) agrees.
     engine.load_weights(items)
     (updated,) = engine.generate_batch([prompt], greedy)
-    engine.close()
+    # Closed while requests run: each fails at once and close returns (no hang).
+    start = engine.activity().steps
+    running = [engine.submit(prompt, _greedy(500)) for _ in range(3)]
+    _wait_for(lambda: engine.activity().steps >= start + 3)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(120)
+    assert not closer.is_alive()
+    for future in running:
+        with pytest.raises(RuntimeError, match="closed"):
+            future.result(timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate_batch([prompt], greedy)
     folder = tmp_path / "checkpoint"

@@ -15,7 +15,8 @@ from cir.data import BENCHMARKS, Problem, load_problems
 from cir.engines.base import Completion
 from cir.evaluation import evaluate
 from cir.evaluation.grading import answer_groups
-from cir.evaluation.metrics import ks_up_to, majority_correct, pass_at_k, summarise
+from cir.evaluation.metrics import ks_up_to, majority_correct, pass_at_k, summarise, trainer_summary
+from cir.evaluation.report import markdown_report, terminal_table
 from cir.prompts import PromptTemplate
 from cir.rewards import RewardConfig, get_grader_pool, grade_outcomes
 from cir.rollout import RolloutConfig
@@ -135,6 +136,53 @@ def test_summary_from_rows_hand_values():
     assert m["feedback_tokens"] == pytest.approx(20 / 8)
 
 
+def test_faulted_samples_are_left_out_of_every_number_and_counted_apart():
+    # A sample the machine failed (sandbox fault, grader timeout) is not a wrong answer: with it
+    # scored as wrong, a's accuracy would be 2/4 and its pass@1 0.5.
+    rows = [
+        _row("a", 0, True, tool_calls=1),
+        _row("a", 1, False, fault="sandbox", tool_calls=3, exec_errors=3),
+        _row("a", 2, True),
+        _row("a", 3, False, fault="grader_timeout", extracted_answer="9^{9^{9}}"),
+        _row("b", 0, False),
+        _row("b", 1, True, tool_calls=1),
+        _row("b", 2, False),
+        _row("c", 0, False, fault="sandbox"),  # no graded sample: not a problem of the score
+    ]
+    groups = {"a": [0, None, 0, 1], "b": [0, 1, 0], "c": [None]}
+    m = summarise(rows, temperature=1.0, groups=groups)
+    assert m["faults"] == {"sandbox": 2, "grader": 1}
+    assert m["problems"] == 2 and m["samples"] == 2 and m["protocol"] == "avg@2"
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["avg@2"] == pytest.approx((1.0 + 1 / 3) / 2)
+    assert m["pass@k"] == pytest.approx({"1": (1.0 + 1 / 3) / 2, "2": (1.0 + 2 / 3) / 2})
+    assert m["maj@k"] == pytest.approx({"1": 0.5, "2": 0.5})  # b: 0 vs 1 tie at k=2, the first (wrong) wins
+    assert m["tool_calls"] == pytest.approx(2 / 5) and m["exec_error_rate"] == 0.0
+    # Without faults the same rows are what they were.
+    clean = [r for r in rows if not r.get("fault")]
+    assert summarise(clean, temperature=1.0)["faults"] == {"sandbox": 0, "grader": 0}
+
+    flat = trainer_summary(rows)
+    assert flat["accuracy"] == pytest.approx(3 / 5) and flat["count"] == 5.0
+    assert (flat["faults_sandbox"], flat["faults_grader"]) == (2.0, 1.0)
+
+    results = {
+        "settings": {
+            "model": "m",
+            "prompt": "cir",
+            "tool_budget": 4,
+            "max_response_tokens": 64,
+            "engine": "hf",
+            "seed": 0,
+            "grade_tool_output": False,
+        },
+        "benchmarks": {"set": {**m, "by": {}}},
+        "overall": {},
+    }
+    assert "| 3 (sandbox 2, grader 1) |" in markdown_report(results)
+    assert terminal_table(results).splitlines()[-1].split()[-1] == "3"
+
+
 # ---------------------------------------------------------------------------------------------
 # Every reference answer of the benchmark files, graded
 
@@ -250,3 +298,39 @@ def test_a_box_only_the_code_printed_is_not_credited_unless_asked(tmp_path):
     # Each finished problem was handed over once per run, with its grade.
     assert sorted(r["id"] for batch in written for r in batch) == sorted([*scripts, *scripts])
     assert all("correct" in r and "_grading" not in r for batch in written for r in batch)
+
+
+def test_a_grader_fault_in_evaluate_is_counted_not_scored_wrong_and_drawn_again_on_rerun():
+    from cir.sandbox import Sandbox
+
+    tok = byte_tokenizer()
+    scripts = {
+        "P-right": ["So $\\boxed{7}$.<|endoftext|>"],
+        "P-wrong": ["So $\\boxed{8}$.<|endoftext|>"],
+        # 9^(9^9) keeps a math-verify worker busy past any deadline: every try times out.
+        "P-hang": ["So $\\boxed{9^{9^{9}}}$.<|endoftext|>"],
+    }
+    problems = [Problem(id=k, problem=k, answer="7", source="t") for k in scripts]
+    template = PromptTemplate("t", system="", user_format="{problem}\n")
+    config = dict(
+        template=template,
+        rollout_config=RolloutConfig(max_response_tokens=64, tool_budget=1),
+        reward_config=RewardConfig(grader_timeout_s=0.3),
+    )
+    with Sandbox(workers=1) as sandbox:
+        first = evaluate(ScriptedEngine(tok, scripts), sandbox, problems, **config)
+        rows = {r["id"]: r for r in first.rows}
+        assert [(rows[k]["correct"], rows[k]["fault"]) for k in scripts] == [
+            (True, None),
+            (False, None),
+            (False, "grader_timeout"),
+        ]
+        # Not a wrong answer: the trainer's numbers are those of the two graded samples.
+        assert first.metrics["accuracy"] == 0.5 and first.metrics["count"] == 2.0
+        assert first.metrics["faults_grader"] == 1.0
+        # A rerun over the same samples file keeps the graded samples and draws the faulted one again.
+        again = evaluate(
+            ScriptedEngine(tok, scripts), sandbox, problems, done={(r["id"], 0): r for r in first.rows}, **config
+        )
+    assert again.reused == 2 and [r["id"] for r in again.rows] == list(scripts)
+    assert {r["id"]: r["fault"] for r in again.rows}["P-hang"] == "grader_timeout"

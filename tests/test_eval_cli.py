@@ -186,6 +186,26 @@ def test_bad_input_names_what_is_wrong_and_writes_nothing(model_dir, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_an_overlong_prompt_is_refused_by_the_rule_cir_train_applies(model_dir, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        json.dumps({"problem": "1+1?", "answer": "2"})
+        + "\n"
+        + json.dumps({"problem": "x" * 5000, "answer": "1"})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    assert main(_args(model_dir, out, "--benchmarks", str(long))) == 2
+    (err,) = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("cir ")
+    ]  # after the model loaded
+    assert err.startswith(
+        f"cir eval: --benchmarks: {long}: 1 of 2 prompts leave no room for a response in the model's context of "
+        f"4096 tokens: {long}:2 (id long-1, "
+    ), err
+    assert not out.exists()
+
+
 def test_an_out_folder_from_other_settings_is_refused_untouched(first_run, model_dir, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()}
     assert main(_args(model_dir, first_run, "--tool-budget", "1")) == 2

@@ -1,5 +1,6 @@
 """The sharded actor's weights reach each rank's engine exactly, and a rank with nothing to train
-on still takes part in the update (placeholder passes), on two real gloo ranks under torchrun."""
+on still takes part in the update (placeholder passes, KL term included), on two real gloo ranks
+under torchrun."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_metrics_match
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -17,7 +19,7 @@ from cir.algorithms import AlgoConfig
 from cir.distributed import init_distributed
 from cir.engines.factory import make_engine
 from cir.tasks import demo
-from cir.training.actor import LocalActor, make_actor, sync_weights
+from cir.training.actor import Actor, sync_weights
 from cir.training.batch import build_train_batch
 from cir.training.optim import OptimConfig
 from cir.trajectory import Trajectory
@@ -50,13 +52,15 @@ def batch_of(trajs, advantages, positions):
                              micro_batch_tokens=64, temperature=1.0, max_response_tokens=32, positions=positions)
 
 
-optim, algo = OptimConfig(lr=1e-2), AlgoConfig(aggregation="token-mean")
+# A KL term: a rank with no micro-batch must still bring reference log-probs to its placeholder passes.
+optim, algo = OptimConfig(lr=1e-2), AlgoConfig(aggregation="token-mean", kl_coef=0.05)
 model = fresh_model()
 initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 engine = make_engine("hf", model, tok, max_batch_size=4, seed=0)  # its own copy, before sharding
-actor = make_actor(model, tok, optim, algo, total_optimizer_steps=2, dist=dist)
-assert type(actor).__name__ == "FSDPActor"
-reference = LocalActor(fresh_model(), tok, optim, algo, total_optimizer_steps=2)  # the whole batch, one process
+actor = Actor(model, tok, optim, algo, total_optimizer_steps=2, dist=dist)
+assert actor.sharded
+reference = Actor(fresh_model(), tok, optim, algo, total_optimizer_steps=2)  # the whole batch, one process
+assert not reference.sharded
 steps = []
 # Step 0: the trajectories split over both ranks. Step 1: all of them on rank 0, none on rank 1.
 for step, all_on_rank0 in enumerate((False, True)):
@@ -74,8 +78,8 @@ for step, all_on_rank0 in enumerate((False, True)):
         "engine_keys": sorted(served) == sorted(full),
         "changed": max(float((served[k] - initial[k]).abs().max()) for k in full),
         "vs_one_process": max(float((full[k] - ref[k]).abs().max()) for k in full),
-        "loss": [metrics["actor/loss"], ref_metrics["actor/loss"]],
-        "grad_norm": [metrics["actor/grad_norm"], ref_metrics["actor/grad_norm"]],
+        "metrics": metrics,
+        "one_process": ref_metrics,
     })
 json.dump(steps, open(f"{out}.{dist.rank}", "w"))
 engine.close()
@@ -101,5 +105,8 @@ def test_sharded_actor_hands_exact_weights_to_every_engine(tmp_path):
             assert s["changed"] > 1e-4, "the update moved nothing: the hand-off check would be vacuous"
             # And those values are one process's update of the whole batch (fp32 sums in another order).
             assert s["vs_one_process"] < 1e-5, (rank, s)
-            assert s["grad_norm"][0] == pytest.approx(s["grad_norm"][1], rel=1e-4)
-            assert s["loss"][0] == pytest.approx(s["loss"][1], rel=1e-4, abs=1e-6)
+            assert_metrics_match(s["metrics"], s["one_process"], ["actor/grad_norm"], rel=1e-4, where=rank)
+            losses = ["actor/loss", "actor/kl_loss"]
+            assert_metrics_match(s["metrics"], s["one_process"], losses, rel=1e-4, abs=1e-6, where=rank)
+        # Step 0 moved the policy away from the reference: step 1's KL term is live.
+        assert steps[1]["one_process"]["actor/kl_loss"] > 1e-6

@@ -27,10 +27,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("cir.cli", "cir.bench", "cir.__main__"),
 ]
 
-# Cycles another change removes. The actor's own rework (one actor class, sharding applied when
-# it is built) ends this one: delete the entry then; the test fails while an entry is not needed.
-KNOWN_CYCLES = [{"cir.training.actor", "cir.training.fsdp"}]
-
 # "cir.x.y:attribute": a registry's entry imported on first use.
 _LAZY_REFERENCE = re.compile(r"^(cir(?:\.\w+)+):\w+$")
 
@@ -161,11 +157,8 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 
 
 def test_no_import_cycle():
-    cycles = [c for c in _strongly_connected(GRAPH) if len(c) > 1]
-    unexpected = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
-    assert not unexpected, f"import cycles: {unexpected}"
-    stale = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
-    assert not stale, f"these cycles are gone: remove them from KNOWN_CYCLES: {stale}"
+    cycles = [sorted(c) for c in _strongly_connected(GRAPH) if len(c) > 1]
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -307,6 +307,24 @@ def test_fallback_ignore_index_rows():
         assert torch.isfinite(t).all() and (t == 0).all()
 
 
+def test_fallback_rows_without_upstream_gradient_skip_the_backward():
+    """Rows whose upstream gradients are zero (interpreter feedback, zero advantages) are left out
+    of the backward's GEMMs: their grad_hidden is exactly zero and the rest matches the reference,
+    with targets spread over chunks that hold several targets and chunks that hold none."""
+    hidden, weight, targets, g_lp, g_ent = make_inputs(FN, FH, FV, seed=25, ignore_rows=(7,))
+    quiet = torch.zeros(FN, dtype=torch.bool)
+    quiet[::3] = True
+    g_lp, g_ent = torch.where(quiet, 0.0, g_lp), torch.where(quiet, 0.0, g_ent)
+    targets[10:20] = 5  # ten rows share one target (one chunk, one row of grad_weight)
+    want = reference64(hidden, weight, targets, g_lp, g_ent, torch.float32, True, temperature=0.8)
+    got = run(chunked_fn(chunk_size=96), hidden, weight, targets, g_lp, g_ent, torch.float32, True, temperature=0.8)
+    assert (got[2][quiet] == 0).all()
+    assert_matches(got, want, TOL[torch.float32])
+    # No row with a gradient at all: zero gradients, no NaN.
+    got = run(chunked_fn(chunk_size=96), hidden, weight, targets, g_lp * 0, g_ent * 0, torch.float32, True)
+    assert (got[2] == 0).all() and (got[3] == 0).all()
+
+
 @pytest.mark.parametrize("kind", ["spread", "offset"])
 def test_fallback_extreme_logits(kind):
     inputs = extreme_inputs(kind, seed=23)

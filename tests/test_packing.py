@@ -9,10 +9,11 @@ import random
 
 import pytest
 import torch
+from conftest import assert_metrics_match
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cir.algorithms import AlgoConfig
-from cir.training.actor import LocalActor
+from cir.training.actor import Actor
 from cir.training.batch import build_train_batch, collate, plan_micro_batches, plan_packed_micro_batches
 from cir.training.logprobs import ResponseLogprobs
 from cir.training.optim import OptimConfig
@@ -202,7 +203,7 @@ def test_planners_keep_the_budget_and_cover_every_trajectory_once(seed):
 def _actor_update(trajs, advantages, *, packing, budget):
     model = _tiny_qwen2(torch.float64, seed=4)
     optim = OptimConfig(lr=1e-2, micro_batch_tokens=budget, packing=packing)
-    actor = LocalActor(model, None, optim, AlgoConfig(), total_optimizer_steps=1)
+    actor = Actor(model, None, optim, AlgoConfig(), total_optimizer_steps=1)
     batch = build_train_batch(
         trajs,
         advantages,
@@ -280,18 +281,18 @@ def test_packed_rows_use_flash_attention_varlen_on_gpu():
 
 
 # Run by `torchrun --nproc_per_node=2`: rank 0 first computes the single-process reference (the
-# padded layout on the whole batch); then both ranks train an FSDP2 actor on their shard, packed
-# and padded, from the same initial weights. Rank 0 writes what the test compares.
+# padded layout on the whole batch); then both ranks train a sharded actor on their shard, packed
+# and padded (FSDP over both ranks), and padded on a [2 replicas x 1 shard] mesh (HSDP), from the
+# same initial weights. Rank 0 writes what the test compares.
 _TWO_RANKS = r"""
 import json, sys
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from cir.algorithms import AlgoConfig
 from cir.distributed import DistributedContext, init_distributed
-from cir.training.actor import LocalActor
+from cir.training.actor import Actor
 from cir.training.batch import build_train_batch
-from cir.training.fsdp import FSDPActor
-from cir.training.optim import OptimConfig
+from cir.training.optim import OptimConfig, ShardingConfig
 from cir.trajectory import Trajectory
 
 torch.set_num_threads(1)
@@ -313,10 +314,14 @@ for i, (p, r) in enumerate(lengths):
     trajs.append(t)
 advantages = torch.linspace(-1.0, 1.0, len(trajs))
 
-def update(actor_cls, trajs, advantages, packing, context):
+def update(trajs, advantages, packing, context, replicate=1):
     m = model()
-    actor = actor_cls(m, None, OptimConfig(lr=1e-2, micro_batch_tokens=budget, packing=packing), AlgoConfig(),
-                      total_optimizer_steps=1, dist=context)
+    actor = Actor(m, None, OptimConfig(lr=1e-2, micro_batch_tokens=budget, packing=packing), AlgoConfig(),
+                  total_optimizer_steps=1, dist=context, sharding=ShardingConfig(replicate=replicate))
+    assert actor.sharded == (context.world_size > 1)
+    if replicate > 1:  # HSDP: each parameter replicated over the first mesh dimension, sharded over the second
+        placements = next(actor.policy.parameters()).placements
+        assert [type(p).__name__ for p in placements] == ["Replicate", "Shard"], placements
     batch = build_train_batch(trajs, advantages, pad_id=0, device="cpu", mini_batches=1, micro_batch_tokens=budget,
                               temperature=1.0, max_response_tokens=64, packing=packing)
     metrics = actor.update(batch)
@@ -325,14 +330,14 @@ def update(actor_cls, trajs, advantages, packing, context):
 
 result = {}
 if dist.is_main:
-    ref_metrics, ref_weights = update(LocalActor, trajs, advantages, False, DistributedContext())
+    ref_metrics, ref_weights = update(trajs, advantages, False, DistributedContext())
     result["reference"] = ref_metrics
 start, end = dist.shard_bounds(len(trajs))
-for packing in (True, False):
-    metrics, weights = update(FSDPActor, trajs[start:end], advantages[start:end], packing, dist)
+for name, packing, replicate in (("packed", True, 1), ("padded", False, 1), ("hsdp", False, 2)):
+    metrics, weights = update(trajs[start:end], advantages[start:end], packing, dist, replicate)
     if dist.is_main:
         diff = max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights)
-        result["packed" if packing else "padded"] = {**metrics, "weight_diff": diff}
+        result[name] = {**metrics, "weight_diff": diff}
 if dist.is_main:
     with open(out, "w") as f:
         json.dump(result, f)
@@ -345,6 +350,7 @@ torch.distributed.destroy_process_group()
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_packed_equal_one_process_padded(tmp_path):
+    """Two ranks, packed or padded, sharded as FSDP or HSDP: one process's update of the whole batch."""
     import json
     import subprocess
     import sys
@@ -364,10 +370,10 @@ def test_two_ranks_packed_equal_one_process_padded(tmp_path):
     result = json.loads(out.read_text())
     ref = result["reference"]
     assert ref["actor/grad_norm"] > 0
-    for layout in ("packed", "padded"):
+    for layout in ("packed", "padded", "hsdp"):
         got = result[layout]
-        assert got["actor/grad_norm"] == pytest.approx(ref["actor/grad_norm"], rel=1e-9), layout
-        assert got["actor/loss"] == pytest.approx(ref["actor/loss"], rel=1e-9, abs=1e-12), layout
+        assert_metrics_match(got, ref, ["actor/grad_norm"], rel=1e-9, where=layout)
+        assert_metrics_match(got, ref, ["actor/loss"], rel=1e-9, abs=1e-12, where=layout)
         assert got["weight_diff"] < 1e-12, layout
     assert result["packed"]["actor/padding_share"] == 0.0
     # Padded on two ranks: each rank plans its own shard; the share is of the slots of both.

@@ -99,7 +99,7 @@ def test_estimate_arithmetic_by_hand():
     # norms 2 x 8 = 16: 608. Root: embeddings and LM head 2 x 32 x 8 = 512, final norm 8: 520.
     assert (shape.layer_params, shape.root_params, shape.params) == (608, 520, 2 * 608 + 520)
     p = 1736
-    gpu = GPU("toy", memory_gib=1, hbm_tb_per_s=1e-6, bf16_tflops=1e-9)  # 1e6 B/s, 1000 FLOP/s
+    gpu = GPU("toy", memory_bytes=2**30, hbm_tb_per_s=1e-6, matmul_tflops=1e-9)  # 1e6 B/s, 1000 FLOP/s
     a = Assumptions(
         prompt_tokens=4,
         mean_response_tokens=10,
@@ -144,20 +144,30 @@ def test_estimate_arithmetic_by_hand():
     # Update: resident + gathered + unsharded grads + activations (nothing asleep, no reserve here).
     # The cache is emptied before the engine wakes: it comes back beside the resident state only,
     # then takes the weights: two buckets of 1024 bytes + the largest tensor (the 32 x 8 embedding,
-    # fp32). The policy is on the CPU when the engine starts, so the whole GPU is free then.
+    # fp32), and vLLM reloads each layer through a copy of it: the largest vLLM layer is the
+    # embedding or gate_up_proj (both 256 values; qkv_proj 8 x 16 = 128), in the fp32 engine.
+    # The policy is on the CPU when the engine starts, so the whole GPU is free then.
     update = 16 * p / 4 + 2 * (520 + 2 * 608) + 6 * (520 + 608) + 16 * (2 * 8 * 2 + 320) + 512
-    assert est.update_peak == update and est.weight_sync == 2 * (1024 + 4 * 32 * 8)
-    assert est.wake_peak == 16 * p / 4 + 2**29 + est.weight_sync == est.rollout_peak + est.weight_sync
+    assert est.update_peak == est.update_allocated == update and est.weight_sync == 2 * (1024 + 4 * 32 * 8)
+    assert est.reload_temporary == 4 * 256
+    assert est.wake_peak == 16 * p / 4 + 2**29 + est.weight_sync + 1024
+    assert est.wake_peak == est.rollout_peak + est.weight_sync + est.reload_temporary
     assert est.free_at_engine_start == 2**30 and est.fits
     # Time: 2 prompts x 2 samples per rank x 10 tokens at 100 x 2 / 4 (fp32 engine) tokens/s = 0.8 s,
     # longer than the longest response's 20 steps x 4P / (1e6 x 0.5) s.
     assert est.trajectories_per_rank == 4 and est.generated_tokens == 160
     assert est.decode_step_s == pytest.approx(4 * p / 5e5)
     assert est.generation_s == pytest.approx(0.8)
-    # Update: (6 + 2 recompute + 2 old log-probs, as mini_batches > 1) x P x 16 x (4 + 10) tokens,
-    # over 4 GPUs x 1000 FLOP/s x 0.5.
-    assert est.train_flops == 10 * p * 16 * 14
-    assert est.update_s == pytest.approx(10 * p * 16 * 14 / 2000)
+    # Update: one forward pass is 16 trajectories x 14 tokens through each layer's 576 matmul
+    # weights (q, o 2 x 64; k, v 2 x 32; MLP 384), causal attention over 16 x (14 x 15 / 2) = 1680
+    # (query, key) pairs at 4 x H FLOPs each, and the LM head (32 x 8) over the 16 x 10 response
+    # tokens only: 2 x (2 x 576 x 224 + 4 x 8 x 1680) + 2 x 8 x 32 x 160 = 705,536 FLOPs.
+    # Passes: forward 1, backward 2, recompute 1, old log-probs 1 (mini_batches > 1 is off-policy).
+    one_pass = 2 * (2 * 576 * 224 + 4 * 8 * 1680) + 2 * 8 * 32 * 160
+    assert shape.layer_matmul_params == 576 and one_pass == 705_536
+    assert est.update_passes == {"old/ref log-probs": 1.0, "forward": 1.0, "backward": 3.0}
+    assert est.train_flops == 5 * one_pass
+    assert est.update_s == pytest.approx(5 * one_pass / 2000)  # over 4 GPUs x 1000 FLOP/s x 0.5
     assert est.step_s == pytest.approx(est.generation_s + est.update_s)
 
 
@@ -167,6 +177,46 @@ def test_estimate_uses_the_trainers_sync_bucket():
     from cir.training.actor import DEFAULT_BUCKET_BYTES
 
     assert SYNC_BUCKET_BYTES == DEFAULT_BUCKET_BYTES
+
+
+def test_gpu_memory_is_the_drivers_total_not_the_datasheets_gigabytes():
+    """An "80 GB" H100 holds 81,559 MiB (79.6 GiB), not 80 GiB; vLLM's share is taken of that total
+    (engine_start_bytes: ceil(total x fraction)), and the table prints it in GiB."""
+    from cir.bench.estimate import GPUS
+    from cir.engines.vllm import engine_start_bytes
+
+    h100 = GPUS["h100"]
+    assert h100.memory_bytes == 81559 * 2**20 and 79 * 2**30 < h100.memory_bytes < 80 * 2**30
+    assert 140 * 2**30 < GPUS["h200"].memory_bytes < 141 * 2**30
+    est = estimate_run(load_train_config("qwen2.5-math-7b-8gpu"), 8, "h100")
+    assert est.gpu_memory == h100.memory_bytes
+    assert est.engine == engine_start_bytes(h100.memory_bytes, 0.6) == math.ceil(0.6 * 81559 * 2**20)
+    assert "79.6 GiB" in dict((q, v) for q, v, _ in est.rows())["GPU memory"]
+
+
+def test_estimator_asks_the_owners():
+    """The dtype sizes, the engine's "auto" dtype and the on-policy rule come from the modules that
+    own them, so a change there changes the estimate."""
+
+    from cir.bench.estimate import dtype_bytes, gpu_engine_dtype, update_passes
+    from cir.engines.factory import engine_dtype
+    from cir.models import DTYPES
+    from cir.training.optim import OptimConfig
+
+    assert {name: dtype_bytes(name) for name in DTYPES} == {"float32": 4, "bfloat16": 2, "float16": 2}
+    with pytest.raises(ValueError, match="float8"):
+        dtype_bytes("float8")
+    assert gpu_engine_dtype("auto") == engine_dtype("auto", "cuda")
+    assert gpu_engine_dtype("float32") == "float32"
+    for epochs, minis in [(1, 1), (1, 2), (2, 1)]:
+        on_policy = OptimConfig(ppo_epochs=epochs, mini_batches=minis).on_policy
+        assert on_policy == (epochs == 1 and minis == 1)
+        shape = ModelShape(8, 16, 2, 2, 1, 32, False, 64)
+        est = estimate(shape, gpus=1, gpu=GPU("toy", 2**30, 1.0, 1.0), prompts_per_step=2, group_size=2,
+                       max_response_tokens=8, micro_batch_tokens=64, gradient_checkpointing=False,
+                       ppo_epochs=epochs, mini_batches=minis)  # fmt: skip
+        want = update_passes(ppo_epochs=epochs, on_policy=on_policy, gradient_checkpointing=False, kl_reference=False)
+        assert est.update_passes == want and (want["old/ref log-probs"] == 0) == on_policy
 
 
 def test_known_model_shapes():
@@ -215,7 +265,9 @@ def test_estimate_overrides_and_what_does_not_fit():
     assert half.update_peak - 2**30 + half.engine > half.gpu_memory > half.wake_peak
     tight = estimate_run(cfg, 8, "h100", engine_memory_fraction=0.77)
     assert tight.engine_starts and tight.rollout_peak <= tight.gpu_memory < tight.wake_peak and not tight.fits
-    assert tight.wake_peak == pytest.approx(tight.rollout_peak + tight.weight_sync)
+    assert tight.wake_peak == pytest.approx(tight.rollout_peak + tight.weight_sync + tight.reload_temporary)
+    # vLLM's reload holds the largest layer twice: the 152,064 x 3,584 embedding in bf16, 1.0 GiB.
+    assert tight.reload_temporary == 2 * 152064 * 3584
     assert tight.update_peak == recipe.update_peak < tight.gpu_memory  # the engine asleep: not the cause
     assert any("wakes" in n for n in tight.notes) and not any("wakes" in n for n in half.notes)
     fp32 = estimate_run(cfg, 8, "h100", engine_dtype="float32")
@@ -248,3 +300,20 @@ def test_cli_bench_estimate(capsys):
     # A config that does not exist: one line naming it, exit code 2.
     assert main(["bench", "estimate", "--config", "nope", "--gpus", "8"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_one_rank_sharded_actor_is_estimated_like_fsdp():
+    """One rank on a GPU is sharded as the actor builds it there (FSDP2 over a group of one, bf16
+    compute): the gathered bf16 copy and the unsharded gradients count, as for several ranks; a
+    plain module (sharded=False) computes in the parameters' dtype and gathers nothing."""
+    shape = ModelShape(8, 16, 2, 2, 1, 32, False, 64)
+    kw = dict(gpus=1, gpu=GPU("toy", 2**30, 1.0, 1.0), prompts_per_step=2, group_size=2, max_response_tokens=8,
+              micro_batch_tokens=16, gradient_checkpointing=False)  # fmt: skip
+    plain, sharded = estimate(shape, **kw, sharded=False), estimate(shape, **kw)
+    assert plain.gathered_params == plain.unsharded_grads == 0
+    assert sharded.gathered_params == 2 * (520 + 2 * 608) and sharded.unsharded_grads == 6 * (520 + 608)
+    assert sharded.activations < plain.activations  # bf16 activations, not fp32
+    assert (
+        sharded.update_allocated
+        == sharded.actor_resident + sharded.gathered_params + sharded.unsharded_grads + sharded.activations
+    )

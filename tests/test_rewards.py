@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ import pytest
 
 import cir.rewards
 from cir.rewards import (
+    GraderCounters,
     GraderPool,
     RewardConfig,
     RewardResult,
@@ -28,17 +31,22 @@ from cir.rewards import (
     grade,
     grade_batch,
     grade_outcomes,
+    grader_counters,
+    grading_form,
     grading_text,
     has_unclosed_code_block,
     model_text,
     overlong_penalty,
+    plain_number,
     register_reward,
     reward_info_from_trajectory,
     score_trajectories,
     without_code_blocks,
 )
 from cir.tokenization import byte_tokenizer
-from cir.trajectory import ToolCall, Trajectory
+from cir.trajectory import SANDBOX_FAULT, ToolCall, Trajectory
+
+LABELS = Path(__file__).parent / "data" / "grading_labels.jsonl"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,6 +112,9 @@ def test_answers_import_without_grader_or_registry():
         (r"\boxed{3} and then \boxed{\frac{1}{2", None),  # last box never closed: no answer
         (r"\boxed{ \boxed{3}", "3"),  # an unclosed box before a closed one
         ("\\boxed", None),
+        ("so \\boxed\n{42}.", "42"),  # a line break before the brace
+        ("\\boxed \r\n\n {7}", "7"),
+        ("\\boxed\nThe answer", None),  # no brace after the line break: not a box
     ],
 )
 def test_extract_boxed(text, expected):
@@ -114,6 +125,49 @@ def test_extract_all_boxed_counts_nested_once_and_skips_unclosed():
     text = r"\boxed{1} \fbox{2} \boxed{\frac{3}{\boxed{4}}} \boxed 5 \boxed{6"
     assert extract_all_boxed(text) == ["1", "2", r"\frac{3}{\boxed{4}}", "5"]
     assert extract_all_boxed("nothing") == []
+
+
+def test_boxes_in_any_fenced_block_are_code_and_output_blocks_stay_when_asked():
+    text = (
+        "a\n```python3\nprint(r'\\boxed{1}')\n```\nb\n```\n\\boxed{2}\n```\n"
+        "```output\n\\boxed{3}\n```\nc \\boxed{4}\n```latex\n\\boxed{5}"  # the last block is cut off
+    )
+    assert extract_all_boxed(without_code_blocks(text)) == ["4"]
+    assert extract_all_boxed(without_code_blocks(text, keep_output=True)) == ["3", "4"]
+    assert without_code_blocks("inline ```x``` stays") == "inline ```x``` stays"
+
+
+@pytest.mark.parametrize(
+    "answer, form",
+    [
+        (r"\text{204 minutes}", "204"),
+        ("2000 calories", "2000"),
+        (r"\mbox{15 cm}^2", "15"),
+        (r"864 \mbox{ inches}^2", "864"),
+        (r"\frac{270}7\text{ degrees}", r"\frac{270}7"),
+        (r"10\,\%", r"10 \%"),
+        (r"1\,000\,000", "1000000"),
+        ("30°", r"30^{\circ}"),
+        ("100 °C", r"100^{\circ}"),
+        ("6.72e-05", r"6.72\times10^{-05}"),
+        ("\u22123", "-3"),
+        # Kept as written: words that change the value, lone letters, bare words that are no unit.
+        (r"\text{5 or more}", r"\text{5 or more}"),
+        (r"2\text{ x}", r"2\text{ x}"),
+        ("2 ab", "2 ab"),
+        (r"\text{(C)}", r"\text{(C)}"),
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
+    ],
+)
+def test_grading_form(answer, form):
+    assert grading_form(answer) == form
+
+
+def test_plain_numbers_are_exact():
+    assert plain_number("6.72e-05") == plain_number(".0000672") == plain_number(r"6.72\times 10^{-5}")
+    assert plain_number("0.0000673") != plain_number("6.72e-05")
+    assert plain_number("1.0000000000000000000000000000001") != plain_number("1")  # no rounding
+    assert plain_number(r"\frac{1}{2}") is None and plain_number("2e") is None and plain_number("1e99999") is None
 
 
 def test_unclosed_code_block_detection():
@@ -211,23 +265,74 @@ def test_grading_from_threads_and_asyncio():
     assert asyncio.run(main()) == [True, False]
 
 
-def test_hanging_grader_is_killed_replaced_and_counts_wrong():
+def test_hanging_grader_is_killed_retried_then_a_fault():
     # 9^(9^9) is a ~370-million-digit integer: sympy computes it in C, which neither
     # math-verify's signal alarm nor anything but killing the process can interrupt.
-    with GraderPool(num_workers=1) as pool:
+    before = grader_counters()
+    with GraderPool(num_workers=1, max_retries=2, retry_backoff_s=0.05) as pool:
         pool.start()
         assert pool.submit("1+1", "2", 60).result(timeout=120).correct  # worker up and grading
         pid_before = pool.worker_pids
         start = time.monotonic()
         outcome = pool.submit("9^{9^{9}}", "3", 0.5).result(timeout=60)
         elapsed = time.monotonic() - start
-        assert not outcome.correct
-        assert outcome.reason == "grader_timeout"
-        assert elapsed < 5.0, f"timed-out request took {elapsed:.1f} s"
-        assert pool.restarts == 1
+        # Tried three times, each on a fresh worker, then given up: a fault, not a verdict.
+        assert (outcome.reason, outcome.fault) == ("grader_timeout", "grader_timeout")
+        assert elapsed < 15.0, f"timed-out request took {elapsed:.1f} s"
+        assert pool.counters() == GraderCounters(retries=2, timeouts=1, crashes=0, restarts=3)
+        assert pool.restarts == 3
         assert pool.worker_pids != pid_before
         # The replacement worker grades normally.
         assert pool.submit(r"\frac{2}{4}", "0.5", 30).result(timeout=120).correct
+    # The process-wide counters saw the same (the trainer logs such a difference per step).
+    step = grader_counters() - before
+    assert (step.retries, step.timeouts, step.faults) == (2, 1, 1) and step.restarts >= 3
+    assert step.as_metrics()["grader/faults"] == 1.0
+
+
+def _worker_busy(pool: GraderPool, not_pid: int | None = None, timeout_s: float = 30.0) -> int:
+    """The pid of the pool's worker once it holds a request (test fault injection), other than
+    `not_pid` (one already killed, until the pool notices)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [w.proc.pid for w in pool._workers if w.state == "busy" and w.proc.pid != not_pid]
+        if busy:
+            return busy[0]
+        time.sleep(0.01)
+    raise AssertionError("no worker took the request")
+
+
+def test_a_worker_lost_mid_request_is_replaced_and_the_request_graded_on_the_next():
+    # The machine's faults pass: a worker killed (e.g. by the OOM killer) or frozen (starved of
+    # CPU past the deadline) while grading; the retry on a fresh worker gives the verdict.
+    with GraderPool(num_workers=1, max_retries=2, retry_backoff_s=0.05) as pool:
+        assert pool.submit("1+1", "2", 60).result(timeout=120).correct
+        pid = pool.worker_pids[0]
+        os.kill(pid, signal.SIGSTOP)  # frozen: it cannot reply to what comes next
+        future = pool.submit(r"\frac{2}{4}", "0.5", 60)
+        assert _worker_busy(pool) == pid
+        os.kill(pid, signal.SIGKILL)
+        outcome = future.result(timeout=120)
+        assert (outcome.correct, outcome.reason, outcome.fault) == (True, "equivalent", None)
+        assert pool.counters() == GraderCounters(retries=1, timeouts=0, crashes=0, restarts=1)
+
+        pid = pool.worker_pids[0]
+        os.kill(pid, signal.SIGSTOP)  # frozen past the deadline: a timeout, retried
+        outcome = pool.submit(r"\frac{3}{4}", "0.75", 1.0).result(timeout=120)
+        assert (outcome.correct, outcome.fault) == (True, None)
+        assert pool.counters() == GraderCounters(retries=2, timeouts=0, crashes=0, restarts=2)
+
+
+def test_a_worker_lost_on_every_try_is_a_grader_crash():
+    with GraderPool(num_workers=1, max_retries=1, retry_backoff_s=0.05) as pool:
+        future = pool.submit("9^{9^{9}}", "3", 60)  # hangs: each try is still running when killed
+        killed = None
+        for _ in range(2):
+            killed = _worker_busy(pool, not_pid=killed)
+            os.kill(killed, signal.SIGKILL)
+        outcome = future.result(timeout=120)
+        assert (outcome.correct, outcome.reason, outcome.fault) == (False, "grader_crashed", "grader_crash")
+        assert pool.counters() == GraderCounters(retries=1, timeouts=0, crashes=1, restarts=2)
 
 
 def test_hanging_grader_in_batch_does_not_spoil_the_others():
@@ -240,21 +345,22 @@ def test_hanging_grader_in_batch_does_not_spoil_the_others():
     ]
 
 
-def test_math_reward_grader_timeout_counts_wrong():
+def test_math_reward_grader_timeout_is_a_fault_not_a_wrong_answer():
     rs = compute_rewards(
         "math", [r"\boxed{9^{9^{9}}}", r"\boxed{3}"], ["3", "3"], None, RewardConfig(grader_timeout_s=0.5)
     )
-    assert [(r.reward, r.correct, r.info["reason"]) for r in rs] == [
-        (-1.0, False, "grader_timeout"),
-        (1.0, True, "exact_match"),
+    assert [(r.reward, r.correct, r.fault, r.info["reason"]) for r in rs] == [
+        (0.0, False, "grader_timeout", "grader_timeout"),
+        (1.0, True, None, "exact_match"),
     ]
+    assert rs[0].info["answer"] == "9^{9^{9}}"
     assert grade(r"\frac{6}{2}", "3")  # the shared pool replaced the killed worker and grades on
 
 
 def test_grader_memory_limit_is_applied_to_workers():
     limits_file = "/proc/{pid}/limits"
     with GraderPool(num_workers=1, memory_limit_mb=1536) as pool:
-        assert pool.submit("2", "2.0", 30).result(timeout=120).correct
+        assert pool.submit(r"\frac{4}{2}", "2", 30).result(timeout=120).correct  # through a worker
         (pid,) = pool.worker_pids
         try:
             limits = open(limits_file.format(pid=pid)).read()
@@ -433,6 +539,88 @@ def test_box_printed_by_code_is_not_the_models_answer_unless_asked():
     # A box written in the model's code is code, not a stated answer; one after it is.
     assert without_code_blocks("a ```python\nprint(r'\\boxed{1}')\n```\nb") == "a \n\nb"
     assert extract_boxed(without_code_blocks("```python\nx = r'\\boxed{1}'\n``` so \\boxed{2}")) == "2"
+
+
+def test_labelled_set_every_row_graded_as_labelled():
+    """tests/data/grading_labels.jsonl: responses and references labelled by hand, by category
+    (units, variables, spacing, the degree sign, scientific notation, a line break after \\boxed,
+    fenced blocks, several boxes, near-misses). Every row must grade as labelled, and every
+    near-miss wrong; rows with ``distinct_boxes`` also check how many answers were boxed."""
+    rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    categories = {row["category"] for row in rows}
+    for category in categories:  # each category has both kinds
+        labels = {row["correct"] for row in rows if row["category"] == category}
+        assert labels == {True, False}, category
+    assert sum(not row["correct"] for row in rows) >= 40
+    results = compute_rewards("math", [r["response"] for r in rows], [r["reference"] for r in rows])
+    wrong = [
+        (row["category"], row["response"], row["reference"], row["correct"], result.info.get("reason"))
+        for row, result in zip(rows, results)
+        if result.correct != row["correct"]
+        or result.fault is not None
+        or result.info["num_distinct_boxes"] != row.get("distinct_boxes", result.info["num_distinct_boxes"])
+    ]
+    assert not wrong, wrong
+
+
+def test_equivalent_boxes_are_one_answer_for_the_several_boxes_penalty():
+    cfg = RewardConfig(multi_box_penalty=0.5)
+    rs = compute_rewards(
+        "math",
+        [
+            r"$\boxed{\frac12}$, i.e. $\boxed{0.5}$",
+            r"$\boxed{\frac12}$, no: $\boxed{0.25}$",
+            r"\boxed{1} \boxed{2} \boxed{1.0}",
+        ],
+        ["0.5", "0.25", "1"],
+        None,
+        cfg,
+    )
+    assert [(r.reward, r.info["num_distinct_boxes"], r.info["penalties"]) for r in rs] == [
+        (1.0, 1, {}),
+        (0.5, 2, {"multi_box": 0.5}),
+        (0.5, 2, {"multi_box": 0.5}),
+    ]
+
+
+def test_a_sandbox_fault_is_not_graded_for_any_reward():
+    calls = []
+
+    @register_reward("test_counting")
+    def counting(response_text, reference, *, trajectory_info):
+        calls.append(response_text)
+        return RewardResult(reward=1.0, correct=True)
+
+    infos = [{}, {"sandbox_fault": True}, {"sandbox_fault": False}]
+    for name in ("math", "test_counting"):
+        rs = compute_rewards(name, [r"\boxed{1}", r"\boxed{1}", r"\boxed{1}"], ["1", "1", "1"], infos)
+        assert [(r.fault, r.correct, r.reward) for r in rs] == [
+            (None, True, 1.0),
+            ("sandbox", False, 0.0),
+            (None, True, 1.0),
+        ]
+        assert rs[1].info["reason"] == "sandbox"
+    assert calls == [r"\boxed{1}", r"\boxed{1}"]  # the faulted response never reached the reward
+    assert [r.fault for r in compute_rewards("math", [r"\boxed{1}"], ["1"], [{"sandbox_fault": True}])] == ["sandbox"]
+
+
+def test_score_trajectories_leaves_a_sandbox_fault_ungraded():
+    tok = byte_tokenizer()
+
+    def trajectory(status):
+        code = "```python\nprint(7)\n```\n"
+        traj = Trajectory(prompt_ids=tok.encode("Q", add_special_tokens=False))
+        code_span = traj.append(tok.encode(code, add_special_tokens=False), None, trainable=True)
+        fb_span = traj.append(tok.encode("```output\n7\n```\n", add_special_tokens=False), None, trainable=False)
+        traj.append(tok.encode("so \\boxed{7}", add_special_tokens=False), None, trainable=True)
+        traj.tool_calls.append(ToolCall("print(7)", status, "7", code_span, fb_span))
+        traj.finish_reason = "eos"
+        return traj
+
+    ok, faulted = trajectory("ok"), trajectory(SANDBOX_FAULT)
+    assert faulted.sandbox_fault and reward_info_from_trajectory(faulted)["sandbox_fault"]
+    rs = score_trajectories([ok, faulted], ["7", "7"], tok, RewardConfig(), max_response_tokens=256)
+    assert [(r.fault, r.correct, r.reward) for r in rs] == [(None, True, 1.0), ("sandbox", False, 0.0)]
 
 
 def test_reward_config_validation():

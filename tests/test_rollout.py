@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 
 import pytest
@@ -804,6 +805,17 @@ def test_model_context_caps_the_response_feedback_included(world):
         rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])
 
 
+def test_an_error_inside_the_rollout_shows_its_own_traceback(world):
+    # rollout() runs its coroutine with asyncio.run once it found no running loop; raised from
+    # inside it, the error must not be chained to that check's "no running event loop".
+    prompt = world.prompts["three_blocks"]
+    with pytest.raises(ValueError, match="leaves no room") as raised:
+        rollout(ShortContext(world.engine, len(prompt)), world.sandbox, [prompt], base_config(), problem_ids=["p-7"])
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "no running event loop" not in shown and "During handling" not in shown, shown
+
+
 # ---------------------------------------------------------------------------------------------
 # Engines that do not evaluate the closing-fence rule (vLLM): the rollout decides
 
@@ -882,3 +894,89 @@ def test_false_stop_at_the_length_limit_ends_the_trajectory(world):
         )
         _same_trajectory(exact, got)
         assert got.finish_reason == "length" and len(got.response_ids) == room
+
+
+def _zygote_sleeping_children(zygote_pid: int) -> list[int]:
+    """Host pids of the zygote's children asleep in time.sleep (the "sleep" script's snippet;
+    the spare waits in a socket read, the quick snippets never sleep)."""
+    try:
+        with open(f"/proc/{zygote_pid}/task/{zygote_pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    sleeping = []
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if "nanosleep" in f.read():
+                    sleeping.append(pid)
+        except OSError:
+            pass
+    return sleeping
+
+
+@pytest.mark.parametrize("mode", ["async", "turn_sync"])
+def test_a_sandbox_fault_ends_its_trajectory_and_the_batch_goes_on(world, mode):
+    """The interpreter dies under one trajectory's block every time it runs (killed from
+    outside while that block sleeps): the sandbox retries it, gives up, and the rollout
+    records a SANDBOX_FAULT call and ends that trajectory there, shows the model nothing,
+    and finishes every other trajectory exactly as without the fault."""
+    import os
+    import signal
+    import threading
+
+    from cir.trajectory import SANDBOX_FAULT
+
+    names = ["sleep", "fence_nl", "quick0"]
+    prompts = [world.prompts[n] for n in names]
+    done = threading.Event()
+    kills = []
+    with Sandbox(workers=2, timeout_s=10, fault_attempts=2, retry_backoff_s=0.01) as sandbox:
+
+        def killer():
+            while not done.is_set() and len(kills) < 6:
+                zygote = sandbox.stats()["zygote_pid"]
+                if zygote > 0 and _zygote_sleeping_children(zygote):
+                    os.kill(zygote, signal.SIGKILL)
+                    kills.append(zygote)
+                    while not done.is_set() and sandbox.stats()["zygote_pid"] in (zygote, -1):
+                        time.sleep(0.01)
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            trajs = rollout(world.engine, sandbox, prompts, base_config(), mode=mode)
+        finally:
+            done.set()
+            thread.join()
+        counters = sandbox.counters()
+    faulted, *others = trajs
+    assert len(kills) == 2  # each attempt of the sleeping block lost its interpreter
+    (call,) = faulted.tool_calls
+    assert call.status == SANDBOX_FAULT and call.output == "" and faulted.sandbox_fault
+    assert faulted.finish_reason == "sandbox_fault"
+    # The model's first segment exactly, up to its closing fence; nothing appended after it.
+    first_segment = world.segments["sleep"][0]
+    assert faulted.response_ids == first_segment and faulted.loss_mask == [1] * len(first_segment)
+    assert call.feedback_span == (len(first_segment), len(first_segment))
+    faulted.check()
+    for name, traj in zip(names[1:], others):
+        assert traj.response_ids == world.expected[name] and not traj.sandbox_fault
+        assert all(c.status == "ok" for c in traj.tool_calls)
+    assert counters["faults_interpreter_lost"] == 1 and counters["faults"] == 1
+    assert counters["retries"] >= 1 and counters["restarts"] >= 2
+    assert rollout_stats(trajs)["finish_sandbox_fault"] == pytest.approx(1 / 3)
+
+
+def test_sandbox_error_for_a_call_ends_only_that_trajectory(world):
+    """A call the sandbox cannot take at all (SandboxError, e.g. while its interpreter cannot
+    start) ends that trajectory in a sandbox fault; it never aborts the batch."""
+    from cir.trajectory import SANDBOX_FAULT
+
+    sandbox = Sandbox(workers=1, timeout_s=10, preload=("math",), warmup=False)
+    sandbox.close()  # every call now raises SandboxError
+    trajs = rollout(world.engine, sandbox, [world.prompts["fence_nl"], world.prompts["error"]], base_config())
+    for traj, name in zip(trajs, ["fence_nl", "error"]):
+        assert traj.finish_reason == "sandbox_fault" and traj.tool_calls[-1].status == SANDBOX_FAULT
+        assert traj.response_ids == world.segments[name][0]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -129,43 +129,96 @@ def test_flood_and_crash_storm_leaves_nothing():
     assert report["after"] == "still works\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to start a non-root run")
-def test_degrades_gracefully_without_root():
-    """As an ordinary user: no uid to drop to, so snippets share the trainer's uid; the
-    sandbox says so and still isolates what the kernel allows (here: a user namespace)."""
-    codes = [
-        "import os; print(os.getuid())",
-        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
-        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n    os._exit(0)\ntime.sleep(0.2)\nprint('parent done')",
-        "print(1)",
-    ]
-    # The run needs the installed package to be readable by that uid, which it is not when
-    # the checkout sits in a private (0700) folder, as a `mktemp -d` clone does.
-    probe = subprocess.run(
-        [
-            shutil.which("setpriv"),
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            "import cir._sandbox",
-        ],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=60,
+# What a user's run looks like from the inside: the trainer runs as that user from a project
+# folder in its 0700 home (cwd on sys.path, as with `python -m cir train`); the user's own
+# files, 0600 ones included, are readable by the trainer. Snippets must see none of them.
+_NON_ROOT_HARNESS = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, os.getcwd())  # as `python -m cir train` from the project folder has it
+    from cir.sandbox import Sandbox
+
+    home = os.environ["HOME"]
+    secrets = [os.path.join(home, ".netrc"), os.path.join(home, "project", "data", "train.jsonl"),
+               os.path.join(home, "project", "runs", "demo", "eval", "step_000001.jsonl")]
+    report = {"trainer_reads": [open(p).read() for p in secrets], "uid": os.getuid()}
+    probe = (
+        "import os, json\\n"
+        "out = {'uid': os.getuid(), 'read': [], 'list': []}\\n"
+        "for p in PATHS:\\n"
+        "    try:\\n"
+        "        out['read'].append(open(p).read())\\n"
+        "    except OSError as e:\\n"
+        "        out['read'].append(type(e).__name__)\\n"
+        "for d in DIRS:\\n"
+        "    try:\\n"
+        "        out['list'].append(sorted(os.listdir(d)))\\n"
+        "    except OSError as e:\\n"
+        "        out['list'].append(type(e).__name__)\\n"
+        "print(json.dumps(out))"
     )
-    if probe.returncode != 0:
-        pytest.skip(
-            f"uid 65534 cannot import this installation of cir ({probe.stderr.strip().splitlines()[-1:]}); the non-root path is not exercised here"
+    dirs = [home, os.getcwd(), os.path.join(home, "project", "data")]
+    code = probe.replace("PATHS", repr(secrets)).replace("DIRS", repr(dirs))
+    with Sandbox(workers=1, timeout_s=5.0, preload=["math"], warmup=False) as sb:
+        report["facts"] = sb.isolation_facts
+        report["probe"] = json.loads(sb.run(code).stdout)
+        rest = ["import socket\\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+                "import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    if os.fork() == 0:\\n"
+                "        time.sleep(60)\\n    os._exit(0)\\ntime.sleep(0.2)\\nprint('parent done')",
+                "print(1)"]
+        report["statuses"] = [sb.run(c).status for c in rest]
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to start a non-root run")
+def test_as_a_non_root_user_nothing_of_that_user_is_visible():
+    """Run by an ordinary user (uid 65534 here, through setpriv), the sandbox takes a user
+    namespace to get its mount namespace, builds the snippets' root from the interpreter and
+    the preloads, and snippets, which run as that very uid, see none of the user's files:
+    not the home, not its 0600 files, not the project folder on sys.path, not its data or
+    runs. The interpreter under root's 0700 home (pyenv) is made reachable for that uid in
+    the test's own mount namespace, at its own path."""
+    uid = 65534
+    base = tempfile.mkdtemp(prefix="cir-user-")
+    try:
+        os.chmod(base, 0o755)
+        home = os.path.join(base, "home")
+        files = {
+            ".netrc": "machine api.wandb.ai login user password SECRET-KEY\n",
+            "project/data/train.jsonl": '{"problem": "1+1", "answer": "2"}\n',
+            "project/runs/demo/eval/step_000001.jsonl": '{"answer": "42"}\n',
+        }
+        for rel, text in files.items():
+            path = os.path.join(home, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+        for root, _dirs, filenames in os.walk(home):
+            os.chown(root, uid, uid)
+            for name in filenames:
+                os.chown(os.path.join(root, name), uid, uid)
+        os.chmod(home, 0o700)
+        expose = [sys.executable, os.path.realpath(sys.executable), sys.base_prefix, sys.prefix]
+        env = {"HOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONSAFEPATH": "1"}
+        done = run_contained(
+            _NON_ROOT_HARNESS, timeout=180, user=uid, expose=expose, cwd=os.path.join(home, "project"), env=env
         )
-    report = contained_run({"workers": 1, "timeout_s": 3.0, **FAST_START}, codes, user=65534)
+        assert done.returncode == 0, f"harness failed (rc={done.returncode}):\n{done.stderr[-4000:]}"
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    # The trainer (that user) can read its files; its snippets run as the same uid ...
+    assert report["uid"] == uid and report["trainer_reads"] == list(files.values())
+    probe = report["probe"]
+    assert probe["uid"] == uid
+    # ... and find none of them: they are not in the snippets' filesystem at all.
+    assert probe["read"] == ["FileNotFoundError"] * 3, probe
+    assert probe["list"] == ["FileNotFoundError"] * 3, probe
     facts = report["facts"]
-    assert facts["drop_uid"] is False and facts["uid_range"] is None
-    statuses = [r["status"] for r in report["results"]]
-    assert statuses == ["ok", "error", "ok", "ok"], report["results"]
-    assert report["results"][0]["stdout"] == "65534\n"
-    # Everything the double-forking snippet left behind is gone: only the spare remains.
-    assert len(report["zygote_descendants"]) <= 1, report
-    assert report["after"] == "still works\n"
+    assert facts["namespaces"]["user"] and facts["drop_uid"] is False and facts["uid_range"] is None
+    assert facts["filesystem"]["root"] == "allow-list" and facts["filesystem"]["ok"]
+    assert not any(p.startswith(home) for p in facts["filesystem"]["visible"])
+    assert report["statuses"] == ["error", "ok", "ok"]  # no network; detached children reaped; still works

@@ -11,7 +11,7 @@ import threading
 import pytest
 from test_sandbox_support import assert_clean
 
-from cir.sandbox import Sandbox
+from cir.sandbox import Sandbox, SandboxError
 
 SECRET_VAR = "CIR_SANDBOX_TEST_SECRET"
 
@@ -173,7 +173,7 @@ def test_namespace_and_mount_syscalls_refused(sb):
 
 
 def test_host_processes_are_invisible(sb):
-    if not (sb.isolation_facts.get("mounts") or {}).get("private_proc"):
+    if not sb.isolation_facts["filesystem"].get("private_proc"):
         pytest.skip("no private /proc on this machine")
     pids = run_json(sb, "import os, json\nprint(json.dumps([int(p) for p in os.listdir('/proc') if p.isdigit()]))")
     assert len(pids) < 10  # the zygote, its spare, this snippet (and a sibling or two)
@@ -205,11 +205,18 @@ def test_file_numbers_start_at_three(sb):
 
 
 def test_without_namespaces_other_mechanisms_still_hold():
-    """Where namespaces are not allowed (here: switched off) the sandbox falls back to a
-    seccomp filter for the network, the slot uid for processes and file permissions."""
+    """Where namespaces are not allowed (here: switched off) the sandbox refuses to start,
+    unless weaker isolation is accepted explicitly: then it falls back to a seccomp filter
+    for the network, the slot uid for processes and file permissions."""
+    with pytest.raises(SandboxError) as refused:
+        Sandbox(workers=1, preload=("math",), warmup=False, namespaces=False)
+    message = str(refused.value)
+    assert "\n" not in message and "namespaces=False" in message and "accept_weaker_isolation=True" in message
     # Without a mount namespace a Python installed in a private directory (like root's home)
-    # cannot be re-exposed to the slot uid: preload what the snippets here import.
-    sandbox = Sandbox(workers=1, preload=("math", "socket"), warmup=False, namespaces=False)
+    # is not readable by the slot uid: preload what the snippets here import.
+    sandbox = Sandbox(
+        workers=1, preload=("math", "socket"), warmup=False, namespaces=False, accept_weaker_isolation=True
+    )
     try:
         facts = sandbox.isolation_facts
         assert not any(facts["namespaces"].values())

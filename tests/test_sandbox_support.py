@@ -68,14 +68,18 @@ def zygote_children(zygote_pid: int) -> list[int]:
 
 def work_root_entries(sb) -> list[str]:
     """Per-snippet directories currently present in the sandbox's work root (seen through
-    the zygote's own mount namespace when it has one)."""
+    the zygote's own mount namespace when it has one; with a tmpfs per worker slot, the
+    entries inside each slot's)."""
     facts = sb.isolation_facts
     zygote = sb.stats()["zygote_pid"]
-    if (facts.get("mounts") or {}).get("private_tmp"):
+    fs = facts.get("filesystem") or {}
+    if facts.get("host_work_root") is None:
         path = f"/proc/{zygote}/root{facts['work_root']}"
     else:
         path = facts["work_root"]
-    return sorted(os.listdir(path))
+    if not fs.get("slot_tmpfs"):
+        return sorted(os.listdir(path))
+    return sorted(f"{slot}/{entry}" for slot in os.listdir(path) for entry in os.listdir(os.path.join(path, slot)))
 
 
 def wait_idle(sb, timeout: float = 20.0) -> dict:
@@ -186,6 +190,51 @@ class Contained:
     cgroups: tuple[str, ...]
 
 
+# Run as root inside the contained run's own mount namespace, before it drops to `user`:
+# makes each path in argv[1] (JSON) reachable by every uid at the path it has, past parent
+# directories that others cannot enter (a 0700 home holding pyenv, a `mktemp -d` checkout).
+# Each such directory is covered by an empty traversable tmpfs into which only the needed
+# entries are bound back; everything else in it stays out of sight. Then it execs argv[2:].
+_EXPOSE = """
+import json, os, sys, tempfile
+
+def blocked(path):
+    cur = "/"
+    for part in [p for p in path.split("/") if p]:
+        if not os.stat(cur).st_mode & 0o001:
+            return cur, part
+        cur = os.path.join(cur, part)
+    return None
+
+targets = [os.path.realpath(p) for p in json.loads(sys.argv[1])]
+stage = tempfile.mkdtemp(prefix="cir-expose-")
+for _ in range(16):
+    need = {}
+    for t in targets:
+        b = blocked(t)
+        if b:
+            need.setdefault(b[0], set()).add(b[1])
+    if not need:
+        break
+    for directory, children in need.items():
+        moved = []
+        for child in sorted(children):
+            src = os.path.join(directory, child)
+            aside = os.path.join(stage, str(len(os.listdir(stage))))
+            if os.path.isdir(src):
+                os.mkdir(aside)
+            else:
+                open(aside, "w").close()
+            os.system(f"mount --rbind '{src}' '{aside}'")
+            moved.append((aside, src))
+        os.system(f"mount -t tmpfs -o mode=0755 cir-expose '{directory}'")
+        for aside, dst in moved:
+            os.mkdir(dst) if os.path.isdir(aside) else open(dst, "w").close()
+            os.system(f"mount --move '{aside}' '{dst}'")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
 def run_contained(
     script: str,
     *,
@@ -194,10 +243,15 @@ def run_contained(
     memory_bytes: int = 6 << 30,
     as_bytes: int = 6 << 30,
     user: int | None = None,
+    expose: list[str] | None = None,
+    cwd: str = "/tmp",
+    env: dict[str, str] | None = None,
 ) -> Contained:
     """Runs `python -c script` under outer limits: its own pid namespace (everything dies
     with it on timeout), a pids and a memory cgroup where the machine has them, RLIMIT_AS,
-    and a wall-clock timeout. With `user`, as that uid (through setpriv)."""
+    and a wall-clock timeout. With `user`, as that uid (through setpriv); with `expose`, in its
+    own mount namespace where those paths are reachable by every uid (see _EXPOSE)."""
+    import json
     import resource
 
     cmd = [sys.executable, "-c", script]
@@ -206,7 +260,12 @@ def run_contained(
         assert setpriv, "setpriv is needed to run as another user"
         cmd = [setpriv, f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     unshare = shutil.which("unshare")
-    if unshare and os.geteuid() == 0:
+    if expose:
+        assert unshare and os.geteuid() == 0, "exposing paths to another uid needs root and unshare"
+        cmd = [unshare, "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private"]
+        cmd += [sys.executable, "-c", _EXPOSE, json.dumps(expose)]
+        cmd += [setpriv, f"--reuid={user}", f"--regid={user}", "--clear-groups", sys.executable, "-c", script]
+    elif unshare and os.geteuid() == 0:
         cmd = [unshare, "--pid", "--fork", "--kill-child", *cmd]
     with outer_cgroups(pids_max, memory_bytes) as groups:
 
@@ -221,7 +280,8 @@ def run_contained(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd="/tmp",
+            cwd=cwd,
+            env=env,
             preexec_fn=enter_limits,
             start_new_session=True,
         )

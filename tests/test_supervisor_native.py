@@ -67,7 +67,16 @@ def _spec(path: Path, workers: int) -> None:
     exe = s["executable"]
     if exe.startswith("/proc/"):  # /proc/self/exe would be the driver itself
         exe = os.path.realpath(sys.executable)
-    fields = [exe, str(len(s["argv"])), *s["argv"], str(len(s["env"])), *s["env"], s["config_json"], str(workers)]
+    fields = [
+        exe,
+        str(len(s["argv"])),
+        *s["argv"],
+        str(len(s["env"])),
+        *s["env"],
+        s["config_json"],
+        s["policy_json"],
+        str(workers),
+    ]
     path.write_bytes(b"".join(f.encode() + b"\0" for f in fields))
 
 

@@ -1,11 +1,13 @@
 """End-to-end trainer tests on the built-in demo task (tiny model, real sandbox, real rewards)."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cir.cli import main
 from cir.metrics import read_metrics
 from cir.training.config import load_train_config
 from cir.training.trainer import Trainer
@@ -41,24 +43,33 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_is_bit_exact(tmp_path, warm_model_dir):
+def test_resume_is_bit_exact(tmp_path, warm_model_dir, capsys):
     opts = ("run.eval_at_start=false", "data.eval=[]")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cfg = lambda out, steps: _warm_cfg(out, warm_model_dir, f"run.steps={steps}", *opts)  # noqa: E731
+    cfg = lambda out, steps, *more: _warm_cfg(out, warm_model_dir, f"run.steps={steps}", *opts, *more)  # noqa: E731
     with Trainer(cfg(straight, 4)) as t:
         w_init = _weights(t.actor.model)
         t.fit()
         w_straight = _weights(t.actor.model)
     assert any(not torch.equal(w_init[k], w_straight[k]) for k in w_init), "training did not change the weights"
-    with Trainer(cfg(split, 2)) as t:
+    with Trainer(cfg(split, 2, "run.save_every=1")) as t:  # checkpoints at steps 1 and 2
         t.fit()
-    # As if the first run had logged step 3 and then crashed before its next checkpoint.
+    # As if the first run had logged step 3 and then stopped hard while writing step 4's line
+    # (cut off mid-write), with its newest checkpoint's weights cut short (the data of a rename
+    # that reached the disk before its files did).
     with open(split / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "reward/mean": 123.0}) + "\n")
+        f.write('{"step": 4, "reward/me')
+    weights = split / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
     with Trainer(cfg(split, 4), resume=True) as t:
-        assert t.step_count == 2
+        assert t.step_count == 1  # step 2's checkpoint is skipped for step 1's
         t.fit()
         w_resumed = _weights(t.actor.model)
+    said = capsys.readouterr().err
+    assert "skipping" in said and "step_000002: model.safetensors is cut short" in said, said[-3000:]
+    assert "cut off mid-write" in said, said[-3000:]
     assert w_straight.keys() == w_resumed.keys()
     for k in w_straight:
         assert torch.equal(w_straight[k], w_resumed[k]), f"{k} differs after resume"
@@ -152,3 +163,58 @@ def test_held_out_samples_are_written_beside_the_metrics(tmp_path, warm_model_di
         resumed = t.fit()
     assert resumed["before"] == result["before"]
     assert (tmp_path / "eval" / "step_000002_demo.jsonl").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The demo's model, untrained (512 positions, byte tokenizer), as a Hugging Face folder."""
+    from cir.tasks import demo
+
+    tok = demo.demo_tokenizer()
+    model = demo.demo_model(tok, hidden_size=64, num_layers=2, num_heads=4, seed=0)
+    out = tmp_path_factory.mktemp("tiny_demo_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_overlong_training_prompts_stop_cir_train_at_load_or_are_dropped(tmp_path, tiny_model_dir, capsys):
+    # Two prompts longer than the model's 512 positions (one byte per token), at lines 2 and 5.
+    rows = [{"problem": f"{a}+{b}", "answer": str(a + b)} for a, b in [(3, 4), (12, 5), (7, 8), (20, 22)]]
+    rows.insert(1, {"problem": "1+" * 300 + "1", "answer": "301"})
+    rows.insert(4, {"id": "long-2", "problem": "2*" * 400 + "2", "answer": "0"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = [
+        *FAST,
+        f"model.path={tiny_model_dir}",
+        "data.prompt=demo",
+        f"data.train={data}",
+        "data.eval=[]",
+        "run.steps=1",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
+
+    # The real `cir train` path: one line, exit code 2, before the engine or the sandbox starts.
+    code = main(["train", *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cir ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(
+        f"cir train: data.train={str(data)!r}: 2 of 6 prompts leave no room for a response in the model's "
+        "context of 512 tokens: "
+    ), lines[0]
+    first_rows = re.search(
+        rf"{re.escape(str(data))}:2 \(id train-1, (\d+) tokens\); {re.escape(str(data))}:5 \(id long-2, (\d+) tokens\)",
+        lines[0],
+    )
+    assert first_rows and all(int(n) > 600 for n in first_rows.groups()), lines[0]
+    assert "data.drop_overlong=true" in lines[0]
+
+    # data.drop_overlong=true: the two are left out, with a count, and training runs.
+    with Trainer(load_train_config(None, [*args, "data.drop_overlong=true"])) as t:
+        assert [p.problem for p in t.train_problems] == ["3+4", "12+5", "7+8", "20+22"]
+        t.fit()
+    err = capsys.readouterr().err
+    assert "2 of 6 prompts leave no room" in err and "left out (data.drop_overlong=true)" in err
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_warm_demo_model
+from conftest import assert_metrics_match, save_warm_demo_model
 
 try:
     import vllm  # noqa: F401
@@ -101,18 +101,17 @@ def test_two_ranks_with_their_own_vllm_engines_equal_one_process(tmp_path, warm_
         # batch, not twice it. The samples are the same (seeds follow a problem's global
         # position), so what is computed from them is equal, not close.
         assert a["data/trajectories"] == b["data/trajectories"] == 16
-        for key in (
+        rollout = (
             "reward/mean",
             "tool/calls_per_traj",
             "tool/error_rate",
             "response/feedback_token_share",
             "response/model_tokens_mean",
             "response/truncated_share",
-        ):
-            assert a[key] == b[key], (a["step"], key)
+        )
+        assert_metrics_match(b, a, rollout, where=a["step"])
         # Float sums over ranks come in another order: rounding only.
-        for key in ("actor/entropy", "actor/loss", "actor/grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        assert_metrics_match(b, a, ("actor/entropy", "actor/loss", "actor/grad_norm"), rel=1e-5, where=a["step"])
     # Step 1 moved the weights far: on a demo trace, the log-probs of the warm model and of the
     # step-1 model differ by far more than the tolerance below.
     from transformers import AutoTokenizer

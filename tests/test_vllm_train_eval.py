@@ -35,6 +35,18 @@ TRAIN = [
 ]
 
 
+def sampler_gap_bound(engine_dtype) -> float:
+    """The largest mean |trainer - sampler| log-prob gap of a correct weight hand-off. An engine in
+    the actor's fp32 computes what the trainer does (kernel differences only: 1e-3). A bf16 engine
+    rounds weights and activations to 8 bits of mantissa: on this demo the `transformers` engine in
+    bf16 beside the fp32 actor measured a mean gap of 3e-3 to 4.2e-3 (CPU, 3 steps); 2e-2 leaves
+    room for vLLM's own bf16 kernels. Stale weights after an update move the log-probs by more
+    than 0.1 (tests/test_vllm_distributed.py)."""
+    import torch
+
+    return 1e-3 if engine_dtype == torch.float32 else 2e-2
+
+
 def _run(args, cwd):
     proc = subprocess.run([sys.executable, "-m", "cir", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,8 +61,16 @@ def test_train_with_vllm_then_evaluate_the_checkpoint_with_vllm(tmp_path):
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     # The engine sampled with the weights the trainer holds: the trainer's recomputed log-probs
-    # of the sampled tokens agree with the engine's (a stale or missing weight update would not).
-    assert all(r["actor/logprob_diff_sampler"] < 1e-3 for r in steps), [r["actor/logprob_diff_sampler"] for r in steps]
+    # of the sampled tokens agree with the engine's (a stale or missing weight update would not),
+    # as closely as the engine's dtype allows (run.engine_dtype auto: fp32 on a CPU, bf16 on a GPU).
+    import torch
+
+    from cir.engines.factory import engine_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bound = sampler_gap_bound(getattr(torch, engine_dtype("auto", device.type, "float32")))
+    gaps = [r["actor/logprob_diff_sampler"] for r in steps]
+    assert all(g < bound for g in gaps), (gaps, bound)
 
     problems = tmp_path / "sums.jsonl"
     problems.write_text(

@@ -23,15 +23,25 @@ Memory per GPU, for N ranks (FSDP2 shards parameters, gradients and optimizer st
   then FSDP2 moves the actor's shards in (see docs/scaling.md);
 - waking after the update: the trainer empties PyTorch's CUDA cache before the engine wakes,
   so the engine's share comes back beside what stays allocated (the actor's resident state)
-  and then takes the new weights, gathered in buckets (see `estimate` for the formula).
+  and then takes the new weights, gathered in buckets, each reloaded by vLLM one layer at a time
+  through a temporary copy of the layer (see `estimate` for the formula).
 
 Step time: generation is this rank's generated tokens over an assumed per-GPU decode
 throughput, or the longest response at the memory-bound decode-step latency (every step reads
-the weights once) if that is longer; the update is `6 x params x tokens` FLOPs (forward and
-backward; + 2 for the checkpointed layers' recomputation, + 2 for the old-log-prob pass when
-the update is not strictly on-policy, + 2 for a KL reference) at an assumed MFU.
+the weights once) if that is longer; the update is its matmul FLOPs at an assumed MFU: one
+forward pass is `ModelShape.forward_flops` (the decoder's weights and causal attention over every
+token, the LM head over the response tokens only), the backward two passes more, plus one for
+the checkpointed layers' recomputation, one for the old-log-prob pass when the update is not
+strictly on-policy (`OptimConfig.on_policy`), one for a KL reference.
 
-Pure Python: `estimate` takes numbers; `estimate_run` reads them from a `TrainConfig`.
+What the estimator takes from the parts it models instead of restating them: the bytes of a
+dtype from the policy's dtype table (`cir.models.DTYPES`), what `run.engine_dtype: auto` means on
+a GPU (`cir.engines.factory.engine_dtype`), vLLM's start-up rule and its reload's temporary
+layer (`cir.engines.vllm.engine_start_bytes`, `reload_temporary_bytes`), and the actor's
+on-policy rule (`cir.training.optim.OptimConfig.on_policy`). `cir bench step` measures a step
+beside this model's prediction.
+
+`estimate` takes numbers; `estimate_run` reads them from a `TrainConfig`.
 """
 
 from __future__ import annotations
@@ -44,9 +54,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.fsdp)
+MiB = 1024**2
+REDUCE_BYTES = 4  # FSDP2's gradient reduce-scatter runs in fp32 (cir.training.sharding)
 SYNC_BUCKET_BYTES = 256 << 20  # cir.training.actor.DEFAULT_BUCKET_BYTES (a test keeps them equal)
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a `model.dtype` / `run.engine_dtype` name ("float32", "bfloat16", ...)."""
+    from cir.models import DTYPES
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name].itemsize
+
+
+def dtype_names() -> list[str]:
+    from cir.models import DTYPE_NAMES
+
+    return sorted(DTYPE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,31 @@ class ModelShape:
     def largest_tensor_params(self) -> int:
         """The largest single weight: the embedding (or LM head), or an MLP projection."""
         return self.hidden_size * max(self.vocab_size, self.intermediate_size)
+
+    @property
+    def largest_engine_layer_params(self) -> int:
+        """The largest layer of the vLLM model, where q/k/v and gate/up are fused into one:
+        the embedding (or LM head), gate_up_proj (2 x H x I) or qkv_proj."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return max(self.vocab_size * h, 2 * h * self.intermediate_size, h * (h + 2 * kv))
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """The weights of one decoder layer that multiply every token (q, k, v, o and the MLP):
+        each is 2 FLOPs per token in a forward pass."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size
+
+    def forward_flops(self, tokens: int, lm_head_tokens: int, attention_token_pairs: int) -> float:
+        """Matmul FLOPs of one forward pass: every token through the decoder layers' weights,
+        causal attention (scores and weighted sum: 4 x H FLOPs per layer and (query, key) pair
+        with key <= query), and the LM head over `lm_head_tokens` rows only (cir computes
+        log-probs at response positions alone; the embedding is a lookup). The backward is twice
+        this."""
+        layers = self.num_layers * (
+            2 * self.layer_matmul_params * tokens + 4 * self.hidden_size * attention_token_pairs
+        )
+        return layers + 2 * self.hidden_size * self.vocab_size * lm_head_tokens
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV cache per token: keys and values of every layer's KV heads."""
@@ -138,20 +188,30 @@ def model_shape(path: str) -> ModelShape:
     raise ValueError(f"model {path!r}: no local config.json and not one of {', '.join(KNOWN_MODELS)}")
 
 
+def causal_pairs(length: int) -> int:
+    """(query, key) pairs a causal attention computes over one sequence of `length` tokens."""
+    return length * (length + 1) // 2
+
+
 @dataclass(frozen=True)
 class GPU:
-    """Vendor datasheet figures (dense bf16 tensor-core peak, HBM bandwidth, memory)."""
+    """A device's memory (the total the driver reports, in bytes: what vLLM's share is taken
+    of) and its datasheet bandwidth and dense matmul peak in the update's compute dtype (bf16
+    tensor cores for the GPUs below)."""
 
     name: str
-    memory_gib: float
+    memory_bytes: int
     hbm_tb_per_s: float
-    bf16_tflops: float
+    matmul_tflops: float
 
 
+# The "80 GB" of an H100 is not 80 GiB: the driver reports 81,559 MiB (79.6 GiB) on the H100 SXM
+# and 143,771 MiB (140.4 GiB) on the H200 (nvidia-smi on the lent machines, 2026-11), and
+# 81,920 MiB on the A100 80 GB (NVIDIA's published nvidia-smi output; not read here).
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 SXM 80 GB", 80, 3.35, 989),
-    "h200": GPU("H200 SXM 141 GB", 141, 4.8, 989),
-    "a100": GPU("A100 SXM 80 GB", 80, 2.04, 312),
+    "h100": GPU("H100 SXM 80 GB", 81559 * MiB, 3.35, 989),
+    "h200": GPU("H200 SXM 141 GB", 143771 * MiB, 4.8, 989),
+    "a100": GPU("A100 SXM 80 GB", 81920 * MiB, 2.04, 312),
 }
 
 
@@ -213,8 +273,10 @@ class Estimate:
     kv_tokens_needed: int
     free_at_engine_start: float
     rollout_peak: float
+    update_allocated: float
     update_peak: float
     weight_sync: float
+    reload_temporary: float
     wake_peak: float
     gpu_memory: float
     # time (per step)
@@ -226,6 +288,7 @@ class Estimate:
     generation_s: float
     train_tokens: int
     train_flops: float
+    update_passes: dict[str, float]  # forward-pass equivalents per phase (sums to train_flops / one pass)
     update_s: float
     notes: list[str] = field(default_factory=list)
 
@@ -266,9 +329,10 @@ class Estimate:
             ("  KV tokens, all in flight", f"{self.kv_tokens_needed / 1e3:.0f}k", "trajs/rank x (prompt + mean resp)"),
             ("rollout peak", g(self.rollout_peak), "resident + engine + reserve"),
             ("weight-sync buckets", g(self.weight_sync), "2 x (256 MiB + largest tensor), if N > 1"),
-            ("engine awake, taking the weights", g(self.wake_peak), "resident + engine + sync + reserve"),
+            ("reload's layer copy", g(self.reload_temporary), "bytes(run.engine_dtype) x largest vLLM layer"),
+            ("engine awake, taking the weights", g(self.wake_peak), "resident + engine + sync + copy + reserve"),
             ("free when the engine starts", g(self.free_at_engine_start), "GPU - reserve (policy on the CPU)"),
-            ("GPU memory", g(self.gpu_memory), self.gpu if not compare else "datasheet"),
+            ("GPU memory", g(self.gpu_memory), self.gpu if not compare else "driver's total"),
             ("fits", "yes" if self.fits else "NO", "engine starts; the three peaks <= GPU memory"),
             (
                 "trajectories / step (per rank)",
@@ -279,10 +343,27 @@ class Estimate:
             ("decode tokens/s per GPU", f"{self.decode_tokens_per_s:,.0f}", "assumed"),
             ("decode step (memory-bound)", f"{self.decode_step_s * 1e3:.1f} ms", "engine weights / (HBM x eff)"),
             ("generation", f"{self.generation_s:.0f} s", "max(tokens/rank / rate, longest x step)"),
-            ("update FLOPs", f"{self.train_flops / 1e15:.0f} PFLOP", "k x P x trained tokens"),
+            ("update FLOPs", f"{self.train_flops / 1e15:.0f} PFLOP", "passes x forward FLOPs"),
             ("update", f"{self.update_s:.0f} s", "FLOPs / (N x peak x MFU)"),
             ("step", f"{self.step_s:.0f} s", "generation + update"),
         ]
+
+
+def update_passes(
+    *, ppo_epochs: int, on_policy: bool, gradient_checkpointing: bool, kl_reference: bool
+) -> dict[str, float]:
+    """The update's work in forward-pass equivalents, by phase: forward 1 and backward 2 per
+    epoch, the checkpointed layers' recomputation 1 per epoch, the old log-probs 1 when the update
+    is not strictly on-policy, the KL reference 1. (The recomputation is counted over the whole
+    model: an approximation, the LM head is not checkpointed.)"""
+    passes = {"old/ref log-probs": 0.0, "forward": float(ppo_epochs), "backward": 2.0 * ppo_epochs}
+    if gradient_checkpointing:
+        passes["backward"] += ppo_epochs
+    if not on_policy:
+        passes["old/ref log-probs"] += 1
+    if kl_reference:
+        passes["old/ref log-probs"] += 1
+    return passes
 
 
 def estimate(
@@ -302,26 +383,35 @@ def estimate(
     mini_batches: int = 1,
     kl_reference: bool = False,
     sync_bucket_bytes: int = SYNC_BUCKET_BYTES,
+    sharded: bool | None = None,
     assumptions: Assumptions = Assumptions(),
 ) -> Estimate:
     """The estimate for one run on `gpus` GPUs of kind `gpu` (see the module docstring).
     `engine_dtype`, `engine_memory_fraction`: as `run.engine_dtype` ("auto" is bfloat16 on a
-    GPU) and `run.engine_memory_fraction`; `sync_bucket_bytes`: the weight sync's bucket size."""
+    GPU) and `run.engine_memory_fraction`; `sync_bucket_bytes`: the weight sync's bucket size.
+    `sharded`: the actor is FSDP2-sharded (bf16 compute, fp32 master weights); default: the
+    actor's own rule on CUDA (`cir.training.sharding.should_shard`: always, one rank included)."""
+    from cir.engines.vllm import engine_start_bytes, reload_temporary_bytes
+    from cir.training.optim import OptimConfig
+    from cir.training.sharding import should_shard
+
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: must be >= 1")
     if not 0 < engine_memory_fraction < 1:
         raise ValueError(f"engine_memory_fraction={engine_memory_fraction}: must be in (0, 1)")
     a, n, p = assumptions, gpus, shape.params
-    pb = DTYPE_BYTES[param_dtype]
-    eb = DTYPE_BYTES[gpu_engine_dtype(engine_dtype)]
-    # FSDP2 computes in bf16 on CUDA; one process (LocalActor) computes in the parameters' dtype.
-    cb = 2 if n > 1 else pb
+    sharded = should_shard(n, "cuda") if sharded is None else sharded
+    pb = dtype_bytes(param_dtype)
+    engine_dtype = gpu_engine_dtype(engine_dtype)
+    eb = dtype_bytes(engine_dtype)
+    # FSDP2 computes in bf16 on CUDA; the plain module computes in the parameters' dtype.
+    cb = 2 if sharded else pb
     notes: list[str] = []
 
     master, optimizer, grads = pb * p / n, 2 * pb * p / n, pb * p / n
     layer, root = shape.layer_params, shape.root_params
-    gathered = cb * (root + 2 * layer) if n > 1 else 0.0
-    unsharded = (cb + REDUCE_BYTES) * (root + layer) if n > 1 else 0.0
+    gathered = cb * (root + 2 * layer) if sharded else 0.0
+    unsharded = (cb + REDUCE_BYTES) * (root + layer) if sharded else 0.0
     t = micro_batch_tokens
     per_layer = shape.activation_bytes_per_token_layer(cb)
     # Both add the final hidden states and the rows gathered for the LM head (2 x H per token).
@@ -331,9 +421,9 @@ def estimate(
     activations = with_ckpt if gradient_checkpointing else without_ckpt
     logits_avoided = 2 * t * shape.vocab_size * 4
 
-    gpu_bytes = gpu.memory_gib * GiB
+    gpu_bytes = float(gpu.memory_bytes)
     reserve = a.reserve_gib * GiB
-    engine = engine_memory_fraction * gpu_bytes
+    engine = float(engine_start_bytes(gpu_bytes, engine_memory_fraction))
     engine_weights = eb * p
     kv_cache = max(0.0, engine - engine_weights - a.engine_overhead_gib * GiB)
     kv_tokens = int(kv_cache // shape.kv_bytes_per_token(eb))
@@ -351,21 +441,26 @@ def estimate(
 
     resident = master + optimizer + grads
     rollout_peak = resident + engine + reserve
-    update_peak = resident + gathered + unsharded + activations + a.engine_asleep_gib * GiB + reserve
+    # What torch.cuda.max_memory_allocated shows for the update (the sleeping engine's leftovers
+    # and the reserve are outside PyTorch's allocator).
+    update_allocated = resident + gathered + unsharded + activations
+    update_peak = update_allocated + a.engine_asleep_gib * GiB + reserve
     # Waking (cir.training.trainer): torch.cuda.empty_cache() runs after the update and before
     # engine.wake(), so the update's gathered weights, unsharded gradients and activations go back
     # to the driver. What stays allocated is the resident state: the sharded master weights, AdamW's
     # moments, and the sharded gradients (zeroed with set_to_none only at the next mini-batch). The
     # engine's asleep leftovers are part of its share, so waking brings it back to `engine` in all:
-    #   wake_peak = resident + engine + weight_sync + reserve  (= rollout peak + weight_sync)
+    #   wake_peak = resident + engine + weight_sync + reload_temporary + reserve
     # weight_sync: sync_weights then gathers full tensors in model.dtype (FSDP2's full_tensor) in
     # buckets of >= 256 MiB, each closed by the tensor that crosses the mark, and the loop still
     # holds the previous bucket while the next is gathered: at most 2 x (256 MiB + the largest
-    # tensor). One process (LocalActor) hands over its live parameters: no copy. empty_cache
-    # releases only wholly free segments; one pinned by a live block (a gradient shard carved out
-    # of a cached activation block) stays, which the reserve is assumed to cover.
-    weight_sync = 2 * (sync_bucket_bytes + pb * shape.largest_tensor_params) if n > 1 else 0.0
-    wake_peak = resident + engine + weight_sync + reserve
+    # tensor). A plain module hands over its live parameters: no copy. vLLM reloads each
+    # layer through a temporary copy of it (reload_temporary_bytes), on top of its share.
+    # empty_cache releases only wholly free segments; one pinned by a live block (a gradient shard
+    # carved out of a cached activation block) stays, which the reserve is assumed to cover.
+    weight_sync = 2 * (sync_bucket_bytes + pb * shape.largest_tensor_params) if sharded else 0.0
+    reload_temporary = float(reload_temporary_bytes(shape.largest_engine_layer_params, eb))
+    wake_peak = resident + engine + weight_sync + reload_temporary + reserve
     # The policy is still on the CPU when the engine starts (cir.training.trainer): only this
     # process's CUDA context and buffers are on the GPU.
     free_at_start = gpu_bytes - reserve
@@ -379,18 +474,22 @@ def estimate(
     rate = a.decode_rate(p, eb)
     step_latency = engine_weights / (gpu.hbm_tb_per_s * 1e12 * a.hbm_efficiency)
     generation = max(per_rank * mean_response / rate, response_cap * step_latency)
-    train_tokens = trajectories * (a.prompt_tokens + mean_response)
-    on_policy = ppo_epochs == 1 and mini_batches == 1
-    k = 6 * ppo_epochs + (2 * ppo_epochs if gradient_checkpointing else 0)
-    k += 0 if on_policy else 2
-    k += 2 if kl_reference else 0
-    flops = k * p * train_tokens
-    update = flops / (n * gpu.bf16_tflops * 1e12 * a.mfu)
+    sequence = a.prompt_tokens + mean_response
+    train_tokens = trajectories * sequence
+    one_pass = shape.forward_flops(train_tokens, trajectories * mean_response, trajectories * causal_pairs(sequence))
+    passes = update_passes(
+        ppo_epochs=ppo_epochs,
+        on_policy=OptimConfig(ppo_epochs=ppo_epochs, mini_batches=mini_batches).on_policy,
+        gradient_checkpointing=gradient_checkpointing,
+        kl_reference=kl_reference,
+    )
+    flops = sum(passes.values()) * one_pass
+    update = flops / (n * gpu.matmul_tflops * 1e12 * a.mfu)
     return Estimate(
         gpu=gpu.name,
         gpus=n,
         params=p,
-        engine_dtype=gpu_engine_dtype(engine_dtype),
+        engine_dtype=engine_dtype,
         engine_memory_fraction=engine_memory_fraction,
         master_weights=master,
         optimizer_states=optimizer,
@@ -408,8 +507,10 @@ def estimate(
         kv_tokens_needed=kv_needed,
         free_at_engine_start=free_at_start,
         rollout_peak=rollout_peak,
+        update_allocated=update_allocated,
         update_peak=update_peak,
         weight_sync=weight_sync,
+        reload_temporary=reload_temporary,
         wake_peak=wake_peak,
         gpu_memory=gpu_bytes,
         trajectories=trajectories,
@@ -420,14 +521,18 @@ def estimate(
         generation_s=generation,
         train_tokens=train_tokens,
         train_flops=flops,
+        update_passes=passes,
         update_s=update,
         notes=notes,
     )
 
 
 def gpu_engine_dtype(name: str) -> str:
-    """`run.engine_dtype` on a GPU: "auto" is bfloat16 there (cir.training.trainer.engine_dtype)."""
-    return "bfloat16" if name == "auto" else name
+    """`run.engine_dtype` on a GPU, as the trainer resolves it (`cir.engines.factory.engine_dtype`:
+    "auto" is bfloat16 there)."""
+    from cir.engines.factory import engine_dtype
+
+    return engine_dtype(name, "cuda")
 
 
 def estimate_run(
@@ -511,7 +616,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="ranks in all (nodes x GPUs per node)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU's datasheet figures")
     parser.add_argument(
-        "--engine-dtype", choices=["auto", *sorted(DTYPE_BYTES)], default=None, help="default: run.engine_dtype"
+        "--engine-dtype", choices=["auto", *dtype_names()], default=None, help="default: run.engine_dtype"
     )
     parser.add_argument(
         "--engine-memory-fraction", type=float, default=None, help="default: run.engine_memory_fraction"

@@ -117,6 +117,16 @@ def register(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- shared helpers
 
 
+def matmul_path(dtype_name: str) -> str:
+    """Which units `linear_logprob`'s Triton kernels multiply on for inputs of `dtype_name`."""
+    if dtype_name == "fp32":
+        return (
+            "fp32 inputs: tl.dot with input_precision='ieee' on the CUDA cores, not the tensor cores (tf32 "
+            "would cost ~1e-3 relative on the logits), so fp32 timings are not the bf16 targets' case"
+        )
+    return f"{dtype_name} inputs: tensor cores (tl.dot, fp32 accumulation)"
+
+
 def _parse_shapes(specs: list[str] | None) -> list[tuple[int, int, int]] | None:
     if not specs:
         return None
@@ -686,7 +696,7 @@ def _print_report(report: dict) -> None:
 
     gpu = report.get("gpu")
     if gpu:
-        print("\nlinear_logprob (N x H x V; fwd = no-grad forward, fwd+bwd = training step)")
+        print(f"\nlinear_logprob (N x H x V; fwd = no-grad forward, fwd+bwd = training step; {gpu['matmul_path']})")
         print(
             _format_table(
                 lin_rows(gpu["linear_logprob"]),
@@ -898,6 +908,7 @@ def run(args: argparse.Namespace) -> int:
         pl_rows, copy = run_gpu_policy_loss(tokens)
         report["gpu"] = {
             "dtype": args.dtype,
+            "matmul_path": matmul_path(args.dtype),
             "with_entropy": bool(args.with_entropy),
             "linear_logprob": [asdict(t) for t in lin],
             "roofline": [asdict(t) for t in roof],

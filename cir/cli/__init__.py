@@ -21,6 +21,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "kernels"), "cir.bench.kernels", "fused log-prob and policy-loss kernels vs torch baselines"),
     (("bench", "rollout"), "cir.bench.rollout", "asynchronous vs turn-synchronous rollout throughput"),
     (("bench", "estimate"), "cir.bench.estimate", "expected per-GPU memory and step time of a run (estimates)"),
+    (
+        ("bench", "step"),
+        "cir.bench.step",
+        "one RL update measured: time, memory, phases, vs the estimate and the matmul floor",
+    ),
 ]
 
 

@@ -259,16 +259,13 @@ def _check_resumable(out: Path, settings: dict) -> dict | None:
 
 
 def _check_prompt_lengths(benchmarks, template, tokenizer, max_model_len, prompt_token_ids) -> None:
-    if max_model_len is None:
-        return
+    from cir.data import find_overlong, overlong_message  # the rule `cir train` applies too
+
     for name, problems in benchmarks.items():
-        for p in problems:
-            n = len(prompt_token_ids(template, p.problem, tokenizer))
-            if n >= max_model_len:
-                raise ConfigError(
-                    f"--benchmarks: {name}: problem {p.id}: the prompt has {n} tokens, no room for a response "
-                    f"in the model's context of {max_model_len} tokens"
-                )
+        count = lambda p: len(prompt_token_ids(template, p.problem, tokenizer))  # noqa: E731
+        overlong = find_overlong(problems, count, max_model_len)
+        if overlong:
+            raise ConfigError(f"--benchmarks: {name}: {overlong_message(overlong, len(problems), max_model_len)}")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -5,7 +5,8 @@ other fields of an object are echoed back in its result. One JSON result per inp
 written, in input order, to stdout or to ``-o OUT.jsonl``:
 
     {"status": "ok", "stdout": "4\\n", "stderr": "", "exit_code": 0, "error_line": "",
-     "feedback": "4\\n", "wall_ms": 3.1, "cpu_ms": 2.2, ...echoed fields}
+     "feedback": "4\\n", "wall_ms": 3.1, "cpu_ms": 2.2, "fault": null, "reason": "", "attempts": 1,
+     ...echoed fields}
 
 A progress bar is shown on stderr when it is a terminal.
 """
@@ -95,6 +96,9 @@ def result_record(result, extra: dict) -> dict:
         feedback=result.feedback(),
         wall_ms=round(result.wall_ms, 3),
         cpu_ms=round(result.cpu_ms, 3),
+        fault=result.fault,  # whose: "model", "sandbox" (status "sandbox_fault", see reason) or null
+        reason=result.reason,
+        attempts=result.attempts,
     )
     return record
 

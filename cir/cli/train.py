@@ -60,8 +60,9 @@ def run(args) -> int:
         return 2
     from cir.distributed import init_distributed
 
-    # Under torchrun every rank runs this; rank 0 prints, logs and writes.
-    dist = init_distributed()
+    # Under torchrun every rank runs this; rank 0 prints, logs and writes. run.device=cpu joins
+    # over gloo even where CUDA is available.
+    dist = init_distributed(device=cfg.run.device)
     if dist.is_main:
         print(dump_yaml(cfg), file=sys.stderr)
     from cir.training.trainer import Trainer

@@ -95,15 +95,57 @@ class SamplingParams:
     stop_rule: str | None = None  # a registered StopPredicate's name (`register_stop_rule`)
 
 
+# `Completion.finish_reason` of a request that `Engine.pause` cut short.
+ABORTED = "aborted"
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
     # Log-probability of each sampled token under softmax(logits / temperature) over the full
     # vocabulary (before top-p/top-k truncation): the quantity the trainer recomputes.
     logprobs: list[float]
-    finish_reason: str  # "stop_token" | "stop_string" | "stop_rule" | "length"
+    # "stop_token" | "stop_string" | "stop_rule" | "length", or "aborted" (ABORTED): the engine
+    # was paused while the request was queued or running; token_ids and logprobs are exactly
+    # what it had sampled by then (possibly nothing), and no stop condition has fired.
+    finish_reason: str
     stop_token_id: int | None = None
     stop_string: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineActivity:
+    """An engine's cumulative time accounting since it started (`Engine.activity()`). Subtract
+    an earlier snapshot from a later one for an interval's figures, e.g. the engine's idle
+    share during a training step."""
+
+    wall_s: float  # since the engine started
+    busy_s: float  # running forward passes (admissions and decoding steps)
+    paused_s: float  # from each pause() call to its resume() (a step in progress may overlap it)
+    held_s: float  # paused while requests submitted meanwhile waited for resume()
+    steps: int  # engine steps run (one forward pass each over the running batch)
+    aborted: int  # requests resolved with a partial completion (finish_reason "aborted")
+    pauses: int
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds without a forward pass running (waiting for requests, paused, or between steps)."""
+        return self.wall_s - self.busy_s
+
+    @property
+    def idle_share(self) -> float:
+        return self.idle_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def __sub__(self, earlier: EngineActivity) -> EngineActivity:
+        return EngineActivity(
+            wall_s=self.wall_s - earlier.wall_s,
+            busy_s=self.busy_s - earlier.busy_s,
+            paused_s=self.paused_s - earlier.paused_s,
+            held_s=self.held_s - earlier.held_s,
+            steps=self.steps - earlier.steps,
+            aborted=self.aborted - earlier.aborted,
+            pauses=self.pauses - earlier.pauses,
+        )
 
 
 def checked_request(prompt_ids: Sequence[int], params: SamplingParams, vocab_size: int) -> list[int]:
@@ -132,6 +174,30 @@ class Engine(Protocol):
 
     Optional: an attribute `stop_rules`, the names of the stop rules the engine evaluates
     exactly (see `evaluates_stop_rule`); without it, every registered rule.
+
+    Pausing in-flight requests (what an asynchronous collector builds on):
+
+    - `pause()`, from any thread: every request in flight, queued or running, resolves at once
+      with a partial `Completion`: the tokens it sampled so far and their sampler log-probs,
+      `finish_reason="aborted"`. No token is lost or duplicated: they are exactly the tokens the
+      request produced. Requests submitted while paused wait (they are not refused). When
+      `pause()` returns, the engine runs no forward pass until `resume()`, so `load_weights`,
+      `sleep`, `wake` and the trainer's update run with the engine idle.
+    - `resume()`: the waiting requests start.
+    - The caller continues a paused trajectory with a new request: prompt + the partial tokens
+      (re-prefilled, under whatever weights the engine holds by then), `max_new_tokens` reduced
+      by what was sampled. Stop strings and stop rules see only the new request's own
+      completion, so a caller whose stop condition spans the cut (a code block opened before it)
+      checks the condition over the whole segment itself, as the rollout does after a false stop.
+    - Seeds: the continuation is a new request. The rollout gives each generate call its own
+      seed (`cir.rollout.loop.derive_seed(seed, turn)`), so a continued trajectory is still a
+      pure function of its seed and of where the pause cut it, but it samples differently from
+      the same trajectory unpaused (the continuation draws from another stream). Greedy
+      continuations are token-identical to the unpaused completion (tested on both engines).
+    - `activity()`: cumulative seconds busy (forward passes), paused, and paused with requests
+      waiting (`EngineActivity`), from which a collector reports the engine's idle share.
+    - Every wait inside the engine (pause, close, weight loads) has a timeout: a stuck step ends
+      in a TimeoutError, never a hang.
     """
 
     @property
@@ -158,6 +224,19 @@ class Engine(Protocol):
 
     def wake(self) -> None:
         """Take back what `sleep` freed, before the next rollout."""
+        ...
+
+    def pause(self) -> None:
+        """Resolve every request in flight with its partial completion ("aborted"); run no forward
+        pass until `resume()`. Requests submitted meanwhile wait."""
+        ...
+
+    def resume(self) -> None:
+        """Start the requests that waited while paused."""
+        ...
+
+    def activity(self) -> EngineActivity:
+        """Cumulative time accounting since the engine started."""
         ...
 
     def close(self) -> None: ...

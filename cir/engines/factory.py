@@ -77,13 +77,18 @@ def engine_refuses(name: str, architecture: Mapping | None) -> str | None:
     return None if check is None else check(architecture)
 
 
-def engine_dtype(setting: str, device_type: str, policy_dtype: str) -> str:
-    """The dtype name of the engine's copy of the policy for the setting `setting`: "auto" is
-    bfloat16 on a GPU (the trainer keeps its master weights in the policy's dtype; the engine
-    only samples) and the policy's own dtype elsewhere."""
-    if setting == "auto":
-        return "bfloat16" if device_type == "cuda" else policy_dtype
-    return setting
+def engine_dtype(setting: str, device_type: str, policy_dtype: str | None = None) -> str:
+    """The dtype name of the engine's copy of the policy for the setting `setting` on a
+    `device_type` ("cuda", "cpu"): "auto" is bfloat16 on a GPU (the trainer keeps its master
+    weights in the policy's dtype; the engine only samples) and the policy's own dtype
+    (`policy_dtype`, needed there) elsewhere."""
+    if setting != "auto":
+        return setting
+    if device_type == "cuda":
+        return "bfloat16"
+    if policy_dtype is None:
+        raise ValueError(f'engine dtype "auto" on {device_type}: give the policy\'s dtype')
+    return policy_dtype
 
 
 def make_engine(

@@ -12,6 +12,10 @@ owns the model and a batched KV cache; at every iteration it
 So a request joins the batch without waiting for the others to finish and leaves it the step
 it finishes. The forward passes run on the worker thread, off the event loop, so sandbox
 calls and other coroutines make progress while the model computes (torch releases the GIL).
+The thread, its queue, pause/resume, cancellation and close are the skeleton both engines share
+(`cir.engines.worker.WorkerEngine`); this module adds the batch: admitting requests (prefill),
+one decoding step, dropping rows (a cancelled or paused request's row leaves the batched cache
+with one gather) and a running request's partial output.
 
 Cache layout. All rows append at the same column, so rows are left-padded: row b's tokens
 occupy columns [pad[b], U) of the live cache window (U = live length). A token's position id
@@ -34,8 +38,6 @@ the Qwen2/Qwen3/Llama/Mistral families do.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import concurrent.futures
 import copy
 import random
@@ -46,7 +48,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cir.engines.base import Completion, SamplingParams, StopPredicate, checked_request, stop_rule
+from cir.engines.base import ABORTED, Completion, SamplingParams, StopPredicate, checked_request, stop_rule
+from cir.engines.worker import DEFAULT_TIMEOUT_S, WorkerEngine, fail, resolve
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -279,7 +282,7 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a request is one row of the batch
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -313,7 +316,7 @@ class EngineStats:
     prefill_tokens: int = 0  # real (unpadded) prompt tokens prefilled
 
 
-class HFEngine:
+class HFEngine(WorkerEngine):
     """Continuous-batching generation on a `transformers` causal LM (CPU or CUDA).
 
     Args:
@@ -330,6 +333,10 @@ class HFEngine:
             request is in flight). The trainer's engine holds a private copy and receives new
             weights only through `load_weights`.
         max_prefill_tokens: bound on padded prompt tokens per prefill forward (memory).
+        timeout_s: the longest `pause`, `close` and `load_weights` wait for the step in progress
+            before raising TimeoutError (a stuck engine).
+
+    Requests, pause/resume, activity and close: see `cir.engines.worker.WorkerEngine`.
     """
 
     def __init__(
@@ -343,7 +350,9 @@ class HFEngine:
         seed: int = 0,
         share_model: bool = True,
         max_prefill_tokens: int = 16384,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
+        super().__init__("HFEngine", timeout_s=timeout_s)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         param = next(model.parameters())
@@ -393,17 +402,14 @@ class HFEngine:
         self.stats = EngineStats()
 
         self._seed_stream = random.Random(seed)
-        self._lock = threading.Condition()  # guards _pending, _closed, _seed_stream
-        self._model_lock = threading.Lock()  # held by the worker during a forward pass
-        self._pending: collections.deque[_Request] = collections.deque()
-        self._closed = False
-        self._worker: threading.Thread | None = None
-        # Worker-thread state.
+        self._seed_lock = threading.Lock()  # requests are made on the callers' threads
+        # Engine-thread state: the running batch.
         self._rows: list[_Request] = []
         self._cache: _RowKVCache | None = None
         self._pad = torch.zeros(0, dtype=torch.long, device=self._device)  # left padding per row
         self._last = torch.zeros(0, dtype=torch.long, device=self._device)  # last sampled token per row
         self._row_params: tuple = (None, None, None)  # (rows list, per-row tensors, flags)
+        self._start_thread()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -420,45 +426,18 @@ class HFEngine:
     def model(self):
         return self._model
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
-        """Continue `prompt_ids`; returns only the new tokens (and their log-probs).
-
-        Many coroutines may await this at once; their requests are decoded together.
-        Cancelling the awaiting task removes the request from the batch.
-        """
-        request = self._make_request(prompt_ids, params)
-        self._submit([request])
-        return await asyncio.wrap_future(request.future)
-
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> concurrent.futures.Future:
-        """Queue one request from any thread; the future resolves to its `Completion`."""
-        request = self._make_request(prompt_ids, params)
-        self._submit([request])
-        return request.future
-
-    def generate_batch(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[Completion]:
-        """Synchronous helper (evaluation): generate for every prompt, results in prompt order."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(params)} SamplingParams")
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
-        self._submit(requests)
-        return [r.future.result() for r in requests]
-
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights (HF parameter names) into the engine's model.
 
         Tensors that already are the engine's parameters (same storage: `share_model=True` with
         the trainer's own model) are skipped, so then this is a no-op. Otherwise values are
         copied (any device/dtype is converted). Waits for the forward pass in progress to
-        finish; call it between rollouts, or requests in flight continue with the new weights.
+        finish; call it while paused (or between rollouts), or requests in flight continue with
+        the new weights.
         """
         params = dict(self._model.named_parameters(remove_duplicate=False))  # tied names too
         params.update(dict(self._model.named_buffers(remove_duplicate=False)))
-        with self._model_lock, torch.no_grad():
+        with self._between_steps("load_weights"), torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
                     raise KeyError(f"load_weights: the engine's model has no parameter {name!r}")
@@ -476,27 +455,6 @@ class HFEngine:
 
     def wake(self) -> None:
         """Nothing to take back (see `sleep`)."""
-
-    def close(self) -> None:
-        """Stop the worker; requests still queued or running fail with RuntimeError."""
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join()
-        self._worker = None
-        error = RuntimeError("HFEngine closed")
-        for request in [*self._pending, *self._rows]:
-            _fail(request, error)
-        self._pending.clear()
-        self._rows = []
-        self._cache = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- submission (caller threads) ------------------------------------------------------
 
@@ -516,7 +474,7 @@ class HFEngine:
             if params.seed is not None:
                 rng = random.Random(params.seed)
             else:
-                with self._lock:
+                with self._seed_lock:
                     rng = random.Random(self._seed_stream.getrandbits(64))
         return _Request(
             prompt_ids=prompt,
@@ -530,56 +488,59 @@ class HFEngine:
             stop_predicate=predicate,
         )
 
-    def _submit(self, requests: list[_Request]) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("HFEngine is closed")
-            self._pending.extend(requests)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="cir-hf-engine", daemon=True)
-                self._worker.start()
-            self._lock.notify_all()
+    # -- engine thread: the hooks of WorkerEngine ----------------------------------------------
 
-    # -- worker thread -----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending and not self._rows and not self._closed:
-                    self._lock.wait()
-                if self._closed:
-                    return
-                admitted = self._take_pending()
-            with self._model_lock, torch.inference_mode():
-                if admitted:
-                    try:
-                        self._prefill(admitted)
-                    except BaseException as error:  # the running batch is untouched until the merge
-                        for request in admitted:
-                            _fail(request, error)
-                if self._rows:
-                    try:
-                        self._decode_step()
-                    except BaseException as error:  # the cache state is unknown: fail the batch
-                        for request in self._rows:
-                            _fail(request, error)
-                        self._rows, self._cache = [], None
-                        self._pad, self._last = self._pad[:0], self._last[:0]
-
-    def _take_pending(self) -> list[_Request]:
-        taken: list[_Request] = []
-        longest = 0
-        while self._pending and len(self._rows) + len(taken) < self.max_batch_size:
-            request = self._pending[0]
-            if request.future.cancelled():
-                self._pending.popleft()
-                continue
-            width = max(longest, len(request.prompt_ids))
-            if taken and width * (len(taken) + 1) > self.max_prefill_tokens:
+    def _admissible(self, queue: Sequence[_Request]) -> int:
+        """As many queued requests as the batch has rows for, while their padded prompts fit
+        `max_prefill_tokens` (the first always does)."""
+        taken, longest = 0, 0
+        for request in queue:
+            if len(self._rows) + taken >= self.max_batch_size:
                 break
-            taken.append(self._pending.popleft())
-            longest = width
+            width = max(longest, len(request.prompt_ids))
+            if taken and width * (taken + 1) > self.max_prefill_tokens:
+                break
+            taken, longest = taken + 1, width
         return taken
+
+    def _admit(self, requests: list[_Request]) -> None:
+        with torch.inference_mode():
+            self._prefill(requests)
+
+    def _step(self) -> None:
+        with torch.inference_mode():
+            self._decode_step()
+
+    def _in_flight(self) -> list[_Request]:
+        return self._rows
+
+    def _abort(self, requests: list[_Request]) -> None:
+        leaving = {id(r) for r in requests}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in leaving]
+        with torch.inference_mode():
+            self._keep_rows(keep)
+
+    def _partial(self, request: _Request) -> Completion:
+        return Completion(token_ids=list(request.token_ids), logprobs=list(request.logprobs), finish_reason=ABORTED)
+
+    def _reset(self) -> None:
+        self._rows, self._cache = [], None
+        self._pad, self._last = self._pad[:0], self._last[:0]
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows `keep` (indices, in order) of the running batch and its cache."""
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self._device)
+        pad = self._pad[keep_t]
+        drop = int(pad.min())
+        self._cache.select_rows(keep_t, drop)
+        self._rows = [self._rows[i] for i in keep]
+        self._pad = pad - drop
+        self._last = self._last[keep_t]
 
     def _attention_masks(self, pad: torch.Tensor, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
         """Masks [B, 1, q_len, kv_len] for queries at the last `q_len` columns of the window.
@@ -649,9 +610,8 @@ class HFEngine:
             extra_mine, extra_new = self._cache.merge(cache)
         except BaseException as error:  # a half-merged cache is unusable: fail the running rows too
             for request in self._rows:
-                _fail(request, error)
-            self._rows, self._cache = [], None
-            self._pad, self._last = self._pad[:0], self._last[:0]
+                fail(request.future, error)
+            self._reset()
             raise
         self._rows = self._rows + requests
         self._pad = torch.cat([self._pad + extra_mine, pad + extra_new])
@@ -666,20 +626,8 @@ class HFEngine:
         logits = self._forward(self._last[:, None], positions, masks, self._cache)
         self.stats.decode_steps += 1
         tokens, keep = self._sample_and_finish(self._rows, logits)
-        if len(keep) == batch:
-            self._last = tokens
-            return
-        if not keep:
-            self._rows, self._cache = [], None
-            self._pad, self._last = self._pad[:0], self._last[:0]
-            return
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self._device)
-        pad = self._pad[keep_t]
-        drop = int(pad.min())
-        self._cache.select_rows(keep_t, drop)
-        self._rows = [self._rows[i] for i in keep]
-        self._pad = pad - drop
-        self._last = tokens[keep_t]
+        self._last = tokens
+        self._keep_rows(keep)
 
     def _sample_and_finish(self, requests: list[_Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Sample a token per row, record it, resolve finished requests.
@@ -718,26 +666,23 @@ class HFEngine:
             try:
                 done = self._finish_reason(r, token)
             except BaseException as error:  # e.g. a stop rule that raised
-                _fail(r, error)
+                fail(r.future, error)
                 continue
             if done is None:
                 keep.append(i)
                 continue
             reason, stop_token, stop_string = done
             self.stats.requests_completed += 1
-            if not r.future.cancelled():
-                try:
-                    r.future.set_result(
-                        Completion(
-                            token_ids=r.token_ids,
-                            logprobs=r.logprobs,
-                            finish_reason=reason,
-                            stop_token_id=stop_token,
-                            stop_string=stop_string,
-                        )
-                    )
-                except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-                    pass
+            resolve(
+                r.future,
+                Completion(
+                    token_ids=r.token_ids,
+                    logprobs=r.logprobs,
+                    finish_reason=reason,
+                    stop_token_id=stop_token,
+                    stop_string=stop_string,
+                ),
+            )
         return tokens, keep
 
     def _finish_reason(self, r: _Request, token: int) -> tuple[str, int | None, str | None] | None:
@@ -770,11 +715,3 @@ class HFEngine:
             r.text += full[len(prefix) :]
             r.prefix_offset = r.read_offset
             r.read_offset = len(ids)
-
-
-def _fail(request: _Request, error: BaseException) -> None:
-    if not request.future.done():
-        try:
-            request.future.set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass

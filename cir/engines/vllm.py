@@ -11,7 +11,15 @@ step (a batched forward pass over every running request) and resolves the future
 requests that finished, so a request joins and leaves the batch at any step and one trajectory
 waiting on the sandbox never holds up the others. `generate` bridges that thread's
 `concurrent.futures.Future` into whatever event loop the caller runs (`asyncio.wrap_future`),
-which matters because cir's rollout starts a new event loop for every rollout.
+which matters because cir's rollout starts a new event loop for every rollout. The thread, its
+queue, pause/resume, cancellation and close are the skeleton both engines share
+(`cir.engines.worker.WorkerEngine`); this module adds what is vLLM's.
+
+Pause. A paused request's partial output is read from vLLM's own record of it (the output
+processor's request state: the token ids and sampled log-probs it holds after the last step),
+then the request is aborted in vLLM (`abort_request`). The caller resubmits prompt + those tokens
+as a new request, which vLLM prefills again (after a weight load the prefix cache is reset, so
+nothing computed under the old weights is reused).
 
 Token ids in, token ids and per-token sampler log-probs out. Log-probs are vLLM's
 "processed_logprobs": log softmax of the logits after temperature and after top-k/top-p. cir's
@@ -33,6 +41,16 @@ buckets (q/k/v or gate/up feed one fused vLLM layer) is held back until its last
 since reloading a layer half-way would leave the rest of it uninitialised. Then the prefix cache
 is reset (running requests are preempted and recomputed), so no KV computed with old weights is
 reused.
+
+Weights on a GPU: two CUDA streams. vLLM's engine thread works on a stream of its own (vLLM sets
+one per thread, for CUDA-graph capture), while the trainer's thread wrote the bucket on its
+current stream (FSDP2's all-gather, or the optimizer step for one process's live parameters),
+and nothing orders the two: the engine could copy a bucket the all-gather has not written yet,
+and the trainer could reuse or overwrite the bucket's memory while the engine's copies are still
+queued. `load_weights` therefore records an event on the trainer's stream that the engine's
+stream waits on before its first copy, and the engine's stream records one, once its copies are
+queued, that the trainer's stream waits on before anything it queues next (`_StreamHandoff`):
+device-side waits, no host synchronisation.
 
 Under torchrun (data-parallel SPMD: every rank generates for its own shard of the step's
 prompts), each rank runs its own engine with vLLM's `distributed_executor_backend=
@@ -70,6 +88,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -80,7 +99,8 @@ from pathlib import Path
 
 import torch
 
-from cir.engines.base import Completion, SamplingParams, checked_request
+from cir.engines.base import ABORTED, Completion, SamplingParams, checked_request
+from cir.engines.worker import DEFAULT_TIMEOUT_S, WorkerEngine, fail, resolve
 
 # KV cache size on CPU (GiB) unless the user set VLLM_CPU_KVCACHE_SPACE: vLLM's default takes a
 # large share of the machine's memory, and tests and the demo need little.
@@ -122,15 +142,17 @@ def _prepare_environment() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     request_id: str
     prompt_ids: list[int]
     params: object  # vllm.SamplingParams
     future: concurrent.futures.Future
+    # The id vLLM keys the request's state by (the request id with a random suffix), once admitted.
+    internal_id: str | None = None
 
 
-class VLLMEngine:
+class VLLMEngine(WorkerEngine):
     """Generation on vLLM (see the module docstring).
 
     `model`: a Hugging Face model folder (config, tokenizer, weights) or, with
@@ -142,7 +164,9 @@ class VLLMEngine:
     model's tensors (default: the folder's safetensors), to tell when a fused layer's last tensor
     has arrived in `load_weights`. `gpu_memory_utilization`: the share of this rank's GPU the
     engine may take (default: vLLM's, for an engine alone on its GPU; ignored on a CPU).
-    `engine_kwargs`: more `vllm.EngineArgs` fields.
+    `engine_kwargs`: more `vllm.EngineArgs` fields. `timeout_s`: the longest `pause`, `close`,
+    `load_weights`, `sleep` and `wake` wait for the engine thread before raising TimeoutError.
+    Requests, pause/resume, activity and close: see `cir.engines.worker.WorkerEngine`.
 
     One VLLMEngine runs in a process at a time: close one before starting the next. Under
     torchrun (a default process group exists when the engine starts) every rank builds its own
@@ -166,12 +190,13 @@ class VLLMEngine:
         weight_names: Iterable[str] | None = None,
         gpu_memory_utilization: float | None = None,
         engine_kwargs: dict | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         _owned_dir: str | None = None,
     ):
+        super().__init__("VLLMEngine", timeout_s=timeout_s)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._owned_dir = _owned_dir  # a temporary folder this engine deletes on close
-        self._closed = False
         self._in_job_group = False  # a torchrun job's process group exists (set below)
         folder = Path(model)
         if not (folder / "config.json").is_file():
@@ -220,21 +245,14 @@ class VLLMEngine:
             raise
         self._sleep_supported = bool(args["enable_sleep_mode"])
         self._ids = itertools.count()
-        self._lock = threading.Condition()  # guards _pending, _commands, _closed
-        self._pending: collections.deque[_Request] = collections.deque()
-        self._commands: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
         self._running: dict[str, _Request] = {}  # engine thread only
         self._llm = None
-        started: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="cir-vllm-engine", daemon=True)
         # In-process vLLM seeds the process's global random generators with `seed` when it starts;
         # the trainer's streams are put back as they were.
         rng_states = _global_rng_states()
-        self._thread.start()
         try:
-            started.result()
+            self._start_thread()  # builds vLLM's engine on the engine thread (_on_thread_start)
         except BaseException as error:
-            self._thread.join()
             self._remove_owned_dir()
             _release_process(self)
             raise RuntimeError(f"VLLMEngine: vLLM could not start on {folder}: {error}") from error
@@ -244,7 +262,7 @@ class VLLMEngine:
             config = self._llm.model_config
             self._max_model_len = int(config.max_model_len)
             self._vocab_size = int(config.get_vocab_size())
-            self._packed = self._call(self._packed_modules_mapping)
+            self._packed = self._call(self._packed_modules_mapping, "reading the model's fused layers")
             # Which tensors form one fused vLLM layer, so a bucket never reloads half a layer.
             self._group_names: dict[str, frozenset[str]] = {}
             self._held: dict[str, dict[str, torch.Tensor]] = {}
@@ -297,41 +315,12 @@ class VLLMEngine:
         """Most tokens (prompt + completion) one sequence may hold."""
         return self._max_model_len
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
-        """Continue `prompt_ids`; returns only the new tokens (and their log-probs).
-
-        Many coroutines, on any event loops, may await this at once; their requests are batched.
-        Cancelling the awaiting task aborts the request.
-        """
-        import asyncio
-
-        request = self._make_request(prompt_ids, params)
-        self._submit(request)
-        try:
-            return await asyncio.wrap_future(request.future)
-        except asyncio.CancelledError:
-            self._abort(request)
-            raise
-
-    def generate_batch(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[Completion]:
-        """Synchronous helper: generate for every prompt, results in prompt order."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(params)} SamplingParams")
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
-        for request in requests:
-            self._submit(request)
-        return [r.future.result() for r in requests]
-
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload new policy weights (full tensors, Hugging Face names; one bucket per call) in
         place, then reset the prefix cache. Tensors of a fused layer that is not complete yet are
         copied and held until the rest of the layer arrives. Waits for the engine step in
-        progress; call it between rollouts (requests in flight are recomputed with the new
-        weights)."""
+        progress; call it while paused or between rollouts (requests in flight are recomputed
+        with the new weights)."""
         ready: list[tuple[str, torch.Tensor]] = []
         arrived: dict[str, list[tuple[str, torch.Tensor]]] = collections.defaultdict(list)
         for name, tensor in named_tensors:
@@ -345,39 +334,29 @@ class VLLMEngine:
             else:  # the rest of this layer comes in a later bucket: keep a copy meanwhile
                 self._held.setdefault(key, {}).update((name, t.to("cpu", copy=True)) for name, t in tensors)
         if ready:
-            self._call(lambda: self._reload(ready))
+            handoff = _StreamHandoff.from_trainer([t for _, t in ready])
+            self._call(lambda: handoff.on_engine(lambda: self._reload(ready)), "load_weights")
+            handoff.back_on_trainer()
 
     def sleep(self) -> None:
         """On a GPU: offload the weights to CPU memory and free the KV cache (vLLM's sleep mode,
-        level 1) while the trainer updates; requests in flight are aborted. Call `wake` before
-        the next `load_weights`. On a CPU: nothing (vLLM has no sleep mode there, and nothing
-        competes for the memory)."""
-        if self._sleep_supported:
-            self._call(lambda: self._llm.sleep(level=1))
+        level 1) while the trainer updates; call `wake` before the next `load_weights`. On a CPU
+        the memory part is skipped (vLLM has no sleep mode there, and nothing competes for the
+        memory). Call it while paused: requests still in flight are resolved first, as a pause
+        resolves them ("aborted"), since vLLM's own sleep would drop them without an output."""
+        self._call(self._sleep_now, "sleep")
 
     def wake(self) -> None:
         """Take back what `sleep` freed, before the next rollout (no-op on a CPU)."""
         if self._sleep_supported:
-            self._call(lambda: self._llm.wake_up())
+            self._call(lambda: self._llm.wake_up(), "wake")
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         """Stop the engine thread, shut vLLM down and free its memory, so that another engine can
         start in this process. Requests still queued or running fail with RuntimeError."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._lock.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        super().close(timeout_s)
         self._remove_owned_dir()
         _release_process(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- caller threads ----------------------------------------------------------------------
 
@@ -425,30 +404,6 @@ class VLLMEngine:
         )
         return _Request(f"cir-{next(self._ids)}", prompt, vllm_params, concurrent.futures.Future())
 
-    def _submit(self, request: _Request) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("VLLMEngine is closed")
-            self._pending.append(request)
-            self._lock.notify_all()
-
-    def _abort(self, request: _Request) -> None:
-        with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to abort
-            self._command(lambda: self._abort_now(request.request_id))
-
-    def _command(self, fn: Callable[[], object]) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("VLLMEngine is closed")
-            self._commands.append((fn, future))
-            self._lock.notify_all()
-        return future
-
-    def _call(self, fn: Callable[[], object]):
-        """Run `fn` on the engine thread between two steps and return its result."""
-        return self._command(fn).result()
-
     def _remove_owned_dir(self) -> None:
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
@@ -465,91 +420,84 @@ class VLLMEngine:
 
     # -- engine thread -----------------------------------------------------------------------
 
-    def _run(self, started: concurrent.futures.Future) -> None:
+    def _on_thread_start(self) -> None:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         set_num_threads = torch.set_num_threads
         environment = {name: os.environ.get(name) for name in _PROCESS_ENVIRONMENT}
         try:
             self._llm = LLMEngine.from_engine_args(self._engine_args)
-        except BaseException as error:
-            self._shutdown_vllm()
-            started.set_exception(error)
-            return
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads process-wide (it expects a process
             # of its own); in the trainer's process the trainer keeps control of its threads.
             torch.set_num_threads = set_num_threads
             _restore_environment(environment)
-        started.set_result(None)
-        try:
-            while True:
-                with self._lock:
-                    while not self._pending and not self._commands and not self._running and not self._closed:
-                        self._lock.wait()
-                    if self._closed:
-                        break
-                    admitted = list(self._pending)
-                    self._pending.clear()
-                    commands = list(self._commands)
-                    self._commands.clear()
-                for fn, future in commands:
-                    try:
-                        future.set_result(fn())
-                    except BaseException as error:
-                        future.set_exception(error)
-                for request in admitted:
-                    self._admit(request)
-                if self._running:
-                    self._step()
-        finally:
-            error = RuntimeError("VLLMEngine closed")
-            with self._lock:
-                leftovers = [*self._pending, *self._running.values()]
-                commands = list(self._commands)
-                self._pending.clear()
-                self._commands.clear()
-            for request in leftovers:
-                _fail(request.future, error)
-            for _, future in commands:
-                _fail(future, error)
-            self._running.clear()
-            self._shutdown_vllm()
 
-    def _admit(self, request: _Request) -> None:
-        if request.future.cancelled():
-            return
-        try:
-            self._llm.add_request(request.request_id, {"prompt_token_ids": request.prompt_ids}, request.params)
-        except BaseException as error:  # vLLM refused the request
-            _fail(request.future, error)
-            return
-        self._running[request.request_id] = request
+    def _on_thread_exit(self) -> None:
+        self._shutdown_vllm()
 
-    def _abort_now(self, request_id: str) -> None:
-        if self._running.pop(request_id, None) is not None:
-            self._llm.abort_request([request_id])
+    def _admit(self, requests: list[_Request]) -> None:
+        for request in requests:
+            try:
+                request.internal_id = self._llm.add_request(
+                    request.request_id, {"prompt_token_ids": request.prompt_ids}, request.params
+                )
+            except BaseException as error:  # vLLM refused the request
+                fail(request.future, error)
+                continue
+            self._running[request.request_id] = request
 
     def _step(self) -> None:
-        try:
-            outputs = self._llm.step()
-        except BaseException as error:  # the engine's state is unknown: fail what runs
-            for request in self._running.values():
-                _fail(request.future, error)
-            with contextlib.suppress(Exception):
-                self._llm.abort_request(list(self._running))
-            self._running.clear()
-            return
-        for output in outputs:
+        for output in self._llm.step():
             if not output.finished:
                 continue
             request = self._running.pop(output.request_id, None)
             if request is None or request.future.done():
                 continue
             try:
-                request.future.set_result(_completion(output))
+                completion = _completion(output)
             except BaseException as error:
-                _fail(request.future, error)
+                fail(request.future, error)
+            else:
+                resolve(request.future, completion)
+
+    def _in_flight(self):
+        return self._running.values()
+
+    def _abort(self, requests: list[_Request]) -> None:
+        ids = [r.request_id for r in requests if self._running.pop(r.request_id, None) is not None]
+        if ids:
+            self._llm.abort_request(ids)
+            if not self._running:  # a pause (not a cancellation among running requests)
+                self._finish_launched_batches()
+
+    def _partial(self, request: _Request) -> Completion:
+        """What vLLM holds for a running request after the last step: its output token ids and
+        their sampled log-probs (none for one still waiting in vLLM's scheduler)."""
+        state = self._llm.output_processor.request_states.get(request.internal_id)
+        if state is None:
+            return Completion([], [], ABORTED)
+        token_ids = [int(t) for t in state.detokenizer.output_token_ids]
+        return Completion(token_ids, _sampled_logprobs(state.logprobs_processor.logprobs, token_ids), ABORTED)
+
+    def _reset(self) -> None:
+        running, self._running = list(self._running), {}
+        if running and self._llm is not None:
+            self._llm.abort_request(running)
+
+    def _finish_launched_batches(self) -> None:
+        """With asynchronous scheduling (vLLM's default on GPUs; off on CPUs) a step may return
+        while the next batch is already running on the device; once every request is aborted,
+        collect it, so that nothing runs after a pause (its tokens belong to aborted requests and
+        are dropped). With requests still running, the next step would schedule more batches."""
+        core = getattr(self._llm.engine_core, "engine_core", None)
+        while getattr(core, "batch_queue", None):
+            self._llm.step()
+
+    def _sleep_now(self) -> None:
+        self._abort_in_flight()
+        if self._sleep_supported:
+            self._llm.sleep(level=1)
 
     def _packed_modules_mapping(self) -> dict[str, str]:
         """Sub-module name -> the fused vLLM layer it loads into (e.g. "q_proj" -> "qkv_proj")."""
@@ -582,6 +530,61 @@ class VLLMEngine:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
+
+
+class _StreamHandoff:
+    """Orders a weight hand-off between the trainer's CUDA stream and the engine thread's.
+
+    `from_trainer` (trainer's thread): an event on each device's current stream, after the work
+    that wrote the bucket. `on_engine(copy)` (engine thread): its current stream waits on those
+    events, `copy` queues the copies, and an event is recorded behind them. `back_on_trainer`
+    (trainer's thread): the trainer's streams wait on that event, so neither the bucket's memory
+    (freed and reused by the caching allocator) nor live parameters (a later optimizer step) are
+    written before the engine has read them. Without CUDA tensors in the bucket, each is a no-op.
+    """
+
+    def __init__(self, ready: dict[torch.device, torch.cuda.Event]):
+        self._ready = ready
+        self._done: dict[torch.device, torch.cuda.Event] = {}
+
+    @classmethod
+    def from_trainer(cls, tensors: Iterable[torch.Tensor]) -> _StreamHandoff:
+        ready = {}
+        for device in {t.device for t in tensors if t.is_cuda}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            ready[device] = event
+        return cls(ready)
+
+    def on_engine(self, copy: Callable[[], object]):
+        for device, event in self._ready.items():
+            torch.cuda.current_stream(device).wait_event(event)
+        result = copy()
+        for device in self._ready:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._done[device] = event
+        return result
+
+    def back_on_trainer(self) -> None:
+        for device, event in self._done.items():
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+def engine_start_bytes(total_bytes: float, memory_fraction: float) -> int:
+    """The GPU memory a vLLM engine takes when it starts with `gpu_memory_utilization` =
+    `memory_fraction`: that share of the device's total memory, not of what is free. vLLM refuses
+    to start when less than this is free (vLLM 0.32, `vllm.v1.worker.utils.request_memory`)."""
+    return math.ceil(total_bytes * memory_fraction)
+
+
+def reload_temporary_bytes(largest_layer_params: int, dtype_bytes: int) -> int:
+    """GPU memory a weight hand-off holds beside the engine's own weights: vLLM's layerwise reload
+    (`reload_weights`) materialises a layer's tensors anew in the engine's dtype, loads the bucket
+    into them, runs the layer's post-load processing and copies the result over the tensors the
+    engine runs with, one layer at a time: at most the largest layer (a fused vLLM layer such as
+    qkv_proj or gate_up_proj, or the embedding / LM head) is held twice."""
+    return largest_layer_params * dtype_bytes
 
 
 def _in_process_group() -> bool:
@@ -671,12 +674,17 @@ def _release_process(engine: VLLMEngine) -> None:
             _live_engine = None
 
 
+def _sampled_logprobs(entries, token_ids: list[int]) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-token log-prob entries."""
+    if entries is None or len(entries) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(entries or [])} log-probs for {len(token_ids)} tokens")
+    return [float(entry[token].logprob) for entry, token in zip(entries, token_ids)]
+
+
 def _completion(output) -> Completion:
     out = output.outputs[0]
     token_ids = [int(t) for t in out.token_ids]
-    if out.logprobs is None or len(out.logprobs) != len(token_ids):
-        raise RuntimeError(f"vLLM returned {len(out.logprobs or [])} log-probs for {len(token_ids)} tokens")
-    logprobs = [float(entry[token].logprob) for entry, token in zip(out.logprobs, token_ids)]
+    logprobs = _sampled_logprobs(out.logprobs, token_ids)
     if out.finish_reason == "length":
         return Completion(token_ids, logprobs, "length")
     if out.finish_reason == "stop":
@@ -685,12 +693,6 @@ def _completion(output) -> Completion:
         if isinstance(out.stop_reason, int):
             return Completion(token_ids, logprobs, "stop_token", stop_token_id=out.stop_reason)
     raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}, stop={out.stop_reason!r}")
-
-
-def _fail(future: concurrent.futures.Future, error: BaseException) -> None:
-    if not future.done():
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            future.set_exception(error)
 
 
 def _check_head_size(folder: Path) -> None:

@@ -3,6 +3,10 @@
 Nothing here runs a model or a grader: the inputs are per-sample rows (the JSONL `cir eval`
 writes) and, for maj@k, each sample's answer group (`cir.evaluation.grading.answer_groups`), so
 every number in a report can be recomputed from the files.
+
+A row whose ``fault`` is set (the sandbox could not run a tool call, or the grader could not
+decide: `cir.rewards.RewardResult.fault`) was not graded: it is left out of every number here,
+never scored as wrong, and counted apart under ``faults`` (``sandbox`` / ``grader`` samples).
 """
 
 from __future__ import annotations
@@ -66,16 +70,37 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def fault_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """Samples left ungraded by the machine: sandbox faults, and the grader's (timeouts, crashes)."""
+    faulted = [r["fault"] for r in rows if r.get("fault")]
+    sandbox = sum(fault == "sandbox" for fault in faulted)
+    return {"sandbox": sandbox, "grader": len(faulted) - sandbox}
+
+
+def scored_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows that were graded (no fault): the ones every number is computed from."""
+    return [r for r in rows if not r.get("fault")]
+
+
 def summarise(rows: Sequence[dict], *, temperature: float, groups: dict[str, list[int | None]] | None = None) -> dict:
     """The numbers of one benchmark (or one subject of it) from its per-sample rows.
 
     groups: problem id -> answer group of each sample (sample order), for maj@k; without it
-    maj@k is left out. A problem's samples are its rows in sample order; pass@k and maj@k use
-    k up to the fewest samples any problem has.
+    maj@k is left out. A problem's samples are its graded rows in sample order (faulted rows are
+    left out, with their groups, and counted in ``faults``); pass@k and maj@k use k up to the
+    fewest graded samples any problem has, and a problem none of whose samples was graded is
+    not counted.
     """
+    faults = fault_counts(rows)
+    if groups is not None:
+        groups = {
+            pid: [g for g, r in zip(groups[pid], samples) if not r.get("fault")]
+            for pid, samples in _per_problem(rows).items()
+        }
+    rows = scored_rows(rows)
     problems = _per_problem(rows)
     if not problems:
-        return {"problems": 0, "samples": 0}
+        return {"problems": 0, "samples": 0, "faults": faults}
     n_min = min(len(s) for s in problems.values())
     ks = ks_up_to(n_min)
     calls = sum(r["tool_calls"] for r in rows)
@@ -115,6 +140,7 @@ def summarise(rows: Sequence[dict], *, temperature: float, groups: dict[str, lis
             "model_tokens": _mean(r["model_tokens"] for r in rows),
             "feedback_tokens": _mean(r["feedback_tokens"] for r in rows),
             "truncation_rate": _mean(r["finish_reason"] == "length" for r in rows),
+            "faults": faults,
         }
     )
     return out
@@ -160,10 +186,15 @@ def overall(summaries: dict[str, dict]) -> dict:
 
 
 def trainer_summary(rows: Sequence[dict], prefix: str = "") -> dict[str, float]:
-    """The few numbers the trainer logs per held-out set (flat keys, `prefix` in front)."""
+    """The few numbers the trainer logs per held-out set (flat keys, `prefix` in front): those of
+    the graded rows, and how many were left ungraded by a sandbox or a grader fault."""
+    faults = fault_counts(rows)
+    rows = scored_rows(rows)
     n = len(rows)
     if n == 0:
-        return {}
+        return (
+            {f"{prefix}faults_{kind}": float(count) for kind, count in faults.items()} if any(faults.values()) else {}
+        )
     calls = sum(r["tool_calls"] for r in rows)
     return {
         f"{prefix}accuracy": sum(r["correct"] for r in rows) / n,
@@ -172,4 +203,6 @@ def trainer_summary(rows: Sequence[dict], prefix: str = "") -> dict[str, float]:
         f"{prefix}exec_error_rate": (sum(r["exec_errors"] for r in rows) / calls) if calls else 0.0,
         f"{prefix}model_tokens": sum(r["model_tokens"] for r in rows) / n,
         f"{prefix}count": float(n),
+        f"{prefix}faults_sandbox": float(faults["sandbox"]),
+        f"{prefix}faults_grader": float(faults["grader"]),
     }

@@ -48,6 +48,13 @@ def _num(x, fmt="{:.2f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _faults(m: dict) -> str:
+    """The samples the machine left ungraded: "–", or e.g. "2 (sandbox 2, grader 0)"."""
+    faults = m.get("faults") or {}
+    total = sum(faults.values())
+    return "–" if not total else f"{total} (" + ", ".join(f"{k} {v}" for k, v in faults.items()) + ")"
+
+
 def _largest_k(table: dict | None):
     if not table:
         return None, None
@@ -64,10 +71,12 @@ def markdown_report(results: dict) -> str:
         f"Prompt `{s['prompt']}`, tool budget {s['tool_budget']}, responses up to {s['max_response_tokens']} tokens, "
         f"engine `{s['engine']}`, seed {s['seed']}; graded on "
         + ("the whole response (interpreter output included)." if s["grade_tool_output"] else "the model's own text.")
-        + " Scores in %: greedy accuracy for greedy benchmarks, else mean accuracy over the samples (avg@k).",
+        + " Scores in %: greedy accuracy for greedy benchmarks, else mean accuracy over the samples (avg@k)."
+        + " Samples the machine left ungraded (a sandbox fault, a grader timeout or crash) are in no number"
+        + " and counted under faults.",
         "",
-        f"| benchmark | problems | protocol | score | paper ({PAPER_MODEL}) | pass@k | maj@k |",
-        "| --- | ---: | --- | ---: | ---: | --- | --- |",
+        f"| benchmark | problems | protocol | score | paper ({PAPER_MODEL}) | pass@k | maj@k | faults |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- | --- |",
     ]
     benches = results["benchmarks"]
     for name, m in benches.items():
@@ -76,13 +85,13 @@ def markdown_report(results: dict) -> str:
         majs = ", ".join(f"@{k} {_pct(v)}" for k, v in (m.get("maj@k") or {}).items())
         lines.append(
             f"| {name} | {m['problems']} | {m['protocol']} | {_pct(m['score'])} | "
-            f"{'–' if paper is None else f'{paper:.1f}'} | {passes} | {majs or '–'} |"
+            f"{'–' if paper is None else f'{paper:.1f}'} | {passes} | {majs or '–'} | {_faults(m)} |"
         )
     if len(benches) > 1:
         avg = results["overall"].get("score")
         papers = [paper_score(n) for n in benches]
         paper_avg = PAPER_AVERAGE if all(p is not None for p in papers) else None
-        lines.append(f"| **average** | | | {_pct(avg)} | {'–' if paper_avg is None else paper_avg} | | |")
+        lines.append(f"| **average** | | | {_pct(avg)} | {'–' if paper_avg is None else paper_avg} | | | |")
     lines += [
         "",
         "## Tool use and responses",
@@ -126,7 +135,7 @@ def terminal_table(results: dict) -> str:
     """A few columns per benchmark, for the end of a run."""
     head = (
         f"{'benchmark':<20} {'protocol':>9} {'score':>7} {'paper':>6} {'pass@K':>8} {'maj@K':>7} "
-        f"{'tools':>6} {'errors':>7} {'trunc':>6}"
+        f"{'tools':>6} {'errors':>7} {'trunc':>6} {'faults':>6}"
     )
     lines = [head, "-" * len(head)]
     for name, m in results["benchmarks"].items():
@@ -136,7 +145,7 @@ def terminal_table(results: dict) -> str:
         lines.append(
             f"{Path(name).stem[:20]:<20} {m['protocol']:>9} {_pct(m['score']):>7} {'' if paper is None else f'{paper:.1f}':>6} "
             f"{_pct(p):>8} {_pct(maj):>7} {m['tool_calls']:>6.2f} {_pct(m['exec_error_rate']):>7} "
-            f"{_pct(m['truncation_rate']):>6}"
+            f"{_pct(m['truncation_rate']):>6} {sum((m.get('faults') or {}).values()):>6}"
         )
     if len(results["benchmarks"]) > 1:
         lines.append(f"{'average':<20} {'':>9} {_pct(results['overall'].get('score')):>7}")

@@ -2,7 +2,9 @@
 
 Each problem is rolled out `samples` times with the training loop (stop at the closing fence,
 execute, feed the output back) and graded with the run's reward on the model's own words
-(`cir.rewards.grading_text`). As soon as all samples of a problem are finished they are graded
+(`cir.rewards.grading_text`). A sample the machine could not finish or grade (a sandbox fault,
+a grader timeout or crash) gets a row with ``fault`` set: the metrics leave it out and count it,
+and a rerun over the same samples file draws it again. As soon as all samples of a problem are finished they are graded
 on a writer thread (so grading overlaps generation) and handed to `on_problem`: `cir eval`
 appends them to its JSONL there, so a killed run loses only the problems in flight. Samples in
 `done` (read back from that JSONL) are not generated again.
@@ -62,7 +64,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `problems`; see the module docstring.
 
-    done: rows already graded, by (problem id, sample); they are reused as they are.
+    done: rows already graded, by (problem id, sample); they are reused as they are, but for
+        rows with a fault (the machine's, not the model's): those samples are drawn again.
     on_problem: called on the writer thread with the new rows of each finished problem.
     first_index: the position of `problems[0]` in the whole set when `problems` is a shard of
         it; rows and sampling seeds use the whole set's positions, so a shard's samples are
@@ -73,7 +76,7 @@ def evaluate(
     tokenizer = engine.tokenizer
     cfg = replace(rollout_config, temperature=temperature)
     reward_config = reward_config or RewardConfig()
-    done = done or {}
+    done = {key: row for key, row in (done or {}).items() if not row.get("fault")}
     prompts: list[list[int]] = []
     seeds: list[int] = []
     requests: list[tuple[int, int]] = []  # (problem index, sample) of each rollout request
@@ -226,6 +229,9 @@ def _grade(rows: list[dict], reference: str, config: RewardConfig) -> None:
         row["correct"] = bool(result.correct)
         row["reward"] = float(result.reward)
         row["grade_reason"] = result.info.get("reason", "")
+        # Set when the machine left the sample ungraded (its correct/reward then mean nothing):
+        # "sandbox", "grader_timeout" or "grader_crash". Metrics leave the row out and count it.
+        row["fault"] = result.fault
 
 
 def trainer_metrics(rows: list[dict]) -> dict[str, float]:

@@ -4,9 +4,9 @@ Three layers, each usable alone:
 
 * **Extraction** (`cir.rewards.answers`: `extract_boxed`, `extract_all_boxed`,
   `normalize_answer`, `normalize_reference`): pure string work.
-* **Grading** (`cir.rewards.grader`: `grade`, `grade_batch`, `grade_outcomes`, `GraderPool`):
-  symbolic equivalence with `math-verify` in a shared pool of worker processes, each request
-  with a deadline.
+* **Grading** (`cir.rewards.grader`: `grade`, `grade_batch`, `grade_outcomes`, `GraderPool`,
+  `grader_counters`): symbolic equivalence with `math-verify` in a shared pool of worker
+  processes, each request with a deadline, retried on a fresh worker when one hangs or dies.
 * **Rewards** (`cir.rewards.registry`) registered by name (`register_reward`, `get_reward`,
   `compute_rewards`, `score_trajectories`). The built-in ``"math"`` reward is the paper's
   +1 / -1 with optional format and overlong penalties configured by `RewardConfig`.
@@ -24,6 +24,11 @@ Registering your own reward::
 
     # then train with reward.name=exact_word
 
+A result with `RewardResult.fault` set (the sandbox could not run a tool call, the grader could
+not decide) is not a verdict on the model: training leaves it out of the loss, evaluation out of
+its scores, and both count it apart. Trajectories with a sandbox fault never reach a reward
+function.
+
 A reward function may also accept a ``config`` keyword (it then receives the run's
 `RewardConfig`), and may register a batch form with `register_batch_reward` when it can
 grade many responses faster together (the built-in ``"math"`` reward grades a batch in
@@ -39,8 +44,10 @@ from cir.rewards.answers import (
     answer_only_in_tool_output,
     extract_all_boxed,
     extract_boxed,
+    grading_form,
     normalize_answer,
     normalize_reference,
+    plain_number,
     without_code_blocks,
 )
 
@@ -49,12 +56,14 @@ from cir.rewards.answers import (
 # does not load the grading pool's process machinery or register rewards.
 _LAZY_NAMES: dict[str, str] = {
     "GradeOutcome": "grader",
+    "GraderCounters": "grader",
     "GraderPool": "grader",
     "GraderUnavailable": "grader",
     "get_grader_pool": "grader",
     "grade": "grader",
     "grade_batch": "grader",
     "grade_outcomes": "grader",
+    "grader_counters": "grader",
     "shutdown_grader_pool": "grader",
     "BatchRewardFn": "registry",
     "RewardConfig": "registry",
@@ -62,6 +71,7 @@ _LAZY_NAMES: dict[str, str] = {
     "RewardResult": "registry",
     "available_rewards": "registry",
     "compute_rewards": "registry",
+    "faulted_result": "registry",
     "get_reward": "registry",
     "grading_text": "registry",
     "has_unclosed_code_block": "registry",
@@ -78,6 +88,7 @@ _LAZY_NAMES: dict[str, str] = {
 __all__ = [
     "BatchRewardFn",
     "GradeOutcome",
+    "GraderCounters",
     "GraderPool",
     "GraderUnavailable",
     "RewardConfig",
@@ -88,11 +99,14 @@ __all__ = [
     "compute_rewards",
     "extract_all_boxed",
     "extract_boxed",
+    "faulted_result",
     "get_grader_pool",
     "get_reward",
     "grade",
     "grade_batch",
     "grade_outcomes",
+    "grader_counters",
+    "grading_form",
     "grading_text",
     "has_unclosed_code_block",
     "math_reward",
@@ -101,6 +115,7 @@ __all__ = [
     "normalize_answer",
     "normalize_reference",
     "overlong_penalty",
+    "plain_number",
     "register_batch_reward",
     "register_reward",
     "reward_info_from_trajectory",
@@ -126,12 +141,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from cir.rewards.grader import (
         GradeOutcome,
+        GraderCounters,
         GraderPool,
         GraderUnavailable,
         get_grader_pool,
         grade,
         grade_batch,
         grade_outcomes,
+        grader_counters,
         shutdown_grader_pool,
     )
     from cir.rewards.registry import (
@@ -141,6 +158,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         RewardResult,
         available_rewards,
         compute_rewards,
+        faulted_result,
         get_reward,
         grading_text,
         has_unclosed_code_block,

@@ -1,13 +1,21 @@
 """Grading: is an extracted answer mathematically equal to the reference?
 
 `grade`, `grade_batch` and `grade_outcomes` compare with `math-verify` (symbolic equivalence),
-after a cheap exact-match fast path. math-verify bounds its own work with ``signal.alarm``,
-which works only on a process's main thread and cannot interrupt a long C-level computation
-(``9^{9^{9}}`` as a Python integer). cir therefore turns those alarms off and grades in a small
-persistent pool of worker processes (`GraderPool`): each request has a deadline, and a worker
-that misses it is killed and replaced, the answer counting as wrong with
-``reason="grader_timeout"``. The pool is created on first use and shared; any thread (or an
-asyncio loop, through ``asyncio.wrap_future(pool.submit(...))``) may grade.
+after two cheap paths decided here: an exact match of the normal forms (`normalize_answer`), and
+two plain numbers compared exactly (`plain_number`). math-verify receives each answer's
+`grading_form` (the degree sign, LaTeX spacing, scientific notation and units rewritten so it reads
+the value stated).
+
+math-verify bounds its own work with ``signal.alarm``, which works only on a process's main thread
+and cannot interrupt a long C-level computation (``9^{9^{9}}`` as a Python integer). cir therefore
+turns those alarms off and grades in a small persistent pool of worker processes (`GraderPool`):
+each request has a deadline, and a worker that misses it or dies is killed and replaced and the
+request tried again (`max_retries` times, after a growing pause). A request that fails every try
+is a grader fault, not a verdict: its `GradeOutcome` has ``fault="grader_timeout"`` or
+``"grader_crash"`` (and ``correct=False``, which means nothing then); rewards leave it out rather
+than score it wrong. `grader_counters()` counts retries, faults and replaced workers for the whole
+process (subtract two snapshots for one step's share). The pool is created on first use and shared;
+any thread (or an asyncio loop, through ``asyncio.wrap_future(pool.submit(...))``) may grade.
 
 math-verify is imported only inside the workers, so importing this module is cheap.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import heapq
 import json
 import os
 import selectors
@@ -25,24 +34,86 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from cir.rewards.answers import _BOX_COMMAND, extract_boxed, normalize_answer, normalize_reference
+from cir.rewards.answers import (
+    _BOX_COMMAND,
+    extract_boxed,
+    grading_form,
+    normalize_answer,
+    normalize_reference,
+    plain_number,
+)
+
+# GradeOutcome.reason of a request the grader could not decide (every try failed) -> its fault.
+FAULT_OF_REASON = {"grader_timeout": "grader_timeout", "grader_crashed": "grader_crash"}
 
 
 @dataclass(frozen=True)
 class GradeOutcome:
     """The verdict on one (prediction, reference) pair and why.
 
-    reason: "exact_match" (fast path), "equivalent" / "not_equivalent" (math-verify),
-    "no_answer" (empty prediction), "grader_timeout", "grader_error" (math-verify raised),
-    "grader_crashed" (the worker died, e.g. out of memory).
+    reason: "exact_match" (fast path), "equivalent" / "not_equivalent" (math-verify, or two plain
+    numbers compared exactly: detail "plain numbers"), "no_answer" (empty prediction),
+    "grader_error" (math-verify raised on this answer: graded wrong), and the grader's faults,
+    "grader_timeout" (no verdict within the deadline on any try) and "grader_crashed" (the worker
+    died on every try, e.g. out of memory).
     """
 
     correct: bool
     reason: str
     detail: str = ""
+
+    @property
+    def fault(self) -> str | None:
+        """ "grader_timeout" / "grader_crash" when the grader could not decide (`correct` then
+        means nothing), None for a verdict."""
+        return FAULT_OF_REASON.get(self.reason)
+
+
+@dataclass(frozen=True)
+class GraderCounters:
+    """What the grading workers went through: counts since the process (or pool) started.
+
+    retries: requests sent again after a timeout or a crash.
+    timeouts / crashes: requests given up after every try (the grader faults).
+    restarts: workers killed and replaced (after a timeout or a crash).
+    """
+
+    retries: int = 0
+    timeouts: int = 0
+    crashes: int = 0
+    restarts: int = 0
+
+    def __sub__(self, other: GraderCounters) -> GraderCounters:
+        return GraderCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
+
+    @property
+    def faults(self) -> int:
+        return self.timeouts + self.crashes
+
+    def as_metrics(self, prefix: str = "grader/") -> dict[str, float]:
+        """Flat metric names (``grader/retries``, ``grader/faults``, ...)."""
+        return {
+            f"{prefix}retries": float(self.retries),
+            f"{prefix}faults": float(self.faults),
+            f"{prefix}timeouts": float(self.timeouts),
+            f"{prefix}crashes": float(self.crashes),
+            f"{prefix}restarts": float(self.restarts),
+        }
+
+
+# Every pool's counts together (`grader_counters`); pools add to them under the lock.
+_process_counts = {"retries": 0, "timeouts": 0, "crashes": 0, "restarts": 0}
+_process_counts_lock = threading.Lock()
+
+
+def grader_counters() -> GraderCounters:
+    """This process's grader counts since it started, all pools together. The trainer reads one
+    before and one after a step's grading: the difference (``after - before``) is the step's."""
+    with _process_counts_lock:
+        return GraderCounters(**_process_counts)
 
 
 class GraderUnavailable(RuntimeError):
@@ -83,14 +154,25 @@ def _grader_worker_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    from math_verify import parse, verify
+    from latex2sympy2_extended.math_normalization import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+    # math-verify's defaults but its unit list: it drops a trailing letter as a unit ("x+2c" would
+    # equal "x+2", "3+4t" equal 7). Units are dropped on cir's side instead (`grading_form`).
+    extraction = [
+        LatexExtractionConfig(
+            normalization_config=NormalizationConfig(
+                basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+            )
+        ),
+        ExprExtractionConfig(),
+    ]
     out.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            gold = parse("\\boxed{" + request["ref"] + "}", parsing_timeout=None)
-            pred = parse("\\boxed{" + request["pred"] + "}", parsing_timeout=None)
+            gold = parse("\\boxed{" + request["ref"] + "}", extraction, parsing_timeout=None)
+            pred = parse("\\boxed{" + request["pred"] + "}", extraction, parsing_timeout=None)
             if not gold or not pred:
                 reply = {"correct": False, "reason": "not_equivalent", "detail": "unparsable"}
             else:
@@ -109,6 +191,7 @@ class _Task:
     reference: str
     timeout_s: float
     future: concurrent.futures.Future
+    tries: int = 0  # failed tries so far (timeouts, crashes)
 
 
 @dataclass
@@ -133,21 +216,38 @@ class GraderPool:
     memory_limit_mb: address-space limit of each worker; a grader exceeding it fails with
         MemoryError and the answer counts as wrong. 0: no limit.
     startup_timeout_s: how long a new worker may take to import math-verify.
+    max_retries: how many more times a request whose worker timed out or died is sent (to a
+        fresh worker), each after a pause of `retry_backoff_s` doubled per try; after that the
+        outcome is the fault ("grader_timeout" / "grader_crashed").
     """
 
     def __init__(
-        self, num_workers: int | None = None, *, memory_limit_mb: int = 2048, startup_timeout_s: float = 120.0
+        self,
+        num_workers: int | None = None,
+        *,
+        memory_limit_mb: int = 2048,
+        startup_timeout_s: float = 120.0,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.1,
     ):
         if num_workers is None:
             num_workers = min(8, max(2, (os.cpu_count() or 2) // 2))
         if num_workers < 1:
             raise ValueError(f"GraderPool needs at least one worker, got num_workers={num_workers}")
+        if max_retries < 0 or retry_backoff_s < 0:
+            raise ValueError(
+                f"GraderPool: max_retries={max_retries} and retry_backoff_s={retry_backoff_s} must be >= 0"
+            )
         self.num_workers = num_workers
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = startup_timeout_s
-        self.restarts = 0  # workers replaced after a timeout or crash (for metrics)
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self._counts = {"retries": 0, "timeouts": 0, "crashes": 0, "restarts": 0}  # this pool's
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
+        # Requests waiting out their pause before a retry: a heap of (due time, id, request).
+        self._retrying: list[tuple[float, int, _Task]] = []
         self._next_id = 0
         self._closed = False
         self._broken: str | None = None
@@ -162,7 +262,8 @@ class GraderPool:
     # -- public API --------------------------------------------------------------------------
 
     def submit(self, prediction: str, reference: str, timeout_s: float = 5.0) -> concurrent.futures.Future:
-        """Grade one pair; the future's result is a `GradeOutcome` (fast path resolved at once)."""
+        """Grade one pair; the future's result is a `GradeOutcome` (the cheap paths resolve it at
+        once; math-verify receives both answers' `grading_form`)."""
         fast = _fast_outcome(prediction, reference)
         future: concurrent.futures.Future = concurrent.futures.Future()
         if fast is not None:
@@ -170,13 +271,14 @@ class GraderPool:
             return future
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        task_args = (grading_form(prediction), grading_form(reference), timeout_s, future)
         with self._lock:
             if self._closed:
                 raise RuntimeError("GraderPool is closed")
             if self._broken:
                 raise GraderUnavailable(self._broken)
             self._next_id += 1
-            self._pending.append(_Task(self._next_id, prediction, reference, timeout_s, future))
+            self._pending.append(_Task(self._next_id, *task_args))
         self.start()
         self._wake()
         return future
@@ -213,8 +315,9 @@ class GraderPool:
         for w in self._workers:
             self._kill(w)
         with self._lock:
-            pending = list(self._pending)
+            pending = list(self._pending) + [t for _, _, t in self._retrying]
             self._pending.clear()
+            self._retrying.clear()
         for t in pending:
             if not t.future.done():
                 t.future.set_exception(RuntimeError("GraderPool closed"))
@@ -231,6 +334,22 @@ class GraderPool:
     @property
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.state != "dead"]
+
+    @property
+    def restarts(self) -> int:
+        """Workers replaced after a timeout or a crash."""
+        return self._counts["restarts"]
+
+    def counters(self) -> GraderCounters:
+        """This pool's counts since it started (`grader_counters` has the whole process's)."""
+        with self._lock:
+            return GraderCounters(**self._counts)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+        with _process_counts_lock:
+            _process_counts[name] += 1
 
     # -- dispatcher --------------------------------------------------------------------------
 
@@ -272,7 +391,7 @@ class GraderPool:
     def _replace(self, worker: _Worker) -> None:
         self._kill(worker)
         self._workers.remove(worker)
-        self.restarts += 1
+        self._count("restarts")
         if not self._closed:
             self._spawn()
 
@@ -282,11 +401,22 @@ class GraderPool:
             task.future.set_result(outcome)
 
     def _retire(self, worker: _Worker, outcome: GradeOutcome) -> None:
-        """Replace a worker that timed out or died, then answer its request as `outcome`."""
+        """Replace a worker that timed out or died; its request goes back to the front of the
+        queue (after a pause) while it has tries left, else it is answered as `outcome` (a fault).
+        Another worker may take it: a machine's fault (a worker killed, a CPU starved) passes."""
         task, worker.task = worker.task, None
         self._replace(worker)
-        if task is not None and not task.future.done():
-            task.future.set_result(outcome)
+        if task is None or task.future.done():
+            return
+        if task.tries < self.max_retries and not self._closed:
+            task.tries += 1
+            due = time.monotonic() + self.retry_backoff_s * 2 ** (task.tries - 1)
+            with self._lock:
+                heapq.heappush(self._retrying, (due, task.id, task))
+            self._count("retries")
+            return
+        self._count("timeouts" if outcome.reason == "grader_timeout" else "crashes")
+        task.future.set_result(outcome)
 
     def _dispatch_loop(self) -> None:
         try:
@@ -296,6 +426,9 @@ class GraderPool:
                 self._assign()
                 now = time.monotonic()
                 deadlines = [w.deadline for w in self._workers if w.state in ("starting", "busy")]
+                with self._lock:  # a retry waiting out its pause wakes the loop when it is due
+                    if self._retrying:
+                        deadlines.append(self._retrying[0][0])
                 wait = max(0.0, min(deadlines) - now) if deadlines else None
                 for key, _ in self._selector.select(wait):
                     if key.data is None:
@@ -314,14 +447,20 @@ class GraderPool:
         # Pair idle workers with pending requests under the lock, write outside it (a
         # future's callbacks may call submit, which takes the lock).
         pairs: list[tuple[_Worker, _Task]] = []
+        now = time.monotonic()
         with self._lock:
+            due = []
+            while self._retrying and self._retrying[0][0] <= now:
+                due.append(heapq.heappop(self._retrying)[2])
+            self._pending.extendleft(reversed(due))  # a retry goes before new requests
             for w in self._workers:
                 if not self._pending:
                     break
                 if w.state != "idle":
                     continue
                 task = self._pending.popleft()
-                if task.future.set_running_or_notify_cancel():
+                # A retry's future is running already (since its first try).
+                if task.tries > 0 or task.future.set_running_or_notify_cancel():
                     w.task, w.state = task, "busy"
                     pairs.append((w, task))
         for w, task in pairs:
@@ -376,8 +515,9 @@ class GraderPool:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             self._broken = message
-            pending = list(self._pending)
+            pending = list(self._pending) + [t for _, _, t in self._retrying]
             self._pending.clear()
+            self._retrying.clear()
         for w in self._workers:
             if w.task is not None and not w.task.future.done():
                 w.task.future.set_exception(GraderUnavailable(message))
@@ -387,10 +527,15 @@ class GraderPool:
 
 
 def _fast_outcome(prediction: str | None, reference: str) -> GradeOutcome | None:
+    """The verdict when it needs no math-verify: no answer, the same normal form, or two plain
+    numbers (compared exactly; math-verify would round them to 6 decimal places)."""
     if prediction is None or not prediction.strip():
         return GradeOutcome(False, "no_answer")
     if normalize_answer(prediction) == normalize_answer(reference):
         return GradeOutcome(True, "exact_match")
+    ours, theirs = plain_number(prediction), plain_number(reference)
+    if ours is not None and theirs is not None:
+        return GradeOutcome(ours == theirs, "equivalent" if ours == theirs else "not_equivalent", "plain numbers")
     return None
 
 

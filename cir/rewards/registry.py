@@ -15,6 +15,13 @@ the model's answer. `RewardConfig.grade_tool_output` grades the whole response i
 ``max_response_length`` (the current response-length limit, needed for the overlong
 penalty), ``finish_reason``, ``budget_exhausted`` (the model tried to run code after its
 tool budget was spent) and optionally ``unclosed_code`` (overrides the text check).
+
+Faults are the machine's, never the model's: a result with `RewardResult.fault` set was not
+graded (or not decided) and is left out of the loss and of evaluation's scores, counted apart.
+``trajectory_info["sandbox_fault"]`` (a tool call the sandbox could not run, see
+`cir.trajectory.SANDBOX_FAULT`) gives ``fault="sandbox"`` without calling the reward at all, for
+every reward; the built-in reward gives ``fault="grader_timeout"`` / ``"grader_crash"`` when the
+grader could not decide after its retries (`cir.rewards.grader`).
 """
 
 from __future__ import annotations
@@ -32,11 +39,31 @@ if TYPE_CHECKING:
     from cir.trajectory import Trajectory
 
 
+# RewardResult.fault values: the sandbox's, and the grader's (GradeOutcome.fault).
+FAULT_SANDBOX = "sandbox"
+GRADER_FAULTS = ("grader_timeout", "grader_crash")
+
+
 @dataclass
 class RewardResult:
+    """The reward of one response.
+
+    fault: None when the response was graded. Otherwise whose failure left it ungraded:
+        "sandbox" (a tool call the sandbox could not run), "grader_timeout" / "grader_crash"
+        (the grader could not decide after its retries). A faulted result's `reward` (0.0) and
+        `correct` (False) mean nothing: the trainer leaves it out of the loss and evaluation
+        out of its scores, and both count it apart.
+    """
+
     reward: float
     correct: bool
     info: dict = field(default_factory=dict)
+    fault: str | None = None
+
+
+def faulted_result(fault: str, info: dict | None = None) -> RewardResult:
+    """The result of a response that was not graded because of `fault` (see `RewardResult`)."""
+    return RewardResult(reward=0.0, correct=False, info={"reason": fault, **(info or {})}, fault=fault)
 
 
 RewardFn = Callable[..., RewardResult]  # (response_text, reference, *, trajectory_info) -> RewardResult
@@ -52,14 +79,16 @@ class RewardConfig:
     name: registered reward function (``"math"``, or one registered with `register_reward`).
     correct_reward / wrong_reward: reward for a correct / wrong (or missing) final answer.
     no_box_penalty: the response has no boxed answer.
-    multi_box_penalty: the response boxes more than one distinct answer (the last one counts).
+    multi_box_penalty: the response boxes more than one distinct answer (the last one counts;
+        boxes the grader finds equivalent, such as ``\\frac12`` and ``0.5``, are one answer).
     unclosed_code_penalty: the response ends inside an unclosed python block.
     tool_budget_penalty: the model tried to run code after its tool budget was spent.
     overlong_buffer / overlong_penalty: soft overlong penalty. With the length limit L
         (``trajectory_info["max_response_length"]``) and buffer B, a response of n model
         tokens loses nothing for n <= L - B, then linearly more, up to `overlong_penalty`
         at n >= L. Off when either is 0.
-    grader_timeout_s: per-answer grading deadline; a slower grader counts the answer wrong.
+    grader_timeout_s: per-answer grading deadline; a grader that misses it on every try (see
+        `cir.rewards.grader.GraderPool`) leaves the answer ungraded (``fault="grader_timeout"``).
     grade_tool_output: grade the whole response, interpreter output included. Off (the default,
         the paper's setting): only the model's own text is read, so an answer the code printed
         and the model never restated earns nothing.
@@ -156,7 +185,8 @@ def compute_rewards(
     """Rewards for a batch of responses (what the trainer calls once per step).
 
     name: the registered reward (None: ``config.name``). infos: one `trajectory_info` dict
-    per response (None: empty dicts). Uses the reward's batch form when it has one.
+    per response (None: empty dicts). Uses the reward's batch form when it has one. A response
+    whose info has ``sandbox_fault`` set is not graded: its result is ``fault="sandbox"``.
     """
     config = config or RewardConfig()
     name = name or config.name
@@ -168,13 +198,19 @@ def compute_rewards(
             f"{len(responses)} responses, {len(references)} references and {len(infos)} infos: lengths differ"
         )
     entry = _REWARDS[name]
+    graded = [i for i, info in enumerate(infos) if not (info or {}).get("sandbox_fault")]
+    results: list[RewardResult] = [faulted_result(FAULT_SANDBOX) for _ in responses]
+    responses, references, infos = ([seq[i] for i in graded] for seq in (responses, references, infos))
     if entry.batch_fn is not None:
-        results = entry.batch_fn(list(responses), list(references), infos, config)
-        if len(results) != len(responses):
-            raise RuntimeError(f"reward {name!r} returned {len(results)} results for {len(responses)} responses")
-        return results
-    extra = {"config": config} if entry.takes_config else {}
-    return [entry.fn(r, ref, trajectory_info=info, **extra) for r, ref, info in zip(responses, references, infos)]
+        scored = entry.batch_fn(responses, references, infos, config) if graded else []
+        if len(scored) != len(responses):
+            raise RuntimeError(f"reward {name!r} returned {len(scored)} results for {len(responses)} responses")
+    else:
+        extra = {"config": config} if entry.takes_config else {}
+        scored = [entry.fn(r, ref, trajectory_info=info, **extra) for r, ref, info in zip(responses, references, infos)]
+    for i, result in zip(graded, scored):
+        results[i] = result
+    return results
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) -> float:
@@ -209,6 +245,7 @@ def reward_info_from_trajectory(trajectory, max_response_length: int | None = No
         "budget_exhausted": trajectory.finish_reason == "budget"
         or any(getattr(c, "status", "") == "budget_exhausted" for c in calls),
         "num_tool_calls": int(getattr(trajectory, "num_tool_calls", len(calls))),  # executions, not budget notices
+        "sandbox_fault": bool(getattr(trajectory, "sandbox_fault", False)),  # not graded: see RewardResult
     }
 
 
@@ -252,28 +289,37 @@ def score_trajectories(
     answers: the reference answer of each trajectory's problem. max_response_tokens: the
     response-length limit the trajectories were sampled under (the overlong penalty measures
     against it). The reward reads `grading_text` (the model's own words unless
-    `config.grade_tool_output`). The trajectories are only read: the caller decides where the
-    results go.
+    `config.grade_tool_output`). A trajectory with a sandbox fault (`Trajectory.sandbox_fault`)
+    is not graded: its result has ``fault="sandbox"``. The trajectories are only read: the
+    caller decides where the results go.
     """
     texts = [grading_text(t, tokenizer, config.grade_tool_output) for t in trajectories]
     infos = [reward_info_from_trajectory(t, max_response_tokens) for t in trajectories]
     return compute_rewards(None, texts, answers, infos, config)
 
 
+# A response boxing more distinct forms than this is not graded pair by pair (28 pairs at 8):
+# each form counts as its own answer.
+MAX_BOX_FORMS = 8
+
+
 def _math_shaping(
     response_text: str, trajectory_info: dict, config: RewardConfig
-) -> tuple[str | None, dict[str, float], int]:
-    """The final answer, the penalties that apply (name -> amount) and the number of distinct boxes.
+) -> tuple[str | None, dict[str, float], list[str]]:
+    """The final answer, the penalties that apply (name -> amount; all but "multi_box", which
+    needs the grader) and the response's boxes, one per normal form, in order.
 
-    Boxes inside python blocks are code, not the model's answer, and are not read."""
-    boxes = _scan_boxes(without_code_blocks(response_text))
+    Boxes inside fenced blocks (code the model wrote) are not the model's answer and are not
+    read; the interpreter's output blocks are, when `config.grade_tool_output` asks for them."""
+    boxes = _scan_boxes(without_code_blocks(response_text, keep_output=config.grade_tool_output))
     answer = boxes[-1] if boxes else None
-    distinct = {normalize_answer(b) for b in boxes if b is not None}
+    forms: dict[str, str] = {}  # normal form -> the first box written in it
+    for box in boxes:
+        if box is not None:
+            forms.setdefault(normalize_answer(box), box)
     penalties: dict[str, float] = {}
     if answer is None and config.no_box_penalty:
         penalties["no_box"] = config.no_box_penalty
-    if len(distinct) > 1 and config.multi_box_penalty:
-        penalties["multi_box"] = config.multi_box_penalty
     unclosed = trajectory_info.get("unclosed_code")
     if unclosed is None:
         unclosed = has_unclosed_code_block(response_text)
@@ -292,13 +338,41 @@ def _math_shaping(
         amount = -overlong_penalty(int(length), int(limit), config.overlong_buffer, config.overlong_penalty)
         if amount:
             penalties["overlong"] = amount
-    return answer, penalties, len(distinct)
+    return answer, penalties, list(forms.values())
+
+
+def _form_pairs(forms: list[str]) -> list[tuple[int, int]]:
+    """The pairs of a response's box forms the grader compares (none past `MAX_BOX_FORMS`)."""
+    if not 2 <= len(forms) <= MAX_BOX_FORMS:
+        return []
+    return [(i, j) for j in range(len(forms)) for i in range(j)]
+
+
+def _distinct_answers(num_forms: int, pairs: list[tuple[int, int]], outcomes: list[GradeOutcome]) -> int:
+    """How many different answers `num_forms` box forms hold, the pairs graded equivalent merged."""
+    root = list(range(num_forms))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for (i, j), outcome in zip(pairs, outcomes):
+        if outcome.correct and outcome.fault is None:
+            root[find(j)] = find(i)
+    return len({find(i) for i in range(num_forms)})
 
 
 def _math_result(
-    answer: str | None, outcome: GradeOutcome, penalties: dict[str, float], num_boxes: int, config: RewardConfig
+    answer: str | None,
+    outcome: GradeOutcome,
+    penalties: dict[str, float],
+    num_boxes: int,
+    box_fault: str | None,
+    config: RewardConfig,
 ) -> RewardResult:
-    base = config.correct_reward if outcome.correct else config.wrong_reward
+    if num_boxes > 1 and config.multi_box_penalty:
+        penalties = {**penalties, "multi_box": config.multi_box_penalty}
     info = {
         "answer": answer,
         "reason": outcome.reason,
@@ -307,6 +381,12 @@ def _math_result(
     }
     if outcome.detail:
         info["detail"] = outcome.detail
+    # The grader could not decide the answer, or (when the penalty depends on it) whether two
+    # boxes are one answer: the machine's fault, not a verdict on the model.
+    fault = outcome.fault or (box_fault if config.multi_box_penalty else None)
+    if fault is not None:
+        return faulted_result(fault, info)
+    base = config.correct_reward if outcome.correct else config.wrong_reward
     return RewardResult(reward=base - sum(penalties.values()), correct=outcome.correct, info=info)
 
 
@@ -324,5 +404,18 @@ def math_reward_batch(
     responses: list[str], references: list[str], infos: list[dict], config: RewardConfig
 ) -> list[RewardResult]:
     shaped = [_math_shaping(r, info or {}, config) for r, info in zip(responses, infos)]
-    outcomes = grade_outcomes([(s[0], ref) for s, ref in zip(shaped, references)], config.grader_timeout_s)
-    return [_math_result(a, o, p, n, config) for (a, p, n), o in zip(shaped, outcomes)]
+    # One batch for the grader: every answer against its reference, then the pairs of each
+    # response's box forms (whether \frac12 and 0.5 are one answer or two).
+    form_pairs = [_form_pairs(forms) for _, _, forms in shaped]
+    requests = [(answer, ref) for (answer, _, _), ref in zip(shaped, references)]
+    for (_, _, forms), pairs in zip(shaped, form_pairs):
+        requests += [(forms[j], forms[i]) for i, j in pairs]
+    outcomes = grade_outcomes(requests, config.grader_timeout_s)
+    box_outcomes = iter(outcomes[len(responses) :])
+    results = []
+    for (answer, penalties, forms), outcome, pairs in zip(shaped, outcomes, form_pairs):
+        verdicts = [next(box_outcomes) for _ in pairs]
+        num_boxes = _distinct_answers(len(forms), pairs, verdicts)
+        box_fault = next((v.fault for v in verdicts if v.fault is not None), None)
+        results.append(_math_result(answer, outcome, penalties, num_boxes, box_fault, config))
+    return results

@@ -18,6 +18,12 @@ stays in the response *before* the output block.
 The feedback starts with ``"\\n"`` only when the response does not already end with a newline,
 so the output block always starts on its own line.
 
+Faults of the machine. A block the sandbox could not run (its result has status
+"sandbox_fault" after the sandbox's own retries, or the call raised `SandboxError`) is
+recorded as a tool call with status `cir.trajectory.SANDBOX_FAULT`, nothing is shown to the
+model, and that trajectory ends there (finish_reason "sandbox_fault"); the rest of the batch
+goes on. The model is never told "Process killed" for what the machine did.
+
 Scheduling. `rollout_async` runs every trajectory as its own coroutine: while one waits on the
 sandbox the engine keeps batching the others' decoding steps. `rollout_turn_sync` is the
 baseline used by common research code (and by `cir bench rollout`): all trajectories generate

@@ -15,7 +15,8 @@ from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import _decode, _encode, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, fence_closed, find_code_block
 from cir.rollout.seeds import derive_seed
-from cir.trajectory import BUDGET_EXHAUSTED, ToolCall, Trajectory
+from cir.sandbox import ExecResult, SandboxError
+from cir.trajectory import BUDGET_EXHAUSTED, SANDBOX_FAULT, ToolCall, Trajectory
 
 # ---------------------------------------------------------------------------------------------
 # One trajectory as a state machine, shared by both schedules
@@ -174,6 +175,16 @@ class _TrajectoryRun:
             raise RuntimeError("take_result called without a pending code block")
         code, span, prefix, limit = self._pending
         self._pending = None
+        if result.status == SANDBOX_FAULT:
+            # The machine failed (retried by the sandbox, still failing): nothing the model
+            # could learn from. The call is recorded as such, nothing is shown to the model,
+            # and the trajectory ends here (left out of training and of the scores).
+            end = len(self.trajectory.response_ids)
+            self.trajectory.tool_calls.append(
+                ToolCall(code=code, status=SANDBOX_FAULT, output="", code_span=span, feedback_span=(end, end))
+            )
+            self._finish("sandbox_fault")
+            return
         # The template supplies the newline that closes the output, so trailing newlines of
         # stdout are dropped (no blank line before the closing fence).
         output = result.feedback().rstrip("\n")
@@ -211,7 +222,12 @@ class _TrajectoryRun:
 
 
 async def _execute(sandbox, run: _TrajectoryRun, code: str):
-    return await sandbox.arun(code, timeout_s=run.config.exec_timeout_s, session=run.session)
+    try:
+        return await sandbox.arun(code, timeout_s=run.config.exec_timeout_s, session=run.session)
+    except SandboxError as exc:
+        # The sandbox could not take this call at all (its interpreter cannot start for now, it
+        # was closed): this trajectory ends in a sandbox fault; the others of the batch go on.
+        return ExecResult(SANDBOX_FAULT, "", str(exc), 0, 0.0, 0.0, reason="unavailable", attempts=0)
 
 
 def _close_session(sandbox, run: _TrajectoryRun) -> None:
@@ -375,7 +391,12 @@ def run_sync(coro: Awaitable) -> Any:
     """
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+        inside_a_loop = True
+    except RuntimeError:  # "no running event loop": the usual case
+        inside_a_loop = False
+    if not inside_a_loop:
+        # Run outside the `except` block: an exception from the rollout must show its own
+        # traceback, not one chained to the RuntimeError that only said there was no loop.
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from cir.trajectory import Trajectory
 
-FINISH_REASONS = ("eos", "length", "budget")
+# "sandbox_fault": the sandbox could not run a block (the machine's fault); the trajectory ends there.
+FINISH_REASONS = ("eos", "length", "budget", "sandbox_fault")
 
 
 def rollout_totals(trajectories: Sequence[Trajectory]) -> dict[str, float]:

@@ -9,8 +9,11 @@ and restarts the zygote if it dies; the GIL is released while it waits.
 Each snippet runs in a fresh process that looks like ``python -c CODE``: same exit status,
 stdout and traceback, its own empty working directory, a clean environment, rlimits on
 address space, CPU time, file size, processes and open files, no network, an unprivileged
-uid when the trainer runs as root, and nothing it started survives it. See
-:attr:`Sandbox.isolation` for what is active on the current machine.
+uid when the trainer runs as root, and nothing it started survives it. It sees an allow-list
+of files (the interpreter and the preloaded packages), never the trainer's. The policy is one
+`IsolationPolicy`; see :attr:`Sandbox.isolation` for what is active on the current machine.
+A result says whose fault it was (`ExecResult.fault`): the machine's faults are retried, and
+reported as status "sandbox_fault" if they persist.
 
     with Sandbox(workers=4) as sb:
         sb.run("print(2 + 2)").stdout            # '4\\n'
@@ -18,8 +21,9 @@ uid when the trainer runs as root, and nothing it started survives it. See
         await sb.arun(code, session="traj-17")   # asyncio; sees earlier cells of traj-17
 
 Modules: `client` (Sandbox, SandboxError, launch_settings), `results` (ExecResult, STATUSES,
-classify and its helpers), `config` (SandboxConfig, DEFAULT_PRELOAD), `isolation` (the
-snippet environment and the description of the isolation in effect), `reference` (run_fresh:
+FAULT_REASONS, classify and its helpers), `config` (SandboxConfig, DEFAULT_PRELOAD), `policy`
+(IsolationPolicy), `rootfs` (what a snippet sees: the allow-list), `isolation` (the snippet
+environment and the description of the isolation in effect), `reference` (run_fresh:
 the same snippet alone in a fresh ``python -c``, what the sandbox is compared against),
 `zygote` (the warm interpreter's own code). The ``cir sandbox run`` command is `cir.cli.sandbox`.
 """
@@ -38,6 +42,8 @@ _EXPORTS = {
     "launch_settings": "client",
     "ExecResult": "results",
     "STATUSES": "results",
+    "FAULT_REASONS": "results",
+    "IsolationPolicy": "policy",
     "classify": "results",
     "last_line": "results",
     "is_memory_error": "results",
@@ -53,8 +59,10 @@ _EXPORTS = {
 
 __all__ = [
     "DEFAULT_PRELOAD",
+    "FAULT_REASONS",
     "STATUSES",
     "ExecResult",
+    "IsolationPolicy",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",
@@ -93,8 +101,10 @@ if TYPE_CHECKING:
         describe_isolation,
         isolation_warnings,
     )
+    from cir.sandbox.policy import IsolationPolicy
     from cir.sandbox.reference import run_fresh, run_fresh_batch
     from cir.sandbox.results import (
+        FAULT_REASONS,
         STATUSES,
         ExecResult,
         classify,

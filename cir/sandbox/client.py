@@ -30,7 +30,8 @@ from cir.sandbox.isolation import (
     describe_isolation,
     isolation_warnings,
 )
-from cir.sandbox.results import ExecResult, classify, truncation_marker
+from cir.sandbox.policy import IsolationPolicy
+from cir.sandbox.results import FAULT_REASONS, ExecResult, classify, truncation_marker
 
 if TYPE_CHECKING:
     from cir.sandbox.config import SandboxConfig
@@ -42,7 +43,10 @@ _BOOTSTRAP = "import sys, json; sys.path[:] = json.loads(sys.argv[1]); from cir.
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself failed (could not start, was closed): not a snippet's fault."""
+    """The sandbox cannot run snippets: it refused to start (the machine cannot isolate as
+    its policy asks), could not start, is closed, or is unavailable for now (its interpreter
+    keeps failing to start; it goes on trying, with backoff, and runs snippets again once one
+    starts). Never a snippet's fault."""
 
 
 @dataclass
@@ -76,21 +80,21 @@ def launch_settings(
     workers: int,
     preload: Sequence[str] = DEFAULT_PRELOAD,
     warmup: bool = True,
-    network: bool = False,
-    max_file_bytes: int = 16 * MiB,
+    policy: IsolationPolicy | None = None,
     native_fork: bool = True,
     huge_pages: bool = True,
     fill_free_blocks: bool = True,
 ) -> dict:
-    """How the supervisor starts the zygote: executable, argv, environment and the zygote's
-    configuration (JSON). Used by `Sandbox` and by the native supervisor test's driver."""
+    """How the supervisor starts the zygote: executable, argv, environment, the zygote's
+    configuration (JSON) and the isolation policy (JSON). Used by `Sandbox` and by the native
+    supervisor test's driver."""
+    policy = IsolationPolicy() if policy is None else policy
     config = {
         "preload": list(preload),
         "warmup": bool(warmup),
-        "network": bool(network),
+        # Only to order the snippets' import path: what they can see is derived in the zygote.
         "sys_path": list(sys.path),
         "child_env": child_environment("/"),
-        "tmp_bytes": max(64 * MiB, workers * 4 * int(max_file_bytes)),
         "native_fork": bool(native_fork),
         "huge_pages": bool(huge_pages),
         "fill_free_blocks": bool(fill_free_blocks),
@@ -102,6 +106,7 @@ def launch_settings(
         "argv": [sys.executable, "-c", _BOOTSTRAP, json.dumps(list(sys.path))],
         "env": [f"{k}={v}" for k, v in zygote_env.items()],
         "config_json": json.dumps(config),
+        "policy_json": policy.to_json(),
     }
 
 
@@ -110,8 +115,8 @@ class Sandbox:
 
     Args:
         workers: snippets running at the same time (default: CPU count).
-        timeout_s: wall-clock limit per snippet, counted from the moment it starts (time in
-            the queue does not count).
+        timeout_s: time limit per snippet, counted from the moment it starts (time in the
+            queue does not count), on its own time (see Time limit below).
         memory_mb: address space a snippet may use on top of the preloaded modules
             (RLIMIT_AS), i.e. what ``python -c`` gets under ``ulimit -v``.
         max_output_bytes: stdout + stderr kept per snippet; past it the snippet is killed and
@@ -123,8 +128,28 @@ class Sandbox:
         max_open_files: RLIMIT_NOFILE.
         max_file_bytes: RLIMIT_FSIZE (largest file a snippet may write).
         network: allow network access (default: none).
-        namespaces: use pid/net/mount/ipc namespaces where the kernel allows them.
+        namespaces: use pid/net/mount/ipc namespaces (False needs accept_weaker_isolation).
+        extra_readonly_paths: host paths shown read-only to snippets beyond what their
+            interpreter needs. Visible to the policy: model-written code can read (and print)
+            whatever is there.
+        accept_weaker_isolation: start even where the machine cannot provide the isolation
+            (no mount or user namespaces); snippets then see the host's files as far as
+            permissions allow. Without it such a sandbox refuses to start (SandboxError,
+            one line naming what is missing).
+        work_dir_bytes, work_dir_inodes: caps of a snippet's writable space (its work dir, on
+            its worker slot's own tmpfs). Default: 4 x max_file_bytes (at least 64 MiB), 4096.
+        policy: the whole `IsolationPolicy` at once (then the five arguments above are not given).
         startup_timeout_s: how long to wait for the warm interpreter to become ready.
+        fault_attempts: how often a snippet is run when the machine fails it (the interpreter
+            dies under it, its process cannot be started, it is starved of CPU): retried with
+            the same code after retry_backoff_s, then twice that, ...; still failing, its result
+            has status "sandbox_fault" (see ExecResult.reason).
+        retry_backoff_s: the first wait before such a retry.
+        restart_backoff_s: (first, longest) wait before starting the interpreter again after a
+            failed start. The sandbox never gives up: after three failed starts in a row it
+            raises SandboxError for every snippet until a start succeeds.
+        wall_guard: (factor, extra seconds): the wall clock ends every snippet at
+            factor x its limit + extra, however long it waited for a CPU (see Time limit).
         native_fork: fork snippet processes from the zygote's C++ loop, leaving out Python's
             at-fork handlers that only matter when other threads exist (the zygote has
             none), instead of through ``os.fork`` from a Python loop (False: the reference
@@ -140,8 +165,17 @@ class Sandbox:
         the sandbox takes its plain reference path.
 
     Attributes:
-        isolation: what is isolated on this machine, one mechanism per line.
-        isolation_facts: the same as data (namespaces, uid range, mounts, seccomp, ...).
+        policy: the `IsolationPolicy` in force.
+        isolation: what is isolated on this machine, one mechanism per line, with every path
+            a snippet can see.
+        isolation_facts: the same as data (namespaces, uid range, filesystem, seccomp, ...).
+
+    Time limit: it counts the snippet's own time (running, or sleeping and waiting on its
+    own account), not the time it was ready to run but waited for a CPU behind other work
+    (the scheduler's per-task run delay). A wall-clock guard still ends every snippet, at
+    three times its limit plus 5 s (`wall_guard`); if the snippet's own time was not used up
+    by then, it had mostly waited for a CPU: a fault of the machine ("starved"), retried,
+    never the snippet's timeout.
 
     Sessions: ``run(code, session="traj-17")`` first replays the earlier *successful* cells
     of that session in the same fresh process, with their output discarded, then runs
@@ -163,6 +197,8 @@ class Sandbox:
             memory_mb=cfg.memory_mb,
             max_output_bytes=cfg.max_output_bytes,
             preload=tuple(cfg.preload),
+            extra_readonly_paths=tuple(cfg.extra_readonly_paths),
+            accept_weaker_isolation=cfg.accept_weaker_isolation,
         )
 
     def __init__(
@@ -180,10 +216,19 @@ class Sandbox:
         network: bool = False,
         *,
         namespaces: bool = True,
+        extra_readonly_paths: Sequence[str] = (),
+        accept_weaker_isolation: bool = False,
+        work_dir_bytes: int | None = None,
+        work_dir_inodes: int = 4096,
+        policy: IsolationPolicy | None = None,
         startup_timeout_s: float = 300.0,
         native_fork: bool = True,
         huge_pages: bool = True,
         fill_free_blocks: bool = True,
+        fault_attempts: int = 3,
+        retry_backoff_s: float = 0.05,
+        restart_backoff_s: tuple[float, float] = (0.1, 30.0),
+        wall_guard: tuple[float, float] = (3.0, 5.0),
     ):
         from cir import _sandbox
 
@@ -197,6 +242,21 @@ class Sandbox:
             raise ValueError(f"cpu_time_s must be > 0, got {cpu_time_s!r}")
         if isinstance(preload, str):
             raise TypeError("preload must be a sequence of module names, not a string")
+        if policy is None:
+            policy = IsolationPolicy(
+                namespaces=bool(namespaces),
+                network=bool(network),
+                extra_readonly_paths=tuple(extra_readonly_paths),
+                work_dir_bytes=max(64 * MiB, 4 * int(max_file_bytes))
+                if work_dir_bytes is None
+                else int(work_dir_bytes),
+                work_dir_inodes=int(work_dir_inodes),
+                accept_weaker_isolation=bool(accept_weaker_isolation),
+            )
+        elif not isinstance(policy, IsolationPolicy):
+            raise TypeError(f"policy must be an IsolationPolicy, got {type(policy).__name__}")
+        network = policy.network
+        self.policy = policy
         self.workers = workers
         self.max_output_bytes = int(max_output_bytes)
         self._limits = _Limits(
@@ -212,25 +272,27 @@ class Sandbox:
         self._bridge = _AsyncBridge()
         self._closed = False
 
+        first_backoff, longest_backoff = restart_backoff_s
         supervisor = _sandbox.Supervisor(
             **launch_settings(
                 workers=workers,
                 preload=preload,
                 warmup=warmup,
-                network=network,
-                max_file_bytes=max_file_bytes,
+                policy=policy,
                 native_fork=native_fork,
                 huge_pages=huge_pages,
                 fill_free_blocks=fill_free_blocks,
             ),
             workers=workers,
             max_output_bytes=self.max_output_bytes,
-            use_namespaces=bool(namespaces),
-            allow_user_namespace=True,
-            net_namespace=not network,
-            drop_uid=True,
             host_tmp_dir=tempfile.gettempdir(),
             startup_timeout_s=float(startup_timeout_s),
+            fault_attempts=int(fault_attempts),
+            retry_backoff_s=float(retry_backoff_s),
+            restart_backoff_s=float(first_backoff),
+            restart_backoff_max_s=float(longest_backoff),
+            wall_guard_factor=float(wall_guard[0]),
+            wall_guard_extra_s=float(wall_guard[1]),
         )
         self._handle = _CoreHandle(supervisor)
         # Runs on close(), when the sandbox is collected, or at interpreter exit (finalizers
@@ -241,7 +303,10 @@ class Sandbox:
             supervisor.wait_ready(float(startup_timeout_s))
         except RuntimeError as exc:
             self._finalizer()
-            raise SandboxError(f"the sandbox could not start: {exc}") from None
+            message = str(exc)
+            if message.startswith("cir sandbox: refusing"):
+                raise SandboxError(message) from None  # one line: what is missing, what accepts it
+            raise SandboxError(f"the sandbox could not start: {message}") from None
         self.isolation_facts: dict = json.loads(supervisor.ready_json or "{}")
         self.isolation_facts["uid_range"] = (
             (supervisor.uid_base, supervisor.uid_base + supervisor.uid_slots - 1)
@@ -256,7 +321,7 @@ class Sandbox:
     def run(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         """Runs one snippet and waits for it (the GIL is released meanwhile)."""
         job = self._job(code, timeout_s, session)
-        outcome = self._core.wait(self._core.submit(**job))
+        outcome = self._core.wait(self._submit(job))
         return self._finish(outcome, code, session)
 
     def run_batch(
@@ -287,7 +352,7 @@ class Sandbox:
                 continue
             if session is not None:
                 waiting[session] = deque()
-            submitted.append((i, self._core.submit(**self._job(code, timeout_s, session))))
+            submitted.append((i, self._submit(self._job(code, timeout_s, session))))
         bar = _progress_bar(len(codes), progress)
         try:
             while submitted:
@@ -297,7 +362,7 @@ class Sandbox:
                 session = sessions[i]
                 if session is not None and waiting.get(session):
                     j = waiting[session].popleft()
-                    submitted.append((j, self._core.submit(**self._job(codes[j], timeout_s, session))))
+                    submitted.append((j, self._submit(self._job(codes[j], timeout_s, session))))
         finally:
             bar.close()
             # Only left on error (e.g. KeyboardInterrupt): kill them and collect the outcomes,
@@ -324,7 +389,7 @@ class Sandbox:
         job = self._job(code, timeout_s, session)
         bridge = self._bridge
         with bridge.lock:
-            rid = self._core.submit(**job, notify=True)
+            rid = self._submit(job, notify=True)
             bridge.futures[rid] = future
             count = bridge.pending_per_loop.get(loop, 0)
             if count == 0:
@@ -392,15 +457,35 @@ class Sandbox:
 
     # -- bookkeeping --------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Counters: submitted, executed, timeouts, output_limits, retries (snippets re-run
-        after the zygote died), lost (died twice), restarts (of the zygote), queued, inflight,
-        occupied_slots (inflight + finished processes still being torn down), zygote_pid (host
-        pid), ready, sessions."""
+        """The counters of `counters` plus the state now: queued, inflight, occupied_slots
+        (inflight + finished processes still being torn down), zygote_pid (host pid), ready,
+        available (False while the interpreter keeps failing to start), sessions."""
         core = self._handle.supervisor
         s = dict(core.stats()) if core is not None else dict(self._final_stats)
         with self._sessions_lock:
             s["sessions"] = len(self._sessions)
         return s
+
+    def counters(self) -> dict[str, int]:
+        """A snapshot of counters that only grow over the sandbox's life, for a trainer to log
+        per step (the difference between two snapshots):
+
+        submitted, executed (snippets that ran to a verdict of their own), timeouts,
+        output_limits; retries (runs repeated after a fault of the machine), restarts (of the
+        warm interpreter, after it died or failed to start), start_failures (starts that never
+        became ready); faults (snippets given up as "sandbox_fault", all reasons) and
+        faults_<reason> for interpreter_lost, start_failed, host_resource and starved (see
+        results.FAULT_REASONS); unavailable (snippets refused with SandboxError while no
+        interpreter could be started).
+        """
+        s = self.stats()
+        keys = ("submitted", "executed", "timeouts", "output_limits", "retries", "restarts", "start_failures")
+        out = {k: int(s[k]) for k in keys}
+        reasons = {k: int(s[f"faults_{k}"]) for k in FAULT_REASONS if k != "unavailable"}
+        out["faults"] = sum(reasons.values())
+        out.update({f"faults_{k}": v for k, v in reasons.items()})
+        out["unavailable"] = int(s["unavailable"])
+        return out
 
     def close(self) -> None:
         """Stops the zygote and every snippet; pending requests fail with SandboxError."""
@@ -468,11 +553,21 @@ class Sandbox:
             "nofile": lim.max_open_files,
         }
 
+    def _submit(self, job: dict, notify: bool = False) -> int:
+        try:
+            return self._core.submit(**job, notify=notify)
+        except RuntimeError as exc:  # closed, refused or unavailable: the sandbox's state, not the code's
+            raise SandboxError(str(exc)) from None
+
     def _finish(self, outcome: dict, code: str, session: str | None) -> ExecResult:
         if outcome["infra_error"]:
             raise SandboxError(outcome["infra_message"])
         if outcome["cancelled"]:
             raise asyncio.CancelledError()
+        if outcome["fault"]:
+            reason = outcome["fault"]
+            log.warning("cir sandbox: snippet given up after %d attempts: %s", outcome["attempts"], reason)
+            return ExecResult("sandbox_fault", "", "", 0, 0.0, 0.0, reason=reason, attempts=int(outcome["attempts"]))
         result = self._result(outcome)
         if session is not None and result.status == "ok":
             with self._sessions_lock:
@@ -492,8 +587,6 @@ class Sandbox:
                 stderr += marker
             else:
                 stdout += marker
-        if stderr.startswith("cir-sandbox: snippet set-up failed"):
-            log.warning("cir sandbox: %s", stderr.strip())
         status = classify(
             exit_code=exit_code,
             stderr=stderr,
@@ -502,7 +595,9 @@ class Sandbox:
             maxrss_kb=o["maxrss_kb"],
             memory_mb=self._limits.memory_mb + self.isolation_facts.get("vm_preloaded_extra_bytes", 0) / MiB,
         )
-        return ExecResult(status, stdout, stderr, exit_code, float(o["wall_ms"]), float(o["cpu_ms"]))
+        return ExecResult(
+            status, stdout, stderr, exit_code, float(o["wall_ms"]), float(o["cpu_ms"]), attempts=int(o["attempts"])
+        )
 
 
 class _CoreHandle:

@@ -6,6 +6,7 @@ The modules preloaded by default are defined here once; `Sandbox`, the trainer's
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 MiB = 1024 * 1024
@@ -19,10 +20,16 @@ class SandboxConfig:
     """The trainer's sandbox (see `cir.sandbox.Sandbox` for what each limit means).
 
     workers: snippets running at the same time.
-    timeout_s: wall-clock limit per snippet.
+    timeout_s: time limit per snippet: its own time, not time waiting for a CPU (see `Sandbox`).
     memory_mb: address space a snippet may use on top of the preloaded modules.
     max_output_bytes: stdout + stderr kept per snippet (the model sees at most this much).
-    preload: modules imported once in the warm interpreter.
+    preload: modules imported once in the warm interpreter (their installed packages, and
+        those they import, are what snippets can see besides the standard library).
+    extra_readonly_paths: more host paths shown read-only to snippets. VISIBLE TO THE POLICY:
+        model-written code can read whatever is there and print it into its trajectory.
+    accept_weaker_isolation: run where the machine cannot isolate snippets (no mount or user
+        namespaces); they then see the host's files as far as permissions allow. Without it
+        the sandbox refuses to start there, naming what is missing.
     """
 
     workers: int = 2
@@ -30,6 +37,8 @@ class SandboxConfig:
     memory_mb: int = 2048
     max_output_bytes: int = 16384
     preload: list[str] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
+    extra_readonly_paths: list[str] = field(default_factory=list)
+    accept_weaker_isolation: bool = False
 
     def __post_init__(self) -> None:
         # Imported here: cir.sandbox stays importable (and `cir sandbox run` fast) without the
@@ -43,3 +52,11 @@ class SandboxConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if isinstance(self.preload, str) or not all(isinstance(m, str) for m in self.preload):
             raise ConfigError(f"preload must be a list of module names, got {self.preload!r}")
+        paths = self.extra_readonly_paths
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"extra_readonly_paths must be a list of paths, got {paths!r}")
+        for path in paths:
+            if not os.path.isabs(path) or os.path.normpath(path) == "/":
+                raise ConfigError(f"extra_readonly_paths: {path!r} must be an absolute path below /")
+            if not os.path.exists(path):
+                raise ConfigError(f"extra_readonly_paths: {path!r} does not exist")

@@ -24,9 +24,10 @@ def child_environment(workdir: str) -> dict[str, str]:
 
 
 def describe_isolation(facts: dict, *, network: bool = False) -> str:
-    """One line per mechanism, as active on this machine."""
+    """One line per mechanism, as active on this machine; the filesystem line names every
+    path a snippet can see."""
     ns = facts.get("namespaces", {})
-    mounts = facts.get("mounts") or {}
+    fs = facts.get("filesystem") or {}
     lines = []
     active = [name for name in ("pid", "net", "mount", "ipc", "user") if ns.get(name)]
     lines.append("namespaces: " + (", ".join(active) if active else "none"))
@@ -46,17 +47,31 @@ def describe_isolation(facts: dict, *, network: bool = False) -> str:
         lines.append("processes: everything of the slot uid is killed when a snippet ends (subreaper zygote)")
     else:
         lines.append("processes: process group + orphan sweep of the subreaper zygote")
-    if mounts.get("readonly_root") and mounts.get("private_tmp"):
+    caps = ""
+    if fs.get("slot_tmpfs"):
+        caps = f" (at most {fs.get('work_dir_bytes', 0) // 2**20} MiB and {fs.get('work_dir_inodes')} files, its worker slot's own tmpfs)"
+    if fs.get("root") == "allow-list" and fs.get("ok"):
+        visible = ", ".join(fs.get("visible", []))
+        devices = ", ".join(fs.get("devices", []))
+        masked = ", ".join(fs.get("masked", []))
         lines.append(
-            "filesystem: all mounts read-only; private tmpfs /tmp (work dirs) and empty /dev/shm; "
-            "writable only: the snippet's own work dir"
+            "filesystem: an empty read-only root; visible read-only: "
+            f"{visible}" + (f" (shown empty but for the preloaded packages: {masked})" if masked else "") + "; "
+            f"devices: {devices}; /proc; writable: only the snippet's own work dir{caps}"
         )
-    elif mounts.get("private_tmp"):
-        lines.append("filesystem: private /tmp; other mounts keep their permissions")
+    elif fs.get("ok"):
+        lines.append(f"filesystem: the host's files, as far as permissions allow (weaker isolation); work dirs{caps}")
     else:
-        lines.append("filesystem: work dirs on the host /tmp; file permissions only")
-    if mounts.get("private_proc"):
+        lines.append("filesystem: the host's files, as far as permissions allow; work dirs on the host /tmp")
+    if fs.get("private_proc"):
         lines.append("/proc: shows only the sandbox's processes")
+    separation = []
+    if facts.get("ipc_namespace_per_snippet"):
+        separation.append("its own IPC namespace (SysV shm, semaphores, message queues, POSIX queues: gone with it)")
+    if facts.get("landlock_scopes"):
+        separation.append("its own Landlock domain (no signal or abstract unix socket reaches outside it)")
+    if separation:
+        lines.append("between snippets: each has " + " and ".join(separation))
     if network:
         lines.append("network: allowed (network=True)")
     elif ns.get("net"):
@@ -69,7 +84,7 @@ def describe_isolation(facts: dict, *, network: bool = False) -> str:
         lines.append("seccomp: namespaces, mount, bpf, perf, io_uring, keyctl, module and x32 syscalls refused")
     lines.append(
         "limits: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0, "
-        "wall clock, output size"
+        "its own time (wall clock less CPU-queue wait, within a wall-clock guard), output size"
     )
     return "\n".join(lines)
 
@@ -77,7 +92,7 @@ def describe_isolation(facts: dict, *, network: bool = False) -> str:
 def isolation_warnings(facts: dict, *, network: bool = False) -> list[str]:
     """What is weaker than the full isolation on this machine (logged when a sandbox starts)."""
     ns = facts.get("namespaces", {})
-    mounts = facts.get("mounts") or {}
+    fs = facts.get("filesystem") or {}
     out = []
     if not facts.get("drop_uid"):
         out.append("snippets run under the trainer's own uid (no root to drop from)")
@@ -85,13 +100,14 @@ def isolation_warnings(facts: dict, *, network: bool = False) -> list[str]:
         out.append("network is NOT isolated (no network namespace, no seccomp)")
     if not ns.get("pid") and not facts.get("drop_uid") and not facts.get("orphan_sweep"):
         out.append("detached descendants of snippets may survive them (no pid namespace, uid or orphan sweep)")
-    if not mounts.get("readonly_root"):
-        out.append("the filesystem is not read-only for snippets; only file permissions protect it")
+    if not (fs.get("root") == "allow-list" and fs.get("ok")):
+        why = fs.get("allow_list_error") or fs.get("error") or "no mount namespace"
+        out.append(f"snippets see the host's files as far as permissions allow ({why}; accept_weaker_isolation)")
     if facts.get("python_readable_by_snippets") is False:
         out.append(
-            "the Python installation is not readable by the sandbox uid (a parent directory is "
-            "private) and no mount namespace can re-expose it: snippets can only import preloaded modules"
+            "part of what snippets are shown is not readable by their uid (mode 0700 or less): "
+            "they can only import the preloaded modules"
         )
-    for w in mounts.get("warnings", []):
-        out.append(f"mount set-up: {w}")
+    if not facts.get("landlock_scopes") and not facts.get("drop_uid"):
+        out.append("concurrent snippets share a uid and no Landlock scopes: one can signal another")
     return out

@@ -10,22 +10,38 @@ import re
 import signal
 from dataclasses import dataclass
 
-STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed")
+STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed", "sandbox_fault")
+
+# Why a snippet ended in "sandbox_fault" (ExecResult.reason): always the machine's doing.
+FAULT_REASONS = {
+    "interpreter_lost": "the warm interpreter serving it died (every attempt)",
+    "start_failed": "no process could be started or set up for it",
+    "host_resource": "the training process ran out of descriptors or memory to run it",
+    "starved": "it waited for a CPU so long that the wall-clock guard ended it before its own time was up",
+    # Set by callers (the rollout) for a call that raised SandboxError, never by the sandbox.
+    "unavailable": "the sandbox could not take the call (no interpreter could be started, or it was closed)",
+}
 
 
 @dataclass(frozen=True)
 class ExecResult:
     """The outcome of one snippet.
 
-    status: "ok" | "error" | "timeout" | "memory" | "output_limit" | "killed", decided in
-        that order of precedence: "timeout" (the snippet ran past its wall-clock or CPU
-        limit), "memory" (MemoryError, or died by a signal after using nearly all its memory),
+    status: "ok" | "error" | "timeout" | "memory" | "output_limit" | "killed" |
+        "sandbox_fault". The first six are the snippet's own doing, decided in this order of
+        precedence: "timeout" (the snippet used up its own time, or its CPU-time limit),
+        "memory" (MemoryError, or died by a signal after using nearly all its memory),
         "output_limit" (output cut at max_output_bytes, marked in the text), "killed" (died
-        by a signal not caused by the limits above), "error" (non-zero exit, e.g. an uncaught
-        exception: exit 1 with a traceback on stderr), "ok".
-    exit_code: as a shell reports it: 0, 1, ..., or -signal.
+        by a signal not caused by the limits above, e.g. it killed itself), "error" (non-zero
+        exit, e.g. an uncaught exception: exit 1 with a traceback on stderr), "ok".
+        "sandbox_fault" is the machine's doing (see `reason`): the sandbox retried the same
+        code and it still failed; there is no output, and the result says nothing about the
+        code.
+    exit_code: as a shell reports it: 0, 1, ..., or -signal (0 for a sandbox fault).
     wall_ms, cpu_ms: wall-clock time from the start of the snippet, CPU time (user + system,
         including children it waited for).
+    reason: for "sandbox_fault", which fault (a key of FAULT_REASONS); "" otherwise.
+    attempts: how many times the sandbox ran the code (more than 1 after a fault of the machine).
     """
 
     status: str
@@ -34,6 +50,16 @@ class ExecResult:
     exit_code: int
     wall_ms: float
     cpu_ms: float
+    reason: str = ""
+    attempts: int = 1
+
+    @property
+    def fault(self) -> str | None:
+        """Whose fault a result other than "ok" was: "sandbox" (the machine's) or "model"
+        (the code's own); None for "ok"."""
+        if self.status == "ok":
+            return None
+        return "sandbox" if self.status == "sandbox_fault" else "model"
 
     @property
     def error_line(self) -> str:
@@ -45,6 +71,9 @@ class ExecResult:
         any) followed by the error line, or by a notice for a timeout/memory/signal."""
         if self.status == "ok":
             return self.stdout
+        if self.status == "sandbox_fault":
+            # Never shown to a model by the rollout (the trajectory ends there instead).
+            return f"SandboxFault: the sandbox could not run this code ({self.reason})"
         if self.status == "error":
             notice = self.error_line or f"Process exited with status {self.exit_code}"
         elif self.status == "timeout":

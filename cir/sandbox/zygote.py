@@ -3,10 +3,12 @@
 Started by the supervisor (``cir._sandbox.Supervisor``) with a minimal environment, possibly
 as pid 1 of fresh pid/net/mount/ipc namespaces. It
 
-1. reads the supervisor's hello (namespaces in effect, options),
-2. sets up the filesystem view (read-only everything, private /tmp, Python re-exposed),
-3. imports the preload modules and runs a short warm-up, so that first-use costs (sympy's
+1. reads the supervisor's hello (namespaces in effect, the isolation policy, options),
+2. imports the preload modules and runs a short warm-up, so that first-use costs (sympy's
    caches and lazily imported submodules, numpy's linalg) are paid once, not per snippet,
+3. builds the snippets' filesystem and enters it: an empty read-only root holding only what
+   the interpreter and the preloaded packages need (`cir.sandbox.rootfs`), /proc, a few
+   /dev nodes, and one capped tmpfs per worker slot for the work directories,
 4. prepares what every snippet starts from (argv, path, environment, a pristine
    ``__main__``), freezes its objects for the collector, backs its heap with huge pages,
    takes the free small-object blocks and installs the seccomp filter, once,
@@ -34,9 +36,12 @@ def main() -> None:
     from cir import _sandbox
 
     vm_at_start = _sandbox.self_vm_size()
+    modules_at_start = set(sys.modules)
     server = _sandbox.ZygoteServer(3)
     hello = json.loads(server.read_hello())
     config = hello["config"]
+    policy = hello["policy"]  # the IsolationPolicy's fields (cir.sandbox.policy), as JSON
+    policy_json = json.dumps(policy)
     huge_pages = bool(config.get("huge_pages", True))
     if huge_pages:
         # Arenas for the objects the imports and the warm-up create, in 2 MiB-aligned chunks:
@@ -44,23 +49,6 @@ def main() -> None:
         _sandbox.start_aligned_arenas()
     ns = hello["namespaces"]
     facts: dict = {"namespaces": ns, "zygote_pid_in_namespace": os.getpid()}
-
-    # -- filesystem ------------------------------------------------------------------------
-    work_root = hello["host_work_root"]
-    mounts = None
-    if ns["mount"]:
-        mounts = _sandbox.setup_mounts(_readable_paths(), int(config["tmp_bytes"]), "/tmp/cir-work", bool(ns["pid"]))
-        if mounts["private_tmp"]:
-            work_root = "/tmp/cir-work"
-    facts["mounts"] = mounts
-    # Can a snippet (another uid) import modules that are not preloaded? Not if the Python
-    # installation sits behind a directory only its owner may enter, and no mount namespace
-    # was available to re-expose it.
-    facts["python_readable_by_snippets"] = not hello["drop_uid"] or _readable_by_others(_readable_paths())
-    facts["work_root"] = work_root
-    facts["host_work_root"] = hello["host_work_root"] if work_root == hello["host_work_root"] else None
-    if not work_root:
-        raise SystemExit("cir-sandbox zygote: no work directory available")
 
     # -- process containment -----------------------------------------------------------------
     if not ns["pid"]:
@@ -71,8 +59,6 @@ def main() -> None:
     if not drop_uid:
         # Snippets share our uid, and RLIMIT_NPROC counts all its tasks.
         shared_uid_tasks = _sandbox.count_tasks_of_uid(os.getuid()) + 8
-    seccomp = _sandbox.seccomp_supported()
-    block_inet = not ns["net"] and not config["network"]
 
     # -- warm-up -----------------------------------------------------------------------------
     for name in _RUNTIME_MODULES:  # what the child's own code uses, whatever the snippet can read
@@ -87,23 +73,68 @@ def main() -> None:
     facts["vm_baseline_bytes"] = vm_at_start
     facts["vm_preloaded_extra_bytes"] = vm_extra
 
-    sweeping = server.configure(
+    # -- filesystem: what snippets see -------------------------------------------------------
+    # Derived from the interpreter and what the preload imported (now in sys.modules), never
+    # from the trainer's sys.path as given.
+    work_root, slot_dirs = hello["host_work_root"], False
+    if ns["mount"]:
+        from cir.sandbox import rootfs
+
+        preloaded = list(config["preload"]) + sorted(set(sys.modules) - modules_at_start)
+        plan = rootfs.plan_root(
+            preloaded,
+            tuple(policy["extra_readonly_paths"]),
+            slots=int(hello["uid_slots"]),
+            work_root=_WORK_ROOT,
+            new_proc=bool(ns["pid"]),
+        )
+        report = _sandbox.setup_root(policy_json, json.dumps(plan))
+        filesystem = {"root": "allow-list", **report}
+        if not report["ok"]:
+            if not policy["accept_weaker_isolation"]:
+                server.send_refused(
+                    f"cir sandbox: refusing to start: cannot build the snippets' filesystem ({report['error']}); "
+                    "pass accept_weaker_isolation=True (sandbox.accept_weaker_isolation=true) to run them with the "
+                    "host's files in view"
+                )
+                return
+            report = _sandbox.setup_root(policy_json, json.dumps(plan), weaker=True)
+            filesystem = {"root": "host", "allow_list_error": filesystem["error"], **report}
+        if report["ok"]:
+            work_root, slot_dirs = _WORK_ROOT, True
+            _forget_host_paths(config["sys_path"])
+        filesystem.update(
+            work_dir_bytes=int(policy["work_dir_bytes"]),
+            work_dir_inodes=int(policy["work_dir_inodes"]),
+            symlinks=len(plan["symlinks"]),
+        )
+        facts["filesystem"] = filesystem
+        # A snippet (another uid) must be able to read what is shown to it.
+        facts["python_readable_by_snippets"] = not drop_uid or rootfs.world_readable(plan["binds"])
+    else:
+        facts["filesystem"] = {"root": "host", "ok": False, "slot_tmpfs": False, "private_proc": False}
+    facts["work_root"] = work_root
+    facts["host_work_root"] = hello["host_work_root"] if work_root == hello["host_work_root"] else None
+    if not work_root:
+        raise SystemExit("cir-sandbox zygote: no work directory available")
+
+    options = server.configure(
+        policy_json=policy_json,
+        net_namespace=bool(ns["net"]),
         work_root=work_root,
+        slot_dirs=slot_dirs,
         drop_uid=drop_uid,
         uid_base=int(hello["uid_base"]),
         drop_capabilities=bool(ns["user"]) or (os.geteuid() == 0 and not drop_uid),
-        seccomp=seccomp,
-        block_inet_sockets=block_inet,
         as_extra_bytes=vm_extra,
         nproc_extra=shared_uid_tasks,
         sweep_orphans=not drop_uid,
     )
+    seccomp = options["seccomp"]
+    facts.update(options)
     facts.update(
         drop_uid=drop_uid,
         uid_base=int(hello["uid_base"]),
-        seccomp=seccomp,
-        seccomp_blocks_inet=block_inet and seccomp,
-        orphan_sweep=sweeping,
         nproc_shared_extra=shared_uid_tasks,
         python=sys.version.split()[0],
     )
@@ -453,31 +484,25 @@ _RUNTIME_MODULES = (
 )
 
 
-def _readable_by_others(paths: list[str]) -> bool:
-    """True if users other than the owner can reach and read every path."""
-    for path in paths:
-        current = "/"
-        for part in [p for p in os.path.realpath(path).split("/") if p]:
-            try:
-                if not os.stat(current).st_mode & 0o001:
-                    return False
-            except OSError:
-                return False
-            current = os.path.join(current, part)
-        try:
-            if not os.stat(current).st_mode & 0o004:
-                return False
-        except OSError:
-            return False
-    return True
+# Where the work directories are, in the snippets' root: one tmpfs per worker slot below it.
+_WORK_ROOT = "/tmp/cir-work"
 
 
-def _readable_paths() -> list[str]:
-    """Directories the sandbox uid must be able to read: the interpreter and sys.path."""
-    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-    paths.append(os.path.dirname(os.path.realpath(sys.executable)))
-    paths.extend(p for p in sys.path if p)
-    return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
+def _forget_host_paths(sys_path: list) -> None:
+    """After the switch to the snippets' root: the import system's caches describe the
+    host's directories (listings of a whole site-packages, finders for folders that are gone
+    now): drop them, so that a snippet's imports see only its own root. Then fill them again
+    from the new root, once, here: a child would list the directories for every import of a
+    module not loaded yet, and lose the listing when it exits."""
+    import importlib
+    import importlib.machinery
+
+    for path in list(sys.path_importer_cache):
+        if path and not os.path.exists(path):
+            del sys.path_importer_cache[path]
+    importlib.invalidate_caches()
+    # A failed look-up visits every entry of the path: each finder lists its directory.
+    importlib.machinery.PathFinder.find_spec("_cir_no_such_module_", [p for p in sys_path if p and os.path.exists(p)])
 
 
 _WARMUP_SYMPY = """
@@ -624,7 +649,9 @@ class _ChildContext:
         import stat
 
         self.env_template: dict[str, str] = dict(config["child_env"])
-        self.sys_path: list[str] = [""] + [p for p in config["sys_path"][1:]]
+        # As python -c has it: "" (the work dir) first, then the trainer's entries that exist
+        # here (in the snippets' root only the shown packages' directories do).
+        self.sys_path: list[str] = [""] + [p for p in config["sys_path"][1:] if p and os.path.exists(p)]
         out, err = sys.__stdout__, sys.__stderr__
         self.stdout_encoding = getattr(out, "encoding", None) or "utf-8"
         self.stdout_errors = getattr(out, "errors", None) or "strict"
@@ -687,8 +714,13 @@ class _ChildContext:
     def run(self, server, request) -> int:
         from cir import _sandbox
 
-        cells, code, status_fd = server.enter_child(request)
-        main_globals = self.reset_interpreter(request.workdir)
+        # A failure to set the process up is the machine's fault, reported (and retried) as
+        # such, never through the status pipe, which the snippet's code can write to.
+        try:
+            main_globals = self.reset_interpreter(request.workdir)
+        except BaseException as exc:  # noqa: BLE001
+            server.fail_setup(request, f"resetting the interpreter: {exc!r}")
+        cells, code, status_fd = server.enter_child(request)  # (calls fail_setup itself)
         if cells:
             self.replay(cells, main_globals)
             _sandbox.write_status(status_fd, 1)

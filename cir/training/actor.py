@@ -1,6 +1,6 @@
 """The actor: the one owner of the policy's weights, optimizer and learning-rate schedule.
 
-Everything the trainer does with the policy goes through this interface:
+Everything the trainer does with the policy goes through `Actor`:
 
 - `update(batch)`: old and reference log-probs where needed, then the masked clipped loss over
   micro-batches and one optimizer step per mini-batch (per PPO epoch); returns metrics;
@@ -11,8 +11,17 @@ Everything the trainer does with the policy goes through this interface:
 - `iter_weights(bucket_bytes)`: the only way weights leave the trainer, as buckets of full
   tensors under Hugging Face names; `sync_weights(actor, engine)` hands them to an engine.
 
-`LocalActor` is the single-process implementation. A sharded (FSDP2) actor implements the same
-methods; the trainer cannot tell them apart.
+One class for one process and for many (torchrun): the model is sharded with FSDP2 when the
+actor is built where that applies (`cir.training.sharding`: several ranks, or CUDA), and the
+training step is the same code either way. With several ranks, what the step must respect:
+
+- Every forward/backward of a sharded model is a collective, so every rank runs as many: a rank
+  with fewer micro-batches (or none: dynamic sampling may keep no group of its shard) runs
+  placeholder passes whose loss is multiplied by zero. In one process there are none.
+- Gradients are averaged over ranks by FSDP's reduce-scatter; micro-batch weights carry a
+  `world_size` factor (`cir.algorithms.micro_batch_weight`), so the result is the gradient of
+  the global batch's loss.
+- Metrics are token-weighted over every rank's micro-batches (`UpdateMetrics`).
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ import copy
 import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,10 +42,13 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
 from cir.algorithms.correction import importance_weights, mismatch_metrics
+from cir.config_loader import ConfigError
 from cir.distributed import DistributedContext
+from cir.training import export
 from cir.training.batch import MicroBatch, TrainBatch
 from cir.training.logprobs import ResponseLogprobs
-from cir.training.optim import OptimConfig, lr_multiplier
+from cir.training.optim import OptimConfig, ShardingConfig, attention_precision_problem, lr_multiplier
+from cir.training.sharding import compute_dtype, device_mesh, full_tensor, shard_policy, should_shard
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -45,32 +57,35 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 
-class Actor(Protocol):
-    tokenizer: object
-
-    def update(self, batch: TrainBatch) -> dict[str, float]: ...
-
-    def save_sharded_state(self, path: Path) -> dict: ...
-
-    def load_sharded_state(self, path: Path, state: dict) -> None: ...
-
-    def save_pretrained(self, path: Path) -> None: ...
-
-    def iter_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[NamedTensors]: ...
-
-
 def sync_weights(actor: Actor, engine, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Hand the actor's current weights to `engine`, one bucket at a time."""
     for bucket in actor.iter_weights(bucket_bytes):
         engine.load_weights(bucket)
 
 
+@dataclass(frozen=True)
+class FixedLogprobs:
+    """Per-token log-probs of one micro-batch that stay fixed through the update, [n] each: under
+    the policy before the update (`old`; None when strictly on-policy: the current forward's
+    own, detached) and under the KL reference (`ref`; None without a KL term). The actor keeps
+    them beside the batch; the micro-batches it was handed are not changed."""
+
+    old: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
 def micro_batch_loss(
-    policy: ResponseLogprobs, mb: MicroBatch, algo: AlgoConfig, *, temperature: float, max_response_tokens: int
+    policy: ResponseLogprobs,
+    mb: MicroBatch,
+    algo: AlgoConfig,
+    fixed: FixedLogprobs,
+    *,
+    temperature: float,
+    max_response_tokens: int,
 ):
     """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient."""
     logprob, entropy = policy.of(mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
-    old = mb.old_logprobs if mb.old_logprobs is not None else logprob.detach()
+    old = fixed.old if fixed.old is not None else logprob.detach()
     advantages = mb.advantages
     weights = importance_weights(
         old,
@@ -93,7 +108,7 @@ def micro_batch_loss(
         clip_high=algo.clip_high,
         dual_clip=algo.dual_clip,
         aggregation=algo.aggregation,
-        ref_logprob=mb.ref_logprobs,
+        ref_logprob=fixed.ref,
         kl_coef=algo.kl_coef,
         kl_type=algo.kl_type,
         kl_cap=algo.kl_cap,
@@ -115,12 +130,51 @@ def micro_batch_loss(
     return loss, metrics
 
 
-class LocalActor:
-    """The policy in this process (CPU or one GPU).
+class UpdateMetrics:
+    """The update's metrics, accumulated micro-batch by micro-batch and reduced over ranks once.
+
+    A metric is a mean over model tokens (each micro-batch's value weighted by its token count,
+    summed over every rank's micro-batches before dividing), except keys ending in `_max`,
+    which are maxima over tokens (the largest over micro-batches and ranks)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: Mapping[str, float | torch.Tensor], weight: float) -> None:
+        self.weight += weight
+        for k, v in metrics.items():
+            if k.endswith("_max"):
+                self.maxima[k] = max(self.maxima.get(k, 0.0), float(v))
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+
+    def expect(self, keys: Iterable[str]) -> None:
+        """Bring `keys` to the reduction at weight 0 (a placeholder pass: a rank with nothing to
+        add still holds every key, as the reductions pair values by position)."""
+        for k in keys:
+            (self.maxima if k.endswith("_max") else self.sums).setdefault(k, 0.0)
+
+    def reduce(self, dist: DistributedContext) -> dict[str, float]:
+        """Every metric over all ranks (a collective: every rank calls it)."""
+        # Sorted: the reductions pair values by position, and ranks may have met keys in another order.
+        local = {k: self.sums[k] / max(self.weight, 1) for k in sorted(self.sums)}
+        out = dist.mean_metrics(local, weight=self.weight)
+        out |= {k: dist.max_float(self.maxima[k]) for k in sorted(self.maxima)}
+        return out
+
+
+class Actor:
+    """The policy, its optimizer and LR schedule, in one process or sharded over the ranks of a
+    torchrun job.
 
     `total_optimizer_steps` sets the length of the LR schedule's decay. With `algo.kl_coef > 0`
-    a frozen copy of the initial policy serves as the KL reference. `FSDPActor` (cir.training.fsdp)
-    overrides the few methods where sharding matters.
+    a frozen copy of the initial policy serves as the KL reference (`reference`: another model
+    instead, e.g. a resumed run's initial policy). `sharding` lays the model out over ranks
+    (`cir.training.sharding`); `shard` overrides whether it is sharded at all (default: with
+    several ranks or on CUDA). The model is used where it is (one process) or moved to the
+    mesh's device as it is sharded.
     """
 
     def __init__(
@@ -131,19 +185,42 @@ class LocalActor:
         algo: AlgoConfig,
         *,
         total_optimizer_steps: int,
+        sharding: ShardingConfig | None = None,
         dist: DistributedContext | None = None,
         reference=None,
+        shard: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.optim_config = optim
         self.algo = algo
         self.dist = dist or DistributedContext()
+        sharding = sharding or ShardingConfig()
+        # Several ranks compute where their collectives run; one process where its model is.
+        device_type = self.dist.device if self.dist.world_size > 1 else next(model.parameters()).device.type
+        self.sharded = should_shard(self.dist.world_size, device_type) if shard is None else shard
+        if not self.sharded and self.dist.world_size > 1:
+            raise ValueError(f"{self.dist.world_size} ranks train one sharded model: shard=False is for one process")
+        # flash-attn computes in bf16/fp16 only: a policy that computes in fp32 would fail at its
+        # first forward, after a whole rollout; refuse now (the config refuses what it can know).
+        self.compute_dtype = compute_dtype(model, sharding, device_type, self.sharded)
+        problem = attention_precision_problem(
+            getattr(model.config, "_attn_implementation", None) or "",
+            str(self.compute_dtype).removeprefix("torch."),
+            device_type,
+        )
+        if problem is not None:
+            raise ConfigError(problem)
         ref = None
         if algo.kl_coef > 0:  # the KL reference: `reference` if given, else the policy as it starts
             ref = _frozen_copy(model) if reference is None else _frozen(reference)
-        self.policy = self._wrap(ResponseLogprobs(model))
-        self.ref_policy = None if ref is None else self._wrap(ResponseLogprobs(ref))
+        mesh = device_mesh(sharding, self.dist.world_size, device_type) if self.sharded else None
+        self.policy = self._prepare(ResponseLogprobs(model), mesh, sharding)
+        self.ref_policy = None if ref is None else self._prepare(ResponseLogprobs(ref), mesh, sharding)
+        self.device = next(self.policy.parameters()).device
+        # What a rank runs, its loss multiplied by zero, when others have more micro-batches than it.
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.placeholder = MicroBatch.placeholder(pad_id, self.device)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
             lr=optim.lr,
@@ -153,70 +230,68 @@ class LocalActor:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(optim, total_optimizer_steps))
 
-    def _wrap(self, policy: ResponseLogprobs) -> ResponseLogprobs:
-        """Where a sharded actor shards the module; here the module is used as it is."""
-        return policy
+    @staticmethod
+    def _prepare(policy: ResponseLogprobs, mesh, sharding: ShardingConfig) -> ResponseLogprobs:
+        return policy if mesh is None else shard_policy(policy, mesh, sharding)
 
-    def _padded_plan(self, micro_batches: list[MicroBatch]) -> list[MicroBatch | None]:
-        """The micro-batches to run; a sharded actor pads with None so every rank runs as many."""
-        return list(micro_batches)
+    def _passes(self, micro_batches: list[MicroBatch]) -> list[MicroBatch | None]:
+        """`micro_batches`, then None (a placeholder pass) up to the most any rank has, so that
+        every rank joins each sharded forward/backward; in one process, the list itself."""
+        most = self.dist.max_int(len(micro_batches))
+        return list(micro_batches) + [None] * (most - len(micro_batches))
 
     # -- the update ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _fill_old_and_ref_logprobs(self, batch: TrainBatch, on_policy: bool) -> None:
-        impl = self.algo.logprob_impl
-        for mb in self._padded_plan(batch.micro_batches):
-            step = mb if mb is not None else batch.placeholder  # a padding pass: result unused
-            if not on_policy:
-                lp = self.policy.of(step, temperature=batch.temperature, with_entropy=False, impl=impl)[0]
-                if mb is not None:
-                    mb.old_logprobs = lp
-            if self.ref_policy is not None:
-                lp = self.ref_policy.of(step, temperature=batch.temperature, with_entropy=False, impl=impl)[0]
-                if mb is not None:
-                    mb.ref_logprobs = lp
+    def _fixed_logprobs(self, batch: TrainBatch, on_policy: bool) -> tuple[list[list[FixedLogprobs]], FixedLogprobs]:
+        """The fixed log-probs of every micro-batch, by mini-batch as `batch.mini_batches` holds
+        them (old: unless on-policy; ref: with a KL term), and the placeholder's."""
+        impl, temperature = self.algo.logprob_impl, batch.temperature
+        if on_policy and self.ref_policy is None:
+            return [[FixedLogprobs() for _ in mini] for mini in batch.mini_batches], FixedLogprobs()
+
+        def of(policy, mb):
+            return policy.of(mb, temperature=temperature, with_entropy=False, impl=impl)[0]
+
+        fixed = []
+        for mb in self._passes(batch.micro_batches):
+            step = mb if mb is not None else self.placeholder
+            old = None if on_policy else of(self.policy, step)
+            ref = None if self.ref_policy is None else of(self.ref_policy, step)
+            if mb is not None:
+                fixed.append(FixedLogprobs(old, ref))
+        # The placeholder's loss pass needs reference log-probs when there is a KL term; any of
+        # the right shape do, as its loss is multiplied by zero.
+        ref = None if self.ref_policy is None else torch.zeros_like(self.placeholder.sampler_logprobs)
+        in_order = iter(fixed)
+        return [[next(in_order) for _ in mini] for mini in batch.mini_batches], FixedLogprobs(None, ref)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
-        # Strictly on-policy (one epoch, one mini-batch): the old policy is the current one, so
-        # its log-probs come from the same forward (ratio exactly 1) and need no extra pass.
-        on_policy = oc.ppo_epochs == 1 and oc.mini_batches == 1
-        if not on_policy or self.ref_policy is not None:
-            self._fill_old_and_ref_logprobs(batch, on_policy)
+        on_policy = oc.on_policy  # the old log-probs come from the update's own forward
+        fixed_by_mini, placeholder_fixed = self._fixed_logprobs(batch, on_policy)
+
+        def loss_of(mb: MicroBatch, f: FixedLogprobs):
+            return micro_batch_loss(
+                self.policy, mb, algo, f, temperature=batch.temperature, max_response_tokens=batch.max_response_tokens
+            )
+
         self.policy.train()
-        sums: dict[str, float] = {}
-        maxima: dict[str, float] = {}  # metrics that are a maximum over tokens, not a mean
-        weight_total = 0.0
+        metrics = UpdateMetrics()
         grad_norms = []
         for _ in range(oc.ppo_epochs):
-            for mini in batch.mini_batches:
+            for mini, mini_fixed in zip(batch.mini_batches, fixed_by_mini):
                 total_tokens, total_seqs = self.dist.sum_floats(
                     [sum(mb.num_model_tokens for mb in mini), sum(mb.num_seqs for mb in mini)]
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in self._padded_plan(mini):
+                for i, mb in enumerate(self._passes(mini)):
                     if mb is None:  # this rank has fewer micro-batches: a pass that adds nothing
-                        loss, m = micro_batch_loss(
-                            self.policy,
-                            batch.placeholder,
-                            algo,
-                            temperature=batch.temperature,
-                            max_response_tokens=batch.max_response_tokens,
-                        )
+                        loss, m = loss_of(self.placeholder, placeholder_fixed)
                         (loss * 0.0).backward()
-                        # The same metric keys as a rank with data, at weight 0 (reductions need them).
-                        sums.setdefault("actor/loss", 0.0)
-                        for k in m:
-                            (maxima if k.endswith("_max") else sums).setdefault("actor/" + k, 0.0)
+                        metrics.expect(["actor/loss", *("actor/" + k for k in m)])
                         continue
-                    loss, m = micro_batch_loss(
-                        self.policy,
-                        mb,
-                        algo,
-                        temperature=batch.temperature,
-                        max_response_tokens=batch.max_response_tokens,
-                    )
+                    loss, m = loss_of(mb, mini_fixed[i])
                     w = micro_batch_weight(
                         algo.aggregation,
                         tokens=mb.num_model_tokens,
@@ -226,21 +301,14 @@ class LocalActor:
                         world_size=self.dist.world_size,
                     )
                     (loss * w).backward()
-                    tw = mb.num_model_tokens
-                    weight_total += tw
-                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * tw
-                    for k, v in m.items():
-                        if k.endswith("_max"):
-                            maxima["actor/" + k] = max(maxima.get("actor/" + k, 0.0), float(v))
-                        else:
-                            sums["actor/" + k] = sums.get("actor/" + k, 0.0) + float(v) * tw
+                    metrics.add(
+                        {"actor/loss": loss.detach(), **{"actor/" + k: v for k, v in m.items()}},
+                        weight=mb.num_model_tokens,
+                    )
                 grad_norms.append(self._optimizer_step())
         self.policy.eval()
-        # Sorted: the reductions pair values by position, and ranks may have met keys in another order.
-        out = {k: sums[k] / max(weight_total, 1) for k in sorted(sums)}
-        out = self.dist.mean_metrics(out, weight=weight_total)  # token-weighted over ranks
+        out = metrics.reduce(self.dist)
         out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0  # the same on every rank
-        out |= {k: self.dist.max_float(maxima[k]) for k in sorted(maxima)}
         local_mean = float(batch.advantages.abs().mean()) if batch.num_trajectories else 0.0
         out |= self.dist.mean_metrics({"actor/advantage_abs_mean": local_mean}, weight=batch.num_trajectories)
         # The share of the forwards' input slots that held padding, not tokens (0 when packed):
@@ -255,13 +323,12 @@ class LocalActor:
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
 
-    def _grad_norm(self) -> float:
-        """Clip the gradient to `optim.grad_clip` (0: no clipping) and return its norm before."""
-        clip = self.optim_config.grad_clip
-        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip if clip > 0 else float("inf")))
-
     def _optimizer_step(self) -> float:
-        norm = self._grad_norm()
+        """Clip the gradient to `optim.grad_clip` (0: no clipping), step unless its norm is not
+        finite, advance the schedule; return the norm before clipping."""
+        clip = self.optim_config.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip if clip > 0 else float("inf"))
+        norm = float(full_tensor(norm))  # sharded: a DTensor, the same on every rank once whole
         if math.isfinite(norm):
             self.optimizer.step()
         else:
@@ -297,16 +364,19 @@ class LocalActor:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, path: Path | None) -> None:
-        """The policy as a Hugging Face folder at `path` (None: take part, write nothing)."""
-        if path is None:
-            return
-        self.model.save_pretrained(path, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+        """The policy as a Hugging Face folder at `path`; every rank calls it (the weights are
+        gathered tensor by tensor), the one given a `path` (rank 0) writes, the others pass None
+        and keep nothing. No rank holds a second copy of the model in host memory."""
+        names = export.saved_names(self.model)
+        export.save_pretrained(self.model, self._full_tensors(names), path, names, self.tokenizer)
 
-    def _full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, whole tensor) for every entry of the policy's state dict."""
-        yield from self.model.state_dict(keep_vars=False).items()
+    def _full_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, whole tensor) for every entry of the policy's state dict (or those
+        in `names`), one at a time: a sharded one is gathered as it is reached."""
+        wanted = None if names is None else set(names)
+        for name, tensor in self.model.state_dict(keep_vars=False).items():
+            if wanted is None or name in wanted:
+                yield name, full_tensor(tensor)
 
     def iter_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[NamedTensors]:
         """Buckets of (Hugging Face name, full tensor), tied weights under each of their names.
@@ -340,19 +410,3 @@ def _frozen(model):
 
 def _frozen_copy(model):
     return _frozen(copy.deepcopy(model))
-
-
-def make_actor(
-    model, tokenizer, optim: OptimConfig, algo: AlgoConfig, *, total_optimizer_steps: int, dist, reference=None
-):
-    """The actor for this process: `LocalActor` alone, `FSDPActor` (sharded) in a world of
-    several ranks. `reference`: the KL reference model when it is not `model` as it starts
-    (a resumed run's reference is the run's initial policy, not the checkpoint's)."""
-    cls = LocalActor
-    if dist is not None and dist.world_size > 1:
-        from cir.training.fsdp import FSDPActor
-
-        cls = FSDPActor
-    return cls(
-        model, tokenizer, optim, algo, total_optimizer_steps=total_optimizer_steps, dist=dist, reference=reference
-    )

@@ -13,7 +13,8 @@ two layouts:
 Either way the response tokens are concatenated per micro-batch (`hidden_index`, `targets`,
 `loss_mask`, `cu_seqlens`), with `loss_mask` zero on interpreter feedback exactly as the
 rollout built it, so the loss code cannot tell the layouts apart. The trajectories are read,
-never changed.
+never changed, and so is the batch once built: what the actor computes from it (old and
+reference log-probs) it keeps itself.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ class MicroBatch:
     cu_seqlens: torch.Tensor  # [b + 1] offsets of each trajectory's response tokens in the concatenated [n]
     advantages: torch.Tensor  # [b] per trajectory
     sampler_logprobs: torch.Tensor  # [n]
-    old_logprobs: torch.Tensor | None = None  # [n], filled before the update
-    ref_logprobs: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # packed: [1, total], 0, 1, ... from each sequence's start
 
     @property
@@ -68,7 +67,7 @@ class MicroBatch:
     def placeholder(cls, pad_id: int, device) -> MicroBatch:
         """A two-token micro-batch with nothing to learn from (mask and advantage 0): what a rank
         runs, its loss multiplied by zero, when others have more micro-batches than it, so that
-        every rank joins each of the sharded actor's collectives (one per forward/backward)."""
+        every rank joins each collective of a sharded model (one per forward/backward)."""
         zero = torch.zeros(1, device=device)
         return cls(
             index=[],
@@ -184,7 +183,6 @@ class TrainBatch:
     advantages: torch.Tensor  # [n] per trajectory, in the order they were given
     temperature: float
     max_response_tokens: int
-    placeholder: MicroBatch  # run (loss x 0) where this rank has fewer micro-batches than others
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
@@ -235,5 +233,4 @@ def build_train_batch(
         advantages,
         temperature=temperature,
         max_response_tokens=max_response_tokens,
-        placeholder=MicroBatch.placeholder(pad_id, device),
     )

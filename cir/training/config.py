@@ -2,11 +2,12 @@
 
 Each section lives beside the code it configures (`model` in `cir.models`, `data` in
 `cir.data`, `rollout` in `cir.rollout`, `sandbox` in `cir.sandbox`, `reward` in `cir.rewards`,
-`algo` in `cir.algorithms`, `optim` in `cir.training.optim`); `run`, the loop around the steps,
-is defined here. A task adds its own section with `register_section` (the demo task: `demo`).
-`cir.config_loader` reads YAML and ``key=value`` overrides into it and checks every key, type
-and choice at load time. Loading imports neither torch nor transformers (nor does any section's
-module), so `cir train --print-config` and a config error answer at once.
+`algo` in `cir.algorithms`, `optim` and `sharding` in `cir.training.optim`); `run`, the loop
+around the steps, is defined here. A task adds its own section with `register_section` (the
+demo task: `demo`). `cir.config_loader` reads YAML and ``key=value`` overrides into it and
+checks every key, type and choice at load time. Loading imports neither torch nor transformers
+(nor does any section's module), so `cir train --print-config` and a config error answer at
+once.
 
 The defaults are the paper's recipe for a real run (REINFORCE++ with a group baseline,
 clip 0.2/0.28, no KL, no entropy bonus, 16 samples per prompt, 128 prompts, lr 1e-6,
@@ -35,7 +36,7 @@ from cir.prompts import get_prompt
 from cir.rewards.registry import RewardConfig
 from cir.rollout.config import RolloutConfig
 from cir.sandbox.config import SandboxConfig
-from cir.training.optim import OptimConfig
+from cir.training.optim import OptimConfig, ShardingConfig, actor_compute_dtype, attention_precision_problem
 
 
 @dataclass
@@ -108,6 +109,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     # Progressive interaction budget: stages like {step: 0, tool_budget: 1, max_response_tokens: 2048}.
     # Empty: rollout.tool_budget and rollout.max_response_tokens for the whole run.
     schedule: list[StageConfig] = field(default_factory=list)
@@ -124,6 +126,13 @@ class TrainConfig:
                 "model.attn_implementation=flash_attention_2 with run.engine=hf: the hf engine supports sdpa and "
                 "eager only; use run.engine=vllm"
             )
+        # flash-attn: CUDA and bf16/fp16 compute only (run.device=auto: as on CUDA; the actor
+        # checks again where it lands).
+        device = "cuda" if self.run.device == "auto" else self.run.device
+        compute = actor_compute_dtype(self.model.dtype, self.sharding, device)
+        problem = attention_precision_problem(self.model.attn_implementation, compute, device)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def check_run_inputs(cfg: TrainConfig) -> None:

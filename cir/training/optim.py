@@ -1,4 +1,6 @@
-"""`optim.*`: the optimizer, its learning-rate schedule and the update's batch shape."""
+"""How the actor updates: `optim.*` (the optimizer, its learning-rate schedule and the update's
+batch shape) and `sharding.*` (how its parameters are laid out over ranks, and the dtype it
+computes in; applied by `cir.training.sharding`). Plain dataclasses: no torch here."""
 
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
+    @property
+    def on_policy(self) -> bool:
+        """Strictly on-policy (one epoch, one mini-batch): every optimizer step trains on samples
+        of the weights it starts from, so the old log-probs are the update's own forward (ratio
+        exactly 1) and need no extra pass."""
+        return self.ppo_epochs == 1 and self.mini_batches == 1
+
 
 def lr_multiplier(cfg: OptimConfig, total_optimizer_steps: int) -> Callable[[int], float]:
     """The LR factor by optimizer step: linear warm-up, then the schedule's decay over
@@ -59,3 +68,48 @@ def lr_multiplier(cfg: OptimConfig, total_optimizer_steps: int) -> Callable[[int
         return warm * decay
 
     return factor
+
+
+@dataclass
+class ShardingConfig:
+    """`sharding.*`: the actor's FSDP2 layout, used on CUDA (any number of ranks) and with
+    several ranks on the CPU; one CPU process trains the plain module."""
+
+    # Replicas of the sharded model (HSDP): the ranks form a [replicate, world / replicate] mesh;
+    # each replica shards the parameters over its ranks and gradients are averaged across
+    # replicas. 1: plain FSDP over every rank. One replica per node (replicate = nodes) keeps the
+    # per-layer all-gathers on the node's fast links.
+    replicate: int = 1
+    # What the forward and backward compute in on CUDA: bfloat16 casts the parameters for each
+    # pass while the master weights and the optimizer state stay in model.dtype and gradients
+    # are reduced in float32. float32 computes in model.dtype. The CPU computes in model.dtype.
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.replicate < 1:
+            raise ConfigError(f"replicate={self.replicate}: must be >= 1")
+
+
+def actor_compute_dtype(model_dtype: str, sharding: ShardingConfig, device: str) -> str:
+    """The dtype the actor's forward and backward run in (a torch dtype's name): on CUDA
+    `sharding.compute_dtype` when it is bfloat16 (FSDP2's mixed precision), else `model_dtype`."""
+    if device == "cuda" and sharding.compute_dtype == "bfloat16":
+        return "bfloat16"
+    return model_dtype
+
+
+def attention_precision_problem(attn_implementation: str, compute_dtype: str, device: str) -> str | None:
+    """Why the actor cannot run `attn_implementation` on `device` ("cpu" or "cuda") computing in
+    `compute_dtype` (a torch dtype's name; see `actor_compute_dtype`), or None. flash-attn runs
+    on CUDA only, in float16 or bfloat16 only."""
+    if attn_implementation != "flash_attention_2":
+        return None
+    if device != "cuda":
+        return f"model.attn_implementation=flash_attention_2 runs on CUDA only, and the actor is on {device}"
+    if compute_dtype not in ("bfloat16", "float16"):
+        return (
+            f"model.attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, and the actor would "
+            f"compute in {compute_dtype} (on CUDA: sharding.compute_dtype if bfloat16, else model.dtype); "
+            "use sharding.compute_dtype=bfloat16"
+        )
+    return None

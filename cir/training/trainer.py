@@ -32,7 +32,7 @@ import torch
 
 from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informative_groups, missing_groups
 from cir.config_loader import ConfigError, dump_yaml, to_dict
-from cir.data import DatasetError, Problem, ProblemSampler, load_problem_set
+from cir.data import DatasetError, Problem, ProblemSampler, drop_or_refuse_overlong, load_problem_set
 from cir.distributed import DistributedContext
 from cir.engines.factory import engine_dtype, make_engine
 from cir.metrics import (
@@ -50,7 +50,7 @@ from cir.rewards import RewardResult, score_trajectories
 from cir.rollout import rollout, sample_seed
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
-from cir.training.actor import make_actor, sync_weights
+from cir.training.actor import Actor, sync_weights
 from cir.training.batch import build_train_batch
 from cir.training.config import check_run_inputs
 from cir.training.stop import StopRequest
@@ -143,6 +143,9 @@ class Trainer:
         # (FSDP2 one layer at a time, so no rank ever holds the whole model there).
         load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
         model, self.tokenizer, self.extra_metrics = self._load_policy(load_device, checkpoint=resume_from)
+        # With the tokenizer at hand and before the engine starts: a prompt with no room for a
+        # response in the model's context is refused (or dropped) now, not hours in when drawn.
+        self._check_prompt_lengths(getattr(model.config, "max_position_embeddings", None))
         oc = cfg.optim
         # The engine gets its own copy first: sharding (FSDP2) replaces the actor's parameters.
         # Under torchrun every rank builds its own engine here, at the same point: vLLM's start-up
@@ -165,12 +168,13 @@ class Trainer:
             reference = self._load_policy(load_device)[0]
             if self.dist.world_size == 1:
                 reference.to(self.device)
-        self.actor = make_actor(
+        self.actor = Actor(
             model,
             self.tokenizer,
             oc,
             cfg.algo,
             total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
+            sharding=cfg.sharding,
             dist=self.dist,
             reference=reference,
         )
@@ -221,6 +225,18 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
             _log(msg)
+
+    def _check_prompt_lengths(self, max_model_len: int | None) -> None:
+        """`cir.data.drop_or_refuse_overlong` over the training and held-out problems."""
+        count = lambda p: len(prompt_token_ids(self.template, p.problem, self.tokenizer))  # noqa: E731
+        check = lambda key, problems: drop_or_refuse_overlong(  # noqa: E731
+            key, problems, count, max_model_len, drop=self.cfg.data.drop_overlong, say=self._say
+        )
+        try:
+            self.train_problems = check(f"data.train={self.cfg.data.train!r}", self.train_problems)
+            self.eval_sets = {name: check(f"data.eval: {name}", problems) for name, problems in self.eval_sets.items()}
+        except DatasetError as e:
+            raise ConfigError(str(e)) from None
 
     def _resume_path(self, resume: bool | str) -> Path | None:
         if not resume:

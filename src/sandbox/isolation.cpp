@@ -28,6 +28,7 @@
 #include <map>
 #include <set>
 
+#include "sandbox/policy.h"
 #include "sandbox/util.h"
 
 #ifndef CLONE_NEWCGROUP
@@ -163,6 +164,8 @@ int spawn_child(void* p) {
   spawn_fail(err, errno);
 }
 
+int exit_at_once(void*) { _exit(0); }
+
 struct KillArgs {
   uid_t uid;
   gid_t gid;
@@ -251,8 +254,9 @@ bool kill_all_of_uid(uid_t uid, gid_t gid) {
 namespace {
 
 struct MountEntry {
+  int id = 0, parent = 0;
   std::string point;
-  bool readonly;
+  bool readonly = false;
 };
 
 std::string unescape_mountinfo(const std::string& s) {
@@ -298,6 +302,8 @@ std::vector<MountEntry> read_mounts() {
     }
     if (f.size() < 6) continue;
     MountEntry e;
+    e.id = std::atoi(f[0].c_str());
+    e.parent = std::atoi(f[1].c_str());
     e.point = unescape_mountinfo(f[4]);
     e.readonly = (f[5] == "ro" || f[5].rfind("ro,", 0) == 0);
     out.push_back(e);
@@ -323,216 +329,236 @@ unsigned long preserved_flags(const std::string& point) {
   return f;
 }
 
-// Directories on the way to `path` that users other than the owner cannot traverse,
-// paired with the next component below them.
-bool first_blocked_ancestor(const std::string& path, std::string* dir, std::string* child) {
-  if (path.empty() || path[0] != '/') return false;
-  std::string cur = "/";
+bool mkdir_p(const std::string& path, mode_t mode) {
+  std::string cur;
   size_t pos = 1;
   while (pos <= path.size()) {
     size_t next = path.find('/', pos);
     if (next == std::string::npos) next = path.size();
-    std::string comp = path.substr(pos, next - pos);
+    cur = path.substr(0, next);
+    if (!cur.empty() && mkdir(cur.c_str(), mode) != 0 && errno != EEXIST) return false;
     pos = next + 1;
-    if (comp.empty()) continue;
-    struct stat st {};
-    if (stat(cur.c_str(), &st) != 0) return false;
-    if (S_ISDIR(st.st_mode) && !(st.st_mode & S_IXOTH)) {
-      *dir = cur;
-      *child = comp;
-      return true;
-    }
-    cur = (cur == "/" ? "" : cur) + "/" + comp;
   }
-  return false;
+  return true;
+}
+
+std::string parent_of(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  return slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+}
+
+// An empty file or directory to mount `source` on, like it.
+bool make_mountpoint(const std::string& target, bool directory) {
+  if (!mkdir_p(parent_of(target), 0755)) return false;
+  if (directory) return mkdir(target.c_str(), 0755) == 0 || errno == EEXIST;
+  int fd = ::open(target.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+  if (fd < 0) return errno == EEXIST;
+  ::close(fd);
+  return true;
 }
 
 }  // namespace
 
-MountReport setup_mounts(const std::vector<std::string>& readable, uint64_t tmp_bytes, const std::string& work_root,
-                         bool new_proc) {
-  MountReport r;
-  auto warn = [&](const std::string& what) { r.warnings.push_back(errno_message(what)); };
-  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
-    // Without private propagation any mount below would leak to the host: stop here.
-    warn("make mounts private");
+RootReport setup_root(const RootPlan& plan, const IsolationPolicy& policy) {
+  RootReport r;
+  auto fatal = [&](const std::string& what) {
+    r.error = errno_message(what);
     return r;
-  }
-  r.private_mounts = true;
-
-  // Python may live under /tmp (a virtual environment in a temporary checkout, as CI makes
-  // them): keep a handle on the host's /tmp so those paths can be bound back once the
-  // private /tmp covers it.
-  std::vector<std::string> under_tmp;
-  for (const std::string& p : readable) {
-    char* real = realpath(p.c_str(), nullptr);
-    if (real == nullptr) continue;
-    std::string rp(real);
-    std::free(real);
-    if (under(rp, "/tmp") && rp != "/tmp") under_tmp.push_back(rp);
-  }
-  std::sort(under_tmp.begin(), under_tmp.end());
-  {
-    // Drop paths inside another one: binding the outer one brings them along.
-    std::vector<std::string> outer;
-    for (const std::string& p : under_tmp)
-      if (outer.empty() || !under(p, outer.back())) outer.push_back(p);
-    under_tmp.swap(outer);
-  }
-  int host_tmp = under_tmp.empty() ? -1 : ::open("/tmp", O_PATH | O_DIRECTORY | O_CLOEXEC);
-
-  // 1. The private /tmp first: it also serves as the staging area for re-exposed paths.
-  char opts[128];
-  std::snprintf(opts, sizeof opts, "mode=0755,size=%llu,nr_inodes=65536", (unsigned long long)tmp_bytes);
-  bool tmp_ok = mount("cir-sandbox-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) == 0;
-  if (tmp_ok && host_tmp >= 0) {
-    for (const std::string& p : under_tmp) {
-      std::string rel = p.substr(5);  // after "/tmp/"
-      // Recreate the path in the private /tmp (traversable directories), then bind the
-      // host's copy onto it through the handle; step 3 makes it read-only.
-      std::string cur = "/tmp";
-      size_t pos = 0;
-      while (pos <= rel.size()) {
-        size_t next = rel.find('/', pos);
-        if (next == std::string::npos) next = rel.size();
-        cur += "/" + rel.substr(pos, next - pos);
-        mkdir(cur.c_str(), 0755);
-        pos = next + 1;
-      }
-      std::string src = "/proc/self/fd/" + std::to_string(host_tmp) + "/" + rel;
-      if (mount(src.c_str(), p.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0)
-        warn("bind " + p + " into the private /tmp");
-      else
-        r.exposed.push_back(p);
+  };
+  // The new root is assembled on a tmpfs mounted over /tmp (in our own mount namespace
+  // only), then made the root with pivot_root. Paths under the host's /tmp are reached
+  // through a handle taken before it is covered.
+  const std::string stage = "/tmp";
+  struct stat st {};
+  if (lstat(stage.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return fatal("the host has no /tmp directory to build the root on");
+  std::vector<std::string> all = plan.binds;
+  all.insert(all.end(), plan.inner_binds.begin(), plan.inner_binds.end());
+  for (const std::string& path : all) {
+    if (path.empty() || path[0] != '/' || path == "/") {
+      r.error = "cannot show \"" + path + "\": not an absolute path below /";
+      return r;
     }
+    if (stat(path.c_str(), &st) != 0) return fatal("cannot show " + path);
   }
-  if (host_tmp >= 0) ::close(host_tmp);
-  if (!tmp_ok) {
-    // The work dirs then live on the host's /tmp, which must stay writable: no read-only
-    // remount either.
-    warn("mount tmpfs on /tmp");
-    if (new_proc) {
-      if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) == 0)
-        r.private_proc = true;
-      else
-        warn("mount /proc");
-    }
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return fatal("make mounts private");
+  Fd host_tmp(::open(stage.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!host_tmp.valid()) return fatal("open /tmp");
+  if (mount("cir-sandbox-root", stage.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m,nr_inodes=65536") != 0)
+    return fatal("mount the root tmpfs");
+  auto undo = [&](const std::string& what) {
+    r.error = errno_message(what);
+    umount2(stage.c_str(), MNT_DETACH);  // everything mounted below goes with it
+    r.visible.clear();
     return r;
-  }
-  std::string stage = "/tmp/.cir-stage";
-  mkdir(stage.c_str(), 0700);
+  };
+  auto in_root = [&](const std::string& path) { return stage + path; };
+  auto source = [&](const std::string& path) {
+    if (!under(path, "/tmp")) return path;
+    return "/proc/self/fd/" + std::to_string(host_tmp.get()) + path.substr(4);
+  };
 
-  // 2. Re-expose the Python installation where an ancestor is not traversable by others.
-  {
-    std::set<std::string> targets;
-    for (const std::string& p : readable) {
-      char* real = realpath(p.c_str(), nullptr);
-      if (real == nullptr) continue;
-      targets.insert(real);
-      std::free(real);
-    }
-    for (int round = 0; round < 16; ++round) {
-      std::map<std::string, std::set<std::string>> blocked;
-      for (const std::string& t : targets) {
-        std::string dir, child;
-        if (first_blocked_ancestor(t, &dir, &child)) blocked[dir].insert(child);
+  // 1. What the interpreter needs, read-only, each at the path it has on the host; package
+  // directories inside them emptied, with the preloaded packages shown again on top.
+  auto show = [&](const std::string& path) {
+    std::string src = source(path);
+    if (stat(src.c_str(), &st) != 0) return false;
+    std::string dst = in_root(path);
+    if (!make_mountpoint(dst, S_ISDIR(st.st_mode))) return false;
+    if (mount(src.c_str(), dst.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) return false;
+    r.visible.push_back(path);
+    return true;
+  };
+  for (const std::string& path : plan.binds)
+    if (!show(path)) return undo("show " + path);
+  for (const std::string& path : plan.masks) {
+    if (mount("cir-sandbox-mask", in_root(path).c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0)
+      return undo("cover " + path);
+    r.masked.push_back(path);
+  }
+  for (const std::string& path : plan.inner_binds)
+    if (!show(path)) return undo("show " + path);
+  for (const auto& [path, target] : plan.symlinks) {
+    std::string dst = in_root(path);
+    if (!mkdir_p(parent_of(dst), 0755)) return undo("directory for " + path);
+    if (symlink(target.c_str(), dst.c_str()) != 0 && errno != EEXIST) return undo("symlink " + path);
+  }
+
+  // 2. The few device nodes Python uses, and the usual links to a process's own descriptors.
+  const std::string dev = in_root("/dev");
+  if (!mkdir_p(dev + "/shm", 0755)) return undo("mkdir /dev");
+  for (const std::string& name : plan.devices) {
+    std::string host = "/dev/" + name;
+    if (stat(host.c_str(), &st) != 0 || !S_ISCHR(st.st_mode)) continue;
+    std::string dst = dev + "/" + name;
+    if (!make_mountpoint(dst, false)) return undo("mountpoint for " + host);
+    if (mount(host.c_str(), dst.c_str(), nullptr, MS_BIND, nullptr) != 0) return undo("bind " + host);
+    mount(nullptr, dst.c_str(), nullptr, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC | preserved_flags(dst), nullptr);
+    r.devices.push_back(host);
+  }
+  const char* links[][2] = {
+      {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"}};
+  for (auto& link : links) symlink(link[1], (dev + "/" + link[0]).c_str());
+
+  // 3. /tmp holds the work root: one tmpfs per worker slot, so that the bytes and files one
+  // snippet writes count against its own slot's caps, never a neighbour's.
+  const std::string work = in_root(plan.work_root);
+  if (!mkdir_p(work, 0755)) return undo("mkdir " + plan.work_root);
+  chmod(work.c_str(), 0711);  // the slots' directories cannot be listed
+  char opts[160];
+  std::snprintf(opts, sizeof opts, "mode=0711,size=%llu,nr_inodes=%llu", (unsigned long long)policy.work_dir_bytes,
+                (unsigned long long)policy.work_dir_inodes);
+  for (uint32_t k = 0; k < plan.slots; ++k) {
+    std::string dir = work + "/s" + std::to_string(k);
+    if (mkdir(dir.c_str(), 0711) != 0 && errno != EEXIST) return undo("mkdir " + dir);
+    if (mount("cir-sandbox-work", dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0)
+      return undo("mount the work tmpfs of slot " + std::to_string(k));
+  }
+  r.slot_tmpfs = true;
+
+  // 4. /proc: the new pid namespace's (mounted while the host's is still in view, which a
+  // user namespace requires).
+  const std::string proc = in_root("/proc");
+  if (mkdir(proc.c_str(), 0555) != 0 && errno != EEXIST) return undo("mkdir /proc");
+  if (plan.new_proc) {
+    if (mount("proc", proc.c_str(), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0) return undo("mount /proc");
+    r.private_proc = true;
+  } else if (mount("/proc", proc.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) {
+    return undo("bind /proc");
+  }
+
+  // 5. Every bind read-only (recursive binds bring their submounts, each remounted). Only
+  // mounts of the new root's tree: host mounts below /tmp are hidden under it, not in it.
+  std::vector<MountEntry> mounts = read_mounts();
+  std::set<int> tree;
+  for (const MountEntry& m : mounts)
+    if (m.point == stage) tree = {m.id};  // the last one listed is the top of the stack: ours
+  for (bool grew = true; grew;) {
+    grew = false;
+    for (const MountEntry& m : mounts) {
+      if (tree.count(m.parent) && !tree.count(m.id)) {
+        tree.insert(m.id);
+        grew = true;
       }
-      if (blocked.empty()) break;
-      int stage_no = 0;
-      for (const auto& [dir, children] : blocked) {
-        // Bind each needed child aside, cover `dir` with a traversable tmpfs, move them back.
-        std::vector<std::pair<std::string, std::string>> moved;  // (stage path, final path)
-        bool ok = true;
-        for (const std::string& child : children) {
-          std::string src = (dir == "/" ? "" : dir) + "/" + child;
-          std::string st = stage + "/" + std::to_string(round) + "-" + std::to_string(stage_no++);
-          struct stat sst {};
-          if (stat(src.c_str(), &sst) != 0) continue;
-          if (S_ISDIR(sst.st_mode)) {
-            mkdir(st.c_str(), 0700);
-          } else {
-            int fd = ::open(st.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
-            if (fd >= 0) ::close(fd);
-          }
-          if (mount(src.c_str(), st.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) {
-            warn("bind " + src);
-            ok = false;
-            break;
-          }
-          moved.emplace_back(st, src);
-        }
-        if (!ok || moved.empty()) {
-          for (auto& m : moved) umount2(m.first.c_str(), MNT_DETACH);
-          r.warnings.push_back("could not re-expose " + dir);
-          continue;
-        }
-        if (mount("cir-sandbox-expose", dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0) {
-          warn("cover " + dir);
-          for (auto& m : moved) umount2(m.first.c_str(), MNT_DETACH);
-          continue;
-        }
-        for (auto& [st, dst] : moved) {
-          struct stat sst {};
-          stat(st.c_str(), &sst);
-          if (S_ISDIR(sst.st_mode)) {
-            mkdir(dst.c_str(), 0755);
-          } else {
-            int fd = ::open(dst.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
-            if (fd >= 0) ::close(fd);
-          }
-          if (mount(st.c_str(), dst.c_str(), nullptr, MS_MOVE, nullptr) != 0) warn("move " + dst);
-          rmdir(st.c_str());
-          unlink(st.c_str());
-        }
-        r.exposed.push_back(dir);
-      }
     }
-    rmdir(stage.c_str());
+  }
+  for (const MountEntry& m : mounts) {
+    if (!tree.count(m.id) || m.point == stage) continue;
+    if (under(m.point, proc) || under(m.point, dev) || under(m.point, work)) continue;
+    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | preserved_flags(m.point);
+    if (!m.readonly && mount(nullptr, m.point.c_str(), nullptr, flags, nullptr) != 0)
+      return undo("remount read-only " + m.point);
   }
 
-  // 3. Everything read-only, except device nodes, /proc and our /tmp.
-  bool all_ro = true;
-  for (const MountEntry& m : read_mounts()) {
-    if (m.readonly) continue;
-    if (under(m.point, "/proc") || under(m.point, "/dev") || m.point == "/tmp") continue;
-    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY | preserved_flags(m.point);
-    if (mount(nullptr, m.point.c_str(), nullptr, flags, nullptr) != 0) {
-      warn("remount read-only " + m.point);
-      all_ro = false;
-    }
+  // 6. Into the new root; the old one is detached. Where pivot_root is not possible (an
+  // initramfs root), the new root is moved over the old one and entered with chroot.
+  const std::string old = stage + "/.old-root";
+  if (mkdir(old.c_str(), 0700) != 0) return undo("mkdir for the old root");
+  if (syscall(SYS_pivot_root, stage.c_str(), old.c_str()) == 0) {
+    if (chdir("/") != 0) return fatal("chdir /");
+    if (umount2("/.old-root", MNT_DETACH) != 0) return fatal("detach the old root");
+    rmdir("/.old-root");
+  } else {
+    rmdir(old.c_str());
+    if (chdir(stage.c_str()) != 0 || mount(".", "/", nullptr, MS_MOVE, nullptr) != 0 || chroot(".") != 0 ||
+        chdir("/") != 0)
+      return fatal("enter the new root");
+    r.chroot = true;
   }
-  r.readonly_root = all_ro;
-
-  // 4. The work root inside the private /tmp (the only writable place: /tmp itself is made
-  // read-only around it), and an empty read-only /dev/shm.
-  {
-    if (mkdir(work_root.c_str(), 0711) != 0 && errno != EEXIST) {
-      warn("mkdir " + work_root);
-    } else {
-      chmod(work_root.c_str(), 0711);
-      if (mount(work_root.c_str(), work_root.c_str(), nullptr, MS_BIND, nullptr) != 0 ||
-          mount(nullptr, "/tmp", nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) != 0)
-        warn("read-only /tmp around " + work_root);
-      bool shm_ok = true;
-      struct stat sst {};
-      if (stat("/dev/shm", &sst) == 0 &&
-          mount("cir-sandbox-shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0755,size=4k") != 0) {
-        warn("mount tmpfs on /dev/shm");
-        shm_ok = false;
-      }
-      r.private_tmp = shm_ok;
-    }
-  }
-
-  // 5. A /proc for the new pid namespace: snippets see only the sandbox's processes.
-  if (new_proc) {
-    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) == 0) {
-      r.private_proc = true;
-    } else {
-      warn("mount /proc");
-    }
-  }
+  if (mount(nullptr, "/", nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) != 0)
+    return fatal("remount the root read-only");
+  r.ok = true;
   return r;
+}
+
+bool setup_private_tmp(const RootPlan& plan, const IsolationPolicy& policy, std::string* error) {
+  auto fail = [&](const std::string& what) {
+    if (error) *error = errno_message(what);
+    return false;
+  };
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return fail("make mounts private");
+  if (mount("cir-sandbox-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0)
+    return fail("mount tmpfs on /tmp");
+  if (!mkdir_p(plan.work_root, 0711)) return fail("mkdir " + plan.work_root);
+  char opts[160];
+  std::snprintf(opts, sizeof opts, "mode=0711,size=%llu,nr_inodes=%llu", (unsigned long long)policy.work_dir_bytes,
+                (unsigned long long)policy.work_dir_inodes);
+  for (uint32_t k = 0; k < plan.slots; ++k) {
+    std::string dir = plan.work_root + "/s" + std::to_string(k);
+    if ((mkdir(dir.c_str(), 0711) != 0 && errno != EEXIST) ||
+        mount("cir-sandbox-work", dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0)
+      return fail("work tmpfs of slot " + std::to_string(k));
+  }
+  if (plan.new_proc && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0)
+    return fail("mount /proc");
+  return true;
+}
+
+bool can_clone_with(int flags) {
+  pid_t pid = clone_vfork(exit_at_once, nullptr, flags);
+  if (pid < 0) return false;
+  int status;
+  while (waitpid(pid, &status, __WALL) < 0 && errno == EINTR) {
+  }
+  return true;
+}
+
+std::string missing_namespaces(bool user, bool net) {
+  struct Kind {
+    int flag;
+    const char* name;
+    bool wanted;
+  };
+  const Kind kinds[] = {{CLONE_NEWUSER, "user namespace", user}, {CLONE_NEWNS, "mount namespace", true},
+                        {CLONE_NEWPID, "pid namespace", true},   {CLONE_NEWIPC, "IPC namespace", true},
+                        {CLONE_NEWNET, "network namespace", net}};
+  std::string missing;
+  for (const Kind& k : kinds) {
+    if (!k.wanted) continue;
+    if (can_clone_with(k.flag | (user ? CLONE_NEWUSER : 0))) continue;
+    if (!missing.empty()) missing += ", ";
+    missing += std::string(k.name) + " (" + std::strerror(errno) + ")";
+  }
+  return missing;
 }
 
 // ---- child (after fork in the zygote) ------------------------------------------------------
@@ -574,6 +600,14 @@ bool install_seccomp(bool block_inet_sockets, std::string* error) {
   stmt(BPF_RET | BPF_K, kEperm);
 #endif
   // Namespaces, mounts, kernel attack surface a snippet has no business with.
+  // unshare(CLONE_NEWIPC) alone is let through: each snippet process takes its own IPC
+  // namespace while it still may (ZygoteServer), and needs CAP_SYS_ADMIN for it, which a
+  // snippet never has. Every other unshare is refused below.
+  jump(BPF_JMP | BPF_JEQ | BPF_K, uint32_t(SYS_unshare), 0, 3);
+  stmt(BPF_LD | BPF_W | BPF_ABS, off_arg0);
+  jump(BPF_JMP | BPF_JEQ | BPF_K, uint32_t(CLONE_NEWIPC), 0, 1);
+  stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+  stmt(BPF_LD | BPF_W | BPF_ABS, off_nr);  // (restore the syscall number for the checks below)
   const long denied[] = {
       SYS_unshare, SYS_setns, SYS_mount, SYS_umount2, SYS_pivot_root, SYS_chroot, SYS_bpf, SYS_perf_event_open,
       SYS_userfaultfd, SYS_keyctl, SYS_add_key, SYS_request_key, SYS_kexec_load, SYS_init_module,
@@ -623,6 +657,43 @@ bool install_seccomp(bool block_inet_sockets, std::string* error) {
   }
   return true;
 #endif
+}
+
+namespace {
+
+// Landlock (Linux 6.12+, ABI 6): a domain's processes may not connect to abstract unix
+// sockets, nor signal processes, outside their own domain. Not in older headers.
+constexpr uint64_t kScopeAbstractUnixSocket = 1ULL << 0;
+constexpr uint64_t kScopeSignal = 1ULL << 1;
+constexpr uint32_t kCreateRulesetVersion = 1U << 0;
+struct LandlockRulesetAttr {
+  uint64_t handled_access_fs;
+  uint64_t handled_access_net;
+  uint64_t scoped;
+};
+#ifndef SYS_landlock_create_ruleset
+#define SYS_landlock_create_ruleset 444
+#define SYS_landlock_restrict_self 446
+#endif
+
+}  // namespace
+
+int landlock_abi() {
+  long abi = syscall(SYS_landlock_create_ruleset, nullptr, 0, kCreateRulesetVersion);
+  return abi < 0 ? 0 : int(abi);
+}
+
+int landlock_scope_ruleset() {
+  LandlockRulesetAttr attr{0, 0, kScopeAbstractUnixSocket | kScopeSignal};
+  long fd = syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0U);  // close-on-exec
+  return fd < 0 ? -1 : int(fd);
+}
+
+SiblingIsolation isolate_from_siblings(int landlock_ruleset) {
+  SiblingIsolation done;
+  done.ipc_namespace = unshare(CLONE_NEWIPC) == 0;
+  if (landlock_ruleset >= 0) done.landlock = syscall(SYS_landlock_restrict_self, landlock_ruleset, 0U) == 0;
+  return done;
 }
 
 namespace {

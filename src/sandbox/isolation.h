@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cir::sandbox {
@@ -47,22 +48,63 @@ bool kill_all_of_uid(uid_t uid, gid_t gid);
 
 // ---- zygote side -----------------------------------------------------------------------
 
-struct MountReport {
-  bool private_mounts = false;  // mount events no longer propagate to the host
-  bool readonly_root = false;   // every mount (but /dev and /proc) remounted read-only
-  bool private_tmp = false;     // fresh tmpfs on /tmp (holding the work dirs) and /dev/shm
-  bool private_proc = false;    // /proc shows only the sandbox's pid namespace
-  std::vector<std::string> exposed;   // directories re-exposed so the sandbox uid can read Python
-  std::vector<std::string> warnings;  // what failed
+// Which namespaces of those wanted the kernel refuses to create here, e.g.
+// "mount namespace (Operation not permitted)"; "" when all can be made. `user`: each inside
+// a new user namespace (how a non-root process gets the others).
+std::string missing_namespaces(bool user, bool net);
+// Whether a child can be cloned with these flags here (e.g. CLONE_NEWIPC).
+bool can_clone_with(int flags);
+
+struct IsolationPolicy;
+
+// The filesystem a snippet sees, as the zygote planned it (cir.sandbox.zygote): every path
+// is a real host path (no symlink on the way) shown read-only at the same place; symlinks
+// met on the way to them are recreated as they are; nothing else exists.
+struct RootPlan {
+  std::vector<std::string> binds;                            // parents before children, none inside another
+  std::vector<std::pair<std::string, std::string>> symlinks;  // (path, target)
+  // Directories inside binds covered by an empty one (e.g. a site-packages holding every
+  // installed package), and what is shown again on top of them (the preloaded packages).
+  std::vector<std::string> masks, inner_binds;
+  std::vector<std::string> devices;                          // names under /dev, e.g. "null"
+  std::string work_root = "/tmp/cir-work";                   // slot k writes only in work_root/s<k>
+  uint32_t slots = 0;
+  bool new_proc = true;  // a /proc of the new pid namespace (else the host's, bound)
 };
 
-// Inside a fresh mount namespace: makes all mounts private, re-exposes the directories
-// listed in `readable` (the Python installation and sys.path) past ancestors that other
-// users cannot traverse (e.g. a 0700 /root holding pyenv), remounts everything read-only,
-// mounts a private tmpfs of `tmp_bytes` on /tmp with `work_root` (mode 0711) in it, an
-// empty read-only tmpfs on /dev/shm, and (with `new_proc`) a /proc of the new pid namespace.
-MountReport setup_mounts(const std::vector<std::string>& readable, uint64_t tmp_bytes,
-                         const std::string& work_root, bool new_proc);
+struct RootReport {
+  bool ok = false;
+  std::string error;                 // what failed (then nothing was changed, or the root could not be entered)
+  std::vector<std::string> visible;  // the binds in place
+  std::vector<std::string> masked;   // directories shown empty (but for the inner binds)
+  std::vector<std::string> devices;
+  bool slot_tmpfs = false;  // one capped tmpfs per worker slot
+  bool private_proc = false;
+  bool chroot = false;      // entered with chroot (no pivot_root possible)
+};
+
+// Inside a fresh mount namespace: builds an empty read-only root on a tmpfs holding only
+// `plan` (the policy's caps for the work dirs), and makes it this process's root. On a
+// failure before the switch everything is undone and `error` says what failed.
+RootReport setup_root(const RootPlan& plan, const IsolationPolicy& policy);
+
+// Weaker isolation (accepted explicitly): the host's files stay in view; only a private
+// /tmp with the per-slot work tmpfs and a /proc of the pid namespace are mounted.
+bool setup_private_tmp(const RootPlan& plan, const IsolationPolicy& policy, std::string* error);
+
+// What sets a snippet process apart from the snippets running beside it, done in the
+// process before it drops its privileges: its own IPC namespace (SysV shared memory,
+// semaphores and message queues, POSIX message queues: all gone with its last process) and,
+// where the kernel has Landlock scopes (ABI >= 6), its own domain (no abstract unix socket
+// or signal reaches outside it).
+struct SiblingIsolation {
+  bool ipc_namespace = false;
+  bool landlock = false;
+};
+// `landlock_ruleset`: from landlock_scope_ruleset() (made once, in the zygote), -1 for none.
+SiblingIsolation isolate_from_siblings(int landlock_ruleset);
+int landlock_abi();  // 0: no Landlock
+int landlock_scope_ruleset();  // a ruleset of the two scopes (an fd), -1 where it cannot be made
 
 // Limits and identity of one snippet process.
 struct ChildSpec {

@@ -12,7 +12,7 @@ namespace cir::sandbox::proto {
 enum class Type : uint32_t {
   // supervisor -> zygote
   Hello = 1,     // + JSON text: namespaces in effect, work root, the Python-side options
-  Run = 2,       // RunRequest + fds [code memfd, stdout write end, stderr write end, status write end]
+  Run = 2,       // RunRequest + fds [code memfd (read-write: see kSetupFailedMark), stdout, stderr, status write ends]
   Kill = 3,      // KillRequest: kill the snippet and everything it started
   Shutdown = 4,  //
   // zygote -> supervisor
@@ -20,11 +20,12 @@ enum class Type : uint32_t {
   Started = 11,  // StartedReport
   Exited = 12,   // ExitedReport
   Failed = 13,   // FailedReport: the zygote could not start the snippet (fork failed, ...)
+  Refused = 14,  // + text: the zygote cannot isolate as the policy asks (one line); it exits
 };
 
 struct Header {
   Type type;
-  uint32_t length;  // bytes of JSON text following the header (Hello / Ready)
+  uint32_t length;  // bytes of text following the header (Hello / Ready / Refused)
 };
 
 // Ready: Header, then ReadyFlags, then the JSON text.
@@ -54,6 +55,9 @@ struct StartedReport {
   int32_t pid;  // in the zygote's pid namespace
   uint64_t req_id;
   int64_t t_start_ns;  // CLOCK_MONOTONIC when the snippet got its process (fork or spare)
+  // The process's run delay (time runnable but waiting for a CPU) up to then, from the
+  // scheduler's statistics: a spare's from before its request is not the snippet's. -1: unknown.
+  int64_t run_delay_ns;
 };
 
 struct ExitedReport {
@@ -78,12 +82,20 @@ enum class StatusKind : int32_t {
   Done = 2,        // the code has run, output is flushed; the process exits with `status` next
 };
 
+// A process that could not be set up for its snippet (the machine's fault, not the code's)
+// writes this over the start of the snippet's code memfd and exits with kSetupFailedExit.
+// Not on the status pipe: the snippet's code can write there, and must not be able to make
+// its own result a fault of the machine. The memfd is closed before the code runs.
+constexpr char kSetupFailedMark[8] = {'c', 'i', 'r', '-', 's', 'e', 't', 'u'};
+constexpr int kSetupFailedExit = 71;
+
 struct StatusRecord {
   StatusKind kind;
   int32_t status;      // Done: exit status the process is about to exit with (or -signal)
   int64_t cpu_ns;      // process CPU time so far, including children it waited for
   int64_t maxrss_kb;
   int64_t t_ns;        // CLOCK_MONOTONIC when the record was written
+  int64_t run_delay_ns;  // ReplayDone: the process's run delay so far (-1: unknown; else 0)
 };
 
 // Zygote -> pre-forked spare child: the request it is to run.

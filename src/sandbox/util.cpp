@@ -252,6 +252,14 @@ int64_t collapse_into_huge_pages() {
   return std::strtoll(rollup.c_str() + at + 14, nullptr, 10) * 1024;
 }
 
+int64_t run_delay_of(const std::string& pid) {
+  std::string text;
+  if (!read_file(("/proc/" + pid + "/schedstat").c_str(), &text)) return -1;
+  unsigned long long on_cpu = 0, waited = 0;
+  if (std::sscanf(text.c_str(), "%llu %llu", &on_cpu, &waited) != 2) return -1;
+  return int64_t(waited);
+}
+
 long count_tasks_of_uid(uid_t uid) {
   DIR* d = opendir("/proc");
   if (d == nullptr) return 0;

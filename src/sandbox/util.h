@@ -77,6 +77,10 @@ int64_t self_vm_size_bytes();
 // the kernel cannot do it).
 int64_t collapse_into_huge_pages();
 
+// Time the task spent runnable but waiting for a CPU, in ns, from /proc/<pid>/schedstat
+// ("self" for the caller); -1 where the kernel does not report it.
+int64_t run_delay_of(const std::string& pid);
+
 // Number of tasks (threads) owned by real uid `uid`, counted from /proc. Used to set
 // RLIMIT_NPROC when snippets cannot get a uid of their own.
 long count_tasks_of_uid(uid_t uid);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -77,6 +78,7 @@ void write_status_record(int fd, proto::StatusKind kind, int32_t status) {
                (int64_t(children.ru_utime.tv_usec) + children.ru_stime.tv_usec) * 1000LL;
   rec.maxrss_kb = std::max(self.ru_maxrss, children.ru_maxrss);
   rec.t_ns = monotonic_ns();
+  rec.run_delay_ns = kind == proto::StatusKind::ReplayDone ? run_delay_of("self") : 0;
   write_all(fd, &rec, sizeof rec);
 }
 
@@ -109,13 +111,18 @@ std::string ZygoteServer::read_hello() {
   return buf.substr(sizeof h, h.length);
 }
 
-void ZygoteServer::configure(const ZygoteOptions& options) {
+ZygoteOptions ZygoteServer::configure(const ZygoteOptions& options) {
   opt_ = options;
   // The orphan sweep reads our children from /proc: only meaningful if /proc belongs to
   // our pid namespace.
   char link[32] = {0};
   ssize_t n = readlink("/proc/self", link, sizeof link - 1);
   if (n <= 0 || std::strtol(link, nullptr, 10) != long(getpid())) opt_.sweep_orphans = false;
+  opt_.seccomp = opt_.seccomp && seccomp_supported();
+  if (opt_.ipc_per_snippet) opt_.ipc_per_snippet = can_clone_with(CLONE_NEWIPC);
+  if (opt_.landlock && landlock_abi() >= 6) landlock_ruleset_.reset(landlock_scope_ruleset());
+  opt_.landlock = landlock_ruleset_.valid();
+  return opt_;
 }
 
 void ZygoteServer::send(const void* msg, size_t len) {
@@ -129,6 +136,13 @@ void ZygoteServer::send_ready(const std::string& json, bool uses_host_work_root)
   std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
   msg.append(reinterpret_cast<const char*>(&flags), sizeof flags);
   msg += json;
+  send(msg.data(), msg.size());
+}
+
+void ZygoteServer::send_refused(const std::string& why) {
+  proto::Header h{proto::Type::Refused, uint32_t(why.size())};
+  std::string msg(reinterpret_cast<const char*>(&h), sizeof h);
+  msg += why;
   send(msg.data(), msg.size());
 }
 
@@ -204,7 +218,7 @@ bool ZygoteServer::next_request(ChildRequest* out) {
       r.uid = geteuid();
       r.gid = getegid();
     }
-    r.workdir = opt_.work_root + "/s" + std::to_string(r.req.slot) + "-" + std::to_string(++seq_);
+    r.workdir = opt_.work_root + "/s" + std::to_string(r.req.slot) + (opt_.slot_dirs ? "/" : "-") + std::to_string(++seq_);
     if (mkdir(r.workdir.c_str(), 0700) != 0 || (opt_.drop_uid && chown(r.workdir.c_str(), r.uid, r.gid) != 0)) {
       start_failed(r, errno);
       continue;
@@ -228,6 +242,18 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
   std::memcpy(a.workdir, r.workdir.c_str(), r.workdir.size() + 1);
   int fds[4] = {r.code_fd, r.out_fd, r.err_fd, r.status_fd};
   pid_t pid = spare_pid_;
+  // What the spare waited for a CPU before its request (it sleeps until then): not the snippet's.
+  r.run_delay_before_ns = -1;
+  if (spare_schedstat_.valid()) {
+    char text[96];
+    ssize_t n = pread(spare_schedstat_.get(), text, sizeof text - 1, 0);
+    unsigned long long on_cpu = 0, waited = 0;
+    if (n > 0) {
+      text[n] = '\0';
+      if (std::sscanf(text, "%llu %llu", &on_cpu, &waited) == 2) r.run_delay_before_ns = int64_t(waited);
+    }
+    spare_schedstat_.reset();
+  }
   bool ok = send_packet(spare_sock_.get(), &a, sizeof a, fds, 4);
   spare_sock_.reset();
   spare_pid_ = -1;
@@ -243,7 +269,8 @@ bool ZygoteServer::hand_to_spare(ChildRequest& r) {
 void ZygoteServer::started(ChildRequest& r, pid_t pid) {
   running_[pid] = Running{r.req.req_id, r.req.slot, r.uid, r.gid, r.workdir};
   close_request_fds(r);
-  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns};
+  // (A child forked for the request has waited for nothing yet.)
+  proto::StartedReport s{proto::Type::Started, int32_t(pid), r.req.req_id, r.t_start_ns, r.run_delay_before_ns};
   send(&s, sizeof s);
 }
 
@@ -308,11 +335,14 @@ void ZygoteServer::prepare_spare() {
 void ZygoteServer::spare_forked(pid_t pid) {
   spare_child_sock_.reset();
   spare_pid_ = pid;
+  // Opened now, read when the spare gets its request (a pread: no path walk then).
+  spare_schedstat_.reset(::open(("/proc/" + std::to_string(pid) + "/schedstat").c_str(), O_RDONLY | O_CLOEXEC));
 }
 
 void ZygoteServer::spare_fork_failed() {
   spare_child_sock_.reset();
   spare_sock_.reset();
+  spare_schedstat_.reset();
   spare_failures_++;
 }
 
@@ -325,6 +355,8 @@ ChildRequest ZygoteServer::become_spare() {
   stdin_w_.reset();
   ::close(ctrl_);
   ctrl_ = -1;
+  // Set apart from the other snippets now, while nothing waits for this process.
+  separate_from_siblings();
   alignas(8) char buf[sizeof(proto::Assignment) + 64];
   std::vector<int> fds;
   ssize_t n = recv_packet(sock.get(), buf, sizeof buf, &fds);
@@ -357,6 +389,7 @@ void ZygoteServer::reap_children() {
       // The spare died before it was used (e.g. killed from outside): make another.
       spare_pid_ = -1;
       spare_sock_.reset();
+      spare_schedstat_.reset();
       spare_failures_++;
     }
     // Anything else is an orphan a snippet left behind, already killed: just reaped.
@@ -429,11 +462,35 @@ void ZygoteServer::retry_removals() {
   pending_removals_.swap(still);
 }
 
+void ZygoteServer::fail_setup(const ChildRequest& r, const std::string& what) {
+  // Once the descriptors are in place fd 2 is the snippet's stderr; before that it is the
+  // zygote's log. Either way the supervisor sees it. The mark on the code memfd (still open:
+  // it is closed only when the set-up succeeds) says it was the machine's fault.
+  std::string msg = "cir-sandbox: snippet set-up failed: " + what + "\n";
+  write_all(2, msg.data(), msg.size());
+  if (r.code_fd >= 0) {
+    ssize_t n = pwrite(r.code_fd, proto::kSetupFailedMark, sizeof proto::kSetupFailedMark, 0);
+    (void)n;
+  }
+  _exit(proto::kSetupFailedExit);
+}
+
+void ZygoteServer::separate_from_siblings() {
+  if (separated_) return;
+  separated_ = true;
+  SiblingIsolation done = isolate_from_siblings(opt_.landlock ? landlock_ruleset_.get() : -1);
+  if (opt_.ipc_per_snippet && !done.ipc_namespace) separate_error_ = errno_message("own IPC namespace");
+  if (opt_.landlock && !done.landlock) separate_error_ = errno_message("own Landlock domain");
+}
+
 ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
   ChildProgram prog;
   std::string blob;
   std::string error;
-  if (!read_whole_fd(r.code_fd, &blob) || !unpack_program(blob, &prog)) error = "could not read the snippet";
+  separate_from_siblings();  // (a spare did it while it waited)
+  error = separate_error_;
+  if (error.empty() && (!read_whole_fd(r.code_fd, &blob) || !unpack_program(blob, &prog)))
+    error = "could not read the snippet";
   ChildSpec spec;
   spec.stdin_fd = stdin_r_.get();
   spec.stdout_fd = r.out_fd;
@@ -458,10 +515,9 @@ ChildProgram ZygoteServer::enter_child(const ChildRequest& r) {
   if (error.empty()) error = cir::sandbox::enter_child(spec);
   if (!error.empty()) {
     // Once the descriptors are in place fd 2 is the snippet's stderr; before that it is the
-    // zygote's log. Either way the supervisor sees it.
-    std::string msg = "cir-sandbox: snippet set-up failed: " + error + "\n";
-    write_all(2, msg.data(), msg.size());
-    _exit(71);
+    // zygote's log. Either way the supervisor sees it. The status pipe (moved to its final
+    // number, or not yet) says it was the machine's fault.
+    fail_setup(r, error);
   }
   prog.status_fd = spec.status_fd_target;
   return prog;

@@ -32,11 +32,14 @@ namespace cir::sandbox {
 
 struct ZygoteOptions {
   std::string work_root;     // per-snippet directories are created here
+  bool slot_dirs = false;    // work_root/s<k> exists per slot (its own tmpfs); dirs go inside
   bool drop_uid = false;     // slot k runs as uid_base + k (root only)
   uint32_t uid_base = 0;
   bool drop_capabilities = false;  // root inside a user namespace: snippets get no capabilities
   bool seccomp = true;
   bool block_inet_sockets = false;
+  bool ipc_per_snippet = false;  // each snippet process takes its own IPC namespace
+  bool landlock = false;         // ... and its own Landlock domain (abstract sockets, signals)
   uint64_t as_extra_bytes = 0;  // the zygote's own address space, added to each snippet's budget
   uint32_t nproc_extra = 0;     // added to RLIMIT_NPROC when snippets share the zygote's uid
   bool sweep_orphans = false;   // no per-slot uid: kill the zygote's orphaned children at snippet end
@@ -58,6 +61,7 @@ struct ChildRequest {
   uid_t uid = 0;
   gid_t gid = 0;
   int64_t t_start_ns = 0;
+  int64_t run_delay_before_ns = 0;  // zygote side: the spare's wait for a CPU before it (-1: unknown)
   bool handed_to_spare = false;  // zygote side: already running in the spare; fork a new spare
 };
 
@@ -82,8 +86,12 @@ class ZygoteServer {
 
   // Blocking read of the supervisor's Hello (JSON text).
   std::string read_hello();
-  void configure(const ZygoteOptions& options);
+  // Settles the options (what the machine allows: seccomp, per-snippet IPC namespaces,
+  // Landlock scopes) and returns them as they will apply.
+  ZygoteOptions configure(const ZygoteOptions& options);
   void send_ready(const std::string& json, bool uses_host_work_root);
+  // The zygote cannot isolate as the policy asks: one line for the caller; then it exits.
+  void send_refused(const std::string& why);
 
   // Blocks until the next run request, reaping children and serving kill requests in the
   // meantime. Returns false on shutdown or when the supervisor has gone away. A request
@@ -114,9 +122,11 @@ class ZygoteServer {
   ChildRequest become_spare();
 
   // In the child: reads the program, locks the process down (see enter_child) and returns
-  // what to run. On failure writes a message to stderr and exits with status 71: a snippet
-  // never runs half-isolated.
+  // what to run. On failure calls fail_setup: a snippet never runs half-isolated.
   ChildProgram enter_child(const ChildRequest& r);
+  // In the child, before its code runs: says on stderr what failed, marks the request's code
+  // memfd (proto::kSetupFailedMark: the supervisor retries it, the machine's fault) and exits.
+  [[noreturn]] void fail_setup(const ChildRequest& r, const std::string& what);
 
   size_t running() const { return running_.size(); }
   bool sweeping() const { return opt_.sweep_orphans; }
@@ -134,6 +144,7 @@ class ZygoteServer {
   void finish(pid_t pid, int status, const struct rusage& ru);
   void kill_snippet(pid_t pid, const Running& r);
   void sweep_orphans();
+  void separate_from_siblings();
   void retry_removals();
   void send(const void* msg, size_t len);
   void close_request_fds(ChildRequest& r);
@@ -149,8 +160,12 @@ class ZygoteServer {
   // The spare: its pid and our end of its socket (and its end, between prepare and fork).
   pid_t spare_pid_ = -1;
   Fd spare_sock_, spare_child_sock_;
+  Fd spare_schedstat_;  // the spare's /proc/<pid>/schedstat
+  Fd landlock_ruleset_;  // made once; each snippet process restricts itself with it
   int spare_failures_ = 0;
   bool seccomp_inherited_ = false;
+  bool separated_ = false;  // (in a child) isolate_from_siblings() is done
+  std::string separate_error_;
 };
 
 }  // namespace cir::sandbox

@@ -6,7 +6,7 @@
 //
 // Usage: supervisor_driver SPEC_FILE SNIPPETS IN_FLIGHT
 // SPEC_FILE holds NUL-separated fields: executable, argc, argv..., envc, env..., config_json,
-// workers (written by the test from cir.sandbox's own launch settings).
+// policy_json, workers (written by the test from cir.sandbox's own launch settings).
 #include <poll.h>
 
 #include <cstdio>
@@ -88,6 +88,7 @@ sb::Job job_for(int i) {
 // Empty when the outcome is what snippet i must give, else what is wrong.
 std::string check(int i, const sb::Outcome& o) {
   if (o.infra_error) return "infra error: " + o.infra_message;
+  if (!o.fault.empty()) return "sandbox fault: " + o.fault;
   switch (kind_of(i)) {
     case Kind::Print:
     case Kind::PrintFlush:
@@ -132,6 +133,7 @@ int main(int argc, char** argv) {
   int n_env = std::stoi(next());
   for (int i = 0; i < n_env; ++i) o.zygote_env.push_back(next());
   o.zygote_config_json = next();
+  o.policy_json = next();
   o.workers = std::stoi(next());
   o.max_output_bytes = 64 * 1024;
 
