@@ -1,8 +1,9 @@
 """Policy losses, registered by name, and how micro-batch losses add up to the step's loss.
 
-A policy loss is registered with two implementations of the same function: the plain torch
-`reference` (the definition, in `cir.kernels.policy_loss_ref`) and the `fused` one (the
-Triton kernel behind `cir.kernels.policy_loss`, which falls back to the reference off CUDA).
+A policy loss is registered (`cir.algorithms.registry`) with two implementations of the same
+function: the plain torch `reference` (the definition, in `cir.kernels.policy_loss_ref`) and the
+`fused` one (the Triton kernel behind `cir.kernels.policy_loss`, which falls back to the
+reference off CUDA).
 Tests compare the two on random inputs; `algo.loss_impl` picks the path at run time.
 
 Aggregation across micro-batches and ranks. Each micro-batch's loss comes back normalised
@@ -15,42 +16,8 @@ Data-parallel training averages gradients over ranks, so the weight carries a fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from cir.kernels import policy_loss as fused_policy_loss
-from cir.kernels.policy_loss_ref import AGGREGATIONS, policy_loss_reference
-
-
-@dataclass(frozen=True)
-class PolicyLoss:
-    """One loss, two implementations with the same signature (see `cir.kernels.policy_loss`)."""
-
-    name: str
-    reference: Callable
-    fused: Callable
-
-
-_POLICY_LOSSES: dict[str, PolicyLoss] = {}
-
-
-def register_policy_loss(name: str, *, reference: Callable, fused: Callable | None = None) -> PolicyLoss:
-    """Register a policy loss; without a fused implementation the reference serves both."""
-    if name in _POLICY_LOSSES:
-        raise ValueError(f"policy loss {name!r} is already registered")
-    entry = PolicyLoss(name, reference, fused or reference)
-    _POLICY_LOSSES[name] = entry
-    return entry
-
-
-def policy_loss_names() -> list[str]:
-    return sorted(_POLICY_LOSSES)
-
-
-def get_policy_loss(name: str) -> PolicyLoss:
-    if name not in _POLICY_LOSSES:
-        raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(policy_loss_names())}")
-    return _POLICY_LOSSES[name]
+from cir.algorithms.registry import get_policy_loss
+from cir.kernels.policy_loss_ref import AGGREGATIONS
 
 
 def compute_policy_loss(name: str, *args, impl: str = "auto", **kwargs):
@@ -60,11 +27,6 @@ def compute_policy_loss(name: str, *args, impl: str = "auto", **kwargs):
     if impl == "reference":
         return entry.reference(*args, **kwargs)
     return entry.fused(*args, impl=impl, **kwargs)
-
-
-# The clipped surrogate of PPO / GRPO / REINFORCE++ with asymmetric clip ("clip-higher"),
-# optional dual clip, KL to a reference (capped per token) and an entropy bonus.
-register_policy_loss("ppo_clip", reference=policy_loss_reference, fused=fused_policy_loss)
 
 
 def micro_batch_weight(
