@@ -10,6 +10,7 @@ continues it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -217,3 +218,29 @@ def test_a_run_whose_sandbox_keeps_failing_stops_with_a_checkpoint_and_resumes(
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["fault/sandbox_calls"] == 0 and rows[-1]["tool/calls"] > 0
     assert (out / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+
+
+def test_a_grader_that_cannot_decide_is_left_out_of_the_loss(tmp_path, warm_model_dir):
+    """A reference the grader cannot settle in time (9^(9^9), a 370-million-digit integer sympy
+    computes in C): every boxed answer to that problem hangs its worker, which is killed and the
+    answer retried twice, then given up as a grader fault. Not -1: out of the loss, counted."""
+    rows = [{"problem": p, "answer": a} for p, a in [("3+4", "7"), ("12*5-7", "53"), ("8+9", "17")]]
+    rows.insert(1, {"problem": "2+2", "answer": "9^{9^{9}}"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    more = (f"data.train={data}", "reward.grader_timeout_s=0.25")
+    cfg = _warm_cfg(tmp_path / "run", warm_model_dir, "run.steps=1", *QUIET, *more)
+    with Trainer(cfg) as t:
+        seen = _record(t)
+        m = t.step()
+    collected, batch = seen["collected"][0], seen["batches"][0]
+    faulted = [(t, r) for t, r in zip(collected.trajectories, collected.rewards) if r.fault is not None]
+    assert faulted and all(r.fault == "grader_timeout" and r.reward == 0.0 for _, r in faulted)
+    assert {t.problem_id for t, _ in faulted} == {"train-1"}
+    assert not {id(t) for t, _ in faulted} & {id(t) for t in collected.trained}
+    assert sorted(_batch_sequences(batch)) == sorted(tuple(t.response_ids) for t in collected.trained)
+    assert m["fault/grader_trajectories"] == len(faulted) and m["fault/sandbox_trajectories"] == 0
+    assert (m["grader/timeouts"], m["grader/retries"]) == (len(faulted), 2 * len(faulted))
+    assert m["fault/excluded_trajectories"] >= len(faulted)
+    graded = [r for r in collected.rewards if r.fault is None]
+    assert m["reward/mean"] == pytest.approx(sum(r.reward for r in graded) / len(graded))

@@ -4,7 +4,8 @@ One step (`Trainer.step`):
 
     stage      = schedule.at(step)                            # tool budget, response length
     collected  = collect(stage)                               # sample problems, roll out, score
-                                                              # (dynamic sampling refills here)
+                                                              # (dynamic sampling refills here;
+                                                              # the machine's faults are left out)
     advantages = compute_advantages(rewards, groups)          # group baseline, global whitening
     batch      = build_train_batch(trajectories, advantages)  # the one hand-off to tensors
     metrics    = actor.update(batch)                          # masked clipped loss, optimizer
