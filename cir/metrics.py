@@ -211,9 +211,9 @@ def step_metrics(
 
     Reward and accuracy are those of the graded trajectories: a result with a fault
     (`RewardResult.fault`) is no verdict and is counted under ``fault/`` instead. `grader`: the
-    step's `cir.rewards.GraderCounters` (``grader_counters()`` after the step's grading minus
-    before), logged as ``grader/retries``, ``grader/faults``, ``grader/restarts``, ... `sandbox`: the
-    step's `Sandbox.counters()` (after minus before, `cir.training.faults.counter_delta`), logged
+    step's `cir.rewards.GraderCounters` (``grader_counters()`` now minus at the previous step),
+    logged as ``grader/retries``, ``grader/faults``, ``grader/restarts``, ... `sandbox`: the step's
+    `Sandbox.counters()` (now minus at the previous step, `cir.training.faults.counter_delta`), logged
     as ``sandbox/retries``, ``sandbox/restarts``, ``sandbox/faults``, ``sandbox/faults_<reason>``,
     ... `excluded`: what faults left out of the loss (`cir.training.faults.Exclusion`), logged as
     ``fault/excluded_trajectories``, ``fault/excluded_groups``, ``fault/partial_groups``. Tool calls

@@ -369,10 +369,10 @@ class Trainer:
             rewards += scored
             survivors, lost = fault_survivors([r.fault is not None for r in scored], [t.group for t in batch])
             excluded += lost
-            first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
-            positions = [first + i for i in survivors]
             batch, scored = [batch[i] for i in survivors], [scored[i] for i in survivors]
             if not algo.dynamic_sampling:
+                first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
+                positions = [first + i for i in survivors]
                 return Collected(everything, rewards, batch, scored, positions, t_reward, excluded)
             keep = informative_groups(
                 torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
