@@ -3,16 +3,18 @@
 One step (`Trainer.step`):
 
     stage      = schedule.at(step)                            # tool budget, response length
-    collected  = collect(stage)                               # sample problems, roll out, score
+    collected  = collector.collect(step, stage)               # problems, rollouts, rewards
                                                               # (dynamic sampling refills here)
     advantages = compute_advantages(rewards, groups)          # group baseline, global whitening
     batch      = build_train_batch(trajectories, advantages)  # the one hand-off to tensors
-    metrics    = actor.update(batch)                          # masked clipped loss, optimizer
-    sync_weights(actor, engine)                               # new weights to the engine
+    with collector.update_window():                           # the engine idle (asleep)
+        metrics = actor.update(batch)                         # masked clipped loss, optimizer
+    collector.publish(actor)                                  # new weights to the engine
     metrics   -> JSONL / TensorBoard / wandb
 
-Each line calls into the module that owns it: `cir.rollout`, `cir.rewards`, `cir.algorithms`,
-`cir.training.batch`, `cir.training.actor`, `cir.metrics`. The trainer names no concrete engine
+Each line calls into the module that owns it: `cir.training.collector` (which drives
+`cir.rollout` and `cir.rewards`), `cir.algorithms`, `cir.training.batch`, `cir.training.actor`,
+`cir.metrics`. The trainer names no concrete engine
 (`cir.engines.make_engine`) and no task (`cir.tasks`). Everything needed to continue exactly is
 checkpointed (`cir.training.checkpoint`); `--resume` continues from the newest checkpoint.
 """
@@ -23,16 +25,16 @@ import contextlib
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informative_groups, missing_groups
+from cir.algorithms import Schedule, compute_advantages
 from cir.config_loader import ConfigError, dump_yaml, to_dict
-from cir.data import DatasetError, Problem, ProblemSampler, drop_or_refuse_overlong, load_problem_set
+from cir.data import DatasetError, Problem, drop_or_refuse_overlong, load_problem_set
 from cir.distributed import DistributedContext
 from cir.engines.factory import engine_dtype, make_engine
 from cir.metrics import (
@@ -46,30 +48,16 @@ from cir.metrics import (
 )
 from cir.models import load_policy
 from cir.prompts import get_prompt, prompt_token_ids
-from cir.rewards import RewardResult, score_trajectories
-from cir.rollout import rollout, sample_seed
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
-from cir.training.actor import Actor, sync_weights
+from cir.training.actor import Actor
 from cir.training.batch import build_train_batch
+from cir.training.collector import SyncCollector
 from cir.training.config import check_run_inputs
 from cir.training.stop import StopRequest
-from cir.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from cir.training.config import TrainConfig
-
-
-@dataclass
-class Collected:
-    """One step's rollouts: every trajectory with its reward, and the ones that are trained on."""
-
-    trajectories: list[Trajectory]
-    rewards: list[RewardResult]
-    trained: list[Trajectory]
-    trained_rewards: list[RewardResult]
-    trained_positions: list[int]  # each trained trajectory's position in the step's global list
-    reward_seconds: float
 
 
 def _log(msg: str) -> None:
@@ -178,13 +166,21 @@ class Trainer:
             dist=self.dist,
             reference=reference,
         )
-        self.sampler = ProblemSampler(self.train_problems, batch_size=cfg.algo.prompts_per_step, seed=cfg.run.seed)
         self.schedule = Schedule.from_config(cfg.schedule, cfg.rollout.tool_budget, cfg.rollout.max_response_tokens)
         self.step_count = 0
+        self.sandbox = Sandbox.from_config(cfg.sandbox)
+        self.collector = SyncCollector(
+            cfg,
+            engine=self.engine,
+            sandbox=self.sandbox,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            problems=self.train_problems,
+            dist=self.dist,
+            device=self.device,
+        )
         if resume_from is not None:
             self._load_state(resume_from)
-
-        self.sandbox = Sandbox.from_config(cfg.sandbox)
         # On resume, the held-out evaluation logged at step 0 (if any) is the run's "before".
         self._logged_before: dict | None = None
         if resume_from is not None and self.dist.is_main:
@@ -256,7 +252,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the run (every rank takes part; rank 0 writes)."""
-        extra = {"sampler": self.sampler.state_dict()}
+        extra = self.collector.state_dict()
         return ckpt.save_checkpoint(
             self.out_dir, self.step_count, self.actor, self.dist, extra=extra, keep=self.cfg.run.keep_checkpoints
         )
@@ -265,7 +261,7 @@ class Trainer:
         state = ckpt.load_trainer_state(path)
         self.step_count = int(state["step"])
         self.actor.load_sharded_state(path / ckpt.OPTIMIZER_DIR, state)
-        self.sampler.load_state_dict(state["extra"]["sampler"])
+        self.collector.load_state_dict(state["extra"])
         ckpt.restore_rng(state, self.dist)
 
     # -- one RL step -----------------------------------------------------------------------------
@@ -273,14 +269,14 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg, stage = self.cfg, self.schedule.at(self.step_count)
         t_start = time.perf_counter()
-        collected = self.collect(stage)
+        collected = self.collector.collect(self.step_count, stage)
         t_rollout = time.perf_counter() - t_start - collected.reward_seconds
 
         t0 = time.perf_counter()
-        trained = collected.trained
+        trained = [s.trajectory for s in collected.trained]
         advantages = compute_advantages(
             cfg.algo.advantage,
-            torch.tensor([r.reward for r in collected.trained_rewards], dtype=torch.float32),
+            torch.tensor([s.reward.reward for s in collected.trained], dtype=torch.float32),
             torch.tensor([t.group for t in trained], dtype=torch.long),
             num_tokens=torch.tensor([t.num_model_tokens for t in trained]),
             dist=self.dist,
@@ -293,21 +289,16 @@ class Trainer:
             mini_batches=cfg.optim.mini_batches,
             micro_batch_tokens=cfg.optim.micro_batch_tokens,
             packing=cfg.optim.packing,
-            positions=collected.trained_positions,
+            positions=[s.position for s in collected.trained],
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
         (trained_anywhere,) = self.dist.sum_floats([len(trained)])
-        self.engine.sleep()  # the engine's memory (a GPU's KV cache) is the update's meanwhile
-        update_metrics = self.actor.update(batch) if trained_anywhere else {}
-        if self.device.type == "cuda":
-            # What the update freed is still cached by PyTorch; hand it back to the driver so the
-            # engine's weights and KV cache (sized as a share of the whole GPU) fit again.
-            torch.cuda.empty_cache()
-        self.engine.wake()
+        with self.collector.update_window():
+            update_metrics = self.actor.update(batch) if trained_anywhere else {}
         t_update = time.perf_counter() - t0
 
-        sync_weights(self.actor, self.engine)
+        self.collector.publish(self.actor)
         self.step_count += 1
         times = {
             "rollout": t_rollout,
@@ -320,94 +311,11 @@ class Trainer:
             collected.rewards,
             trained=len(trained),
             stage=stage,
-            epoch=self.sampler.epoch,
+            epoch=self.collector.epoch,
             times=times,
             dist=self.dist,
         )
-        return {**metrics, **update_metrics}
-
-    def collect(self, stage) -> Collected:
-        """Roll out this rank's share of the step's problems and score them. With dynamic
-        sampling, groups whose rewards are all equal are dropped and the batch is refilled from
-        the next problems, for at most `algo.max_refill_rounds` more rounds; then the step keeps
-        the first `algo.prompts_per_step` informative groups in global order (`groups_to_keep`)."""
-        algo = self.cfg.algo
-        rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
-        problems = self.sampler.next_batch()
-        everything, rewards, t_reward = [], [], 0.0
-        kept_by_round: list[list[tuple[Trajectory, RewardResult]]] = []
-        for round_ in range(rounds):
-            batch = self.rollout_problems(problems, stage, salt=round_)
-            t0 = time.perf_counter()
-            answers = {self._group(round_, i): p.answer for i, p in enumerate(problems)}
-            scored = score_trajectories(
-                batch, [answers[t.group] for t in batch], self.tokenizer, self.cfg.reward, stage.max_response_tokens
-            )
-            t_reward += time.perf_counter() - t0
-            everything += batch
-            rewards += scored
-            if not algo.dynamic_sampling:
-                first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
-                positions = list(range(first, first + len(batch)))
-                return Collected(everything, rewards, batch, scored, positions, t_reward)
-            keep = informative_groups(
-                torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
-            ).tolist()
-            kept_by_round.append([(t, r) for t, r, k in zip(batch, scored, keep) if k])
-            found = sum(len(kept) for kept in kept_by_round) // algo.group_size
-            missing = missing_groups(found, algo.prompts_per_step, self.dist)
-            if missing <= 0:
-                break
-            problems = self.sampler.take(missing)
-        g = algo.group_size
-        keep, first = self._groups_to_keep([len(kept) // g for kept in kept_by_round])
-        trained, positions = [], []
-        for kept, n, index in zip(kept_by_round, keep, first):
-            trained += kept[: n * g]
-            positions += range(index * g, (index + n) * g)
-        return Collected(everything, rewards, [t for t, _ in trained], [r for _, r in trained], positions, t_reward)
-
-    def _groups_to_keep(self, my_counts: list[int]) -> tuple[list[int], list[int]]:
-        """This rank's share of the step's informative groups per refill round, and where they go
-        in the global list (see `cir.algorithms.groups_to_keep`); every rank's counts come from one
-        sum over ranks."""
-        grid = torch.zeros(self.dist.world_size, len(my_counts), dtype=torch.float64)
-        grid[self.dist.rank] = torch.tensor(my_counts, dtype=torch.float64)
-        counts = self.dist.all_reduce_sum(grid).long().tolist()
-        return groups_to_keep(counts, self.cfg.algo.prompts_per_step, self.dist.rank)
-
-    @staticmethod
-    def _group(round_: int, position: int) -> int:
-        """The group id of the problem at global `position` of refill round `round_`."""
-        return round_ * 1_000_000 + position
-
-    def rollout_problems(self, problems: list[Problem], stage, salt: int = 0) -> list[Trajectory]:
-        """`group_size` trajectories for each of this rank's share of `problems`. Seeds are a pure
-        function of (run seed, step, round, global position, sample), so neither a resumed run
-        nor the number of ranks changes what is sampled."""
-        cfg = self.cfg
-        g = cfg.algo.group_size
-        rollout_cfg = replace(cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
-        start, end = self.dist.shard_bounds(len(problems))
-        prompts, seeds, ids, groups = [], [], [], []
-        for i in range(start, end):
-            p = problems[i]
-            ids_i = prompt_token_ids(self.template, p.problem, self.tokenizer)
-            for j in range(g):
-                prompts.append(ids_i)
-                seeds.append(sample_seed(cfg.run.seed, self.step_count, salt, i, j))
-                ids.append(p.id)
-                groups.append(self._group(salt, i))
-        return rollout(
-            self.engine,
-            self.sandbox,
-            prompts,
-            rollout_cfg,
-            mode=cfg.run.rollout_mode,
-            seeds=seeds,
-            problem_ids=ids,
-            groups=groups,
-        )
+        return {**metrics, **(collected.metrics or {}), **update_metrics}
 
     # -- evaluation and the loop ----------------------------------------------------------------
 
@@ -545,7 +453,7 @@ class Trainer:
             )
 
     def close(self) -> None:
-        for name in ("engine", "sandbox"):
+        for name in ("collector", "engine", "sandbox"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
