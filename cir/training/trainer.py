@@ -51,6 +51,7 @@ from cir.prompts import get_prompt, prompt_token_ids
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
 from cir.training.actor import Actor
+from cir.training.async_collector import AsyncCollector
 from cir.training.batch import build_train_batch
 from cir.training.collector import SyncCollector
 from cir.training.config import check_run_inputs
@@ -160,7 +161,7 @@ class Trainer:
             model,
             self.tokenizer,
             oc,
-            cfg.algo,
+            _actor_algo(cfg),
             total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
             sharding=cfg.sharding,
             dist=self.dist,
@@ -169,7 +170,8 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg.schedule, cfg.rollout.tool_budget, cfg.rollout.max_response_tokens)
         self.step_count = 0
         self.sandbox = Sandbox.from_config(cfg.sandbox)
-        self.collector = SyncCollector(
+        collector = AsyncCollector if cfg.run.collector == "async" else SyncCollector
+        self.collector = collector(
             cfg,
             engine=self.engine,
             sandbox=self.sandbox,
@@ -290,6 +292,7 @@ class Trainer:
             micro_batch_tokens=cfg.optim.micro_batch_tokens,
             packing=cfg.optim.packing,
             positions=[s.position for s in collected.trained],
+            behaviour=_behaviour(cfg),
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
@@ -403,6 +406,9 @@ class Trainer:
 
     def _finish(self, before: dict | None, last: dict) -> dict:
         after = None
+        # Rollouts still in flight (asynchronous collector) will not be trained in this run: stop
+        # them before the held-out evaluation (the checkpoint lists them for a resumed run).
+        self.collector.close()
         if self.eval_sets:
             after = self.evaluate()
             self.logger.log(self.step_count, after)
@@ -465,6 +471,21 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _behaviour(cfg) -> str:
+    """The old log-probs of the PPO ratio (`TrainBatch.behaviour`): the synchronous collector's
+    tokens come from the policy the update starts from; the asynchronous one's may be older."""
+    return "current" if cfg.run.collector == "sync" else cfg.algo.off_policy_loss
+
+
+def _actor_algo(cfg):
+    """`cfg.algo`, with decoupled PPO's truncation of the proximal/sampler ratio ("token_tis"
+    unless `algo.rollout_correction` names another mode)."""
+    algo = cfg.algo
+    if _behaviour(cfg) == "decoupled" and algo.rollout_correction == "none":
+        algo = replace(algo, rollout_correction="token_tis")
+    return algo
 
 
 def _dtype_name(model) -> str:
