@@ -332,6 +332,27 @@ async def _drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaita
     return run.trajectory
 
 
+def trajectory_runs(
+    engine,
+    prompts: Sequence[Sequence[int]],
+    config: RolloutConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    problem_ids: Sequence[str] | None = None,
+    groups: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    version: Callable[[], int] | None = None,
+) -> list[_TrajectoryRun]:
+    """One not-yet-started run per prompt, for a caller that schedules them itself (the
+    asynchronous collector) with `drive`; `version()` is read as each generate call is made."""
+    return _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions, version)
+
+
+async def drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
+    """Run one of `trajectory_runs` to its end, awaiting `gate()` before each generate call."""
+    return await _drive(engine, sandbox, run, gate)
+
+
 async def rollout_one(
     engine,
     sandbox,

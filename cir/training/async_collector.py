@@ -54,8 +54,7 @@ import torch
 from cir.data import Problem
 from cir.prompts import prompt_token_ids
 from cir.rewards import score_trajectories
-from cir.rollout import sample_seed
-from cir.rollout.loop import _drive, _make_runs
+from cir.rollout import drive, sample_seed, trajectory_runs
 from cir.training.actor import sync_weights
 from cir.training.collector import Collected, Sample, SyncCollector, stage_rollout_config
 from cir.trajectory import Trajectory
@@ -224,19 +223,19 @@ class AsyncCollector(SyncCollector):
         G = cfg.algo.group_size
         prompt = prompt_token_ids(self.template, problem.problem, self.tokenizer)
         step, i = divmod(g, self.B)
-        runs = _make_runs(
+        runs = trajectory_runs(
             self.engine,
             [prompt] * G,
             stage_rollout_config(cfg.rollout, stage),
-            [sample_seed(cfg.run.seed, step, 0, i, j) for j in range(G)],
-            [problem.id] * G,
-            [g] * G,
+            seeds=[sample_seed(cfg.run.seed, step, 0, i, j) for j in range(G)],
+            problem_ids=[problem.id] * G,
+            groups=[g] * G,
             version=lambda: self.version,
         )
         group = _Group(g, problem, self.version)
         for run in runs:
             future = asyncio.run_coroutine_threadsafe(
-                _drive(self.engine, self.timed_sandbox, run, gate=self._wait_gate), self.loop
+                drive(self.engine, self.timed_sandbox, run, gate=self._wait_gate), self.loop
             )
             future.add_done_callback(self._notify)
             group.futures.append(future)
@@ -285,7 +284,8 @@ class AsyncCollector(SyncCollector):
             must = [grp for grp in ordered if grp.version <= step - S][: self.B_r]
             if not all(grp.done for grp in must):
                 return None
-            others = [grp for grp in ordered if grp not in must and grp.done]
+            taken = {grp.g for grp in must}
+            others = [grp for grp in ordered if grp.g not in taken and grp.done]
             chosen = must + others[: self.B_r - len(must)]
             if len(chosen) < min(self.B_r, len(self.groups)):
                 return None
