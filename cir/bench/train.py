@@ -13,7 +13,8 @@ async / sync, on two workloads:
   python blocks; most blocks print at once (milliseconds), some run a CPU loop (tens to hundreds of
   milliseconds), some sleep 0.5-3 s (standing in for a heavy sympy call or a slow remote
   executor). The sampled trajectories keep that mix: most finish fast, a few hold the step.
-- `demo`: the demo itself (its warm start, its traces, its settings but the batch).
+- `demo`: the demo itself (its model warm-started once, `--demo-warmup-steps` steps of its own
+  traces; its settings but the batch and the schedule).
 
 The asynchronous mode runs with `run.max_staleness` (`--staleness`, default 1). Both modes of a
 workload run back to back in one process, alternately first (`--repeats`), and the machine may be
@@ -56,6 +57,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--staleness", type=int, default=1, help="run.max_staleness of the async mode (default 1)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternately first (default 1)")
     parser.add_argument("--warmup-steps", type=int, default=300, help="long-tail model's warm start steps (300)")
+    parser.add_argument(
+        "--demo-warmup-steps", type=int, default=1000, help="the demo model's warm start steps (default 1000)"
+    )
+    parser.add_argument(
+        "--demo-model", type=Path, default=None, metavar="DIR", help="a warm-started demo model to use instead"
+    )
     parser.add_argument("--hidden-size", type=int, default=128, help="long-tail model's width (default 128)")
     parser.add_argument(
         "--model", type=Path, default=None, metavar="DIR", help="the long-tail model saved by an earlier --save-model"
@@ -98,6 +105,20 @@ def _long_tail_model(out: Path, steps: int, hidden: int, seed: int, log) -> Path
     return out
 
 
+def _demo_model(out: Path, steps: int, seed: int, log) -> Path:
+    """The demo's own model and warm start (`demo.warmup_steps` = `steps`), saved once."""
+    import torch
+
+    from cir.tasks import demo
+
+    options = demo.DemoConfig(warmup_steps=steps)
+    model, tok, info = demo.build_policy(device=torch.device("cpu"), dtype=torch.float32, seed=seed, options=options)
+    log(f"demo model: {steps} warm-start steps, loss {info['warmup/loss']:.3f}")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def _overrides(workload: str, model_dir: Path | None, args) -> list[str]:
     common = [
         f"algo.prompts_per_step={args.prompts}",
@@ -113,7 +134,7 @@ def _overrides(workload: str, model_dir: Path | None, args) -> list[str]:
         "schedule=[]",
     ]
     if workload == "demo":
-        return [*common, "demo.warmup_steps=300"]
+        return [*common, f"model.path={model_dir}", "data.prompt=demo"]
     return [
         *common,
         f"model.path={model_dir}",
@@ -189,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
                 args.save_model or tmp / "long-tail-model", args.warmup_steps, args.hidden_size, args.seed, log
             )
         for workload in workloads:
+            if workload == "demo":
+                model_dir = args.demo_model or _demo_model(tmp / "demo-model", args.demo_warmup_steps, args.seed, log)
             overrides = _overrides(workload, model_dir, args)
             for r in range(args.repeats):
                 order = modes if r % 2 == 0 else modes[::-1]
