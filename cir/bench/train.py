@@ -17,8 +17,9 @@ async / sync, on two workloads:
   traces; its settings but the batch and the schedule).
 
 The asynchronous mode runs with `run.max_staleness` (`--staleness`, default 1). Both modes of a
-workload run back to back in one process, alternately first (`--repeats`), and the machine may be
-shared: compare the ratio, not the absolute figures. `--json OUT` writes every row.
+workload run back to back in one process, alternately first (`--repeats`; the table shows each
+mode's median run, the upper one of an even count), and the machine may be shared: compare the
+ratio, not the absolute figures. `--json OUT` writes every row.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--demo-model", type=Path, default=None, metavar="DIR", help="a warm-started demo model to use instead"
     )
-    parser.add_argument("--hidden-size", type=int, default=128, help="long-tail model's width (default 128)")
+    parser.add_argument("--hidden-size", type=int, default=64, help="long-tail model's width (default 64, the demo's)")
     parser.add_argument(
         "--model", type=Path, default=None, metavar="DIR", help="the long-tail model saved by an earlier --save-model"
     )
