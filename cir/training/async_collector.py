@@ -250,6 +250,10 @@ class AsyncCollector(SyncCollector):
     def collect(self, step: int, stage) -> Collected:
         if self.version is None:
             self.version = step
+            if not self.blocks and not self._todo:
+                # A fresh run, or one resumed from a synchronous checkpoint: step `step` draws block
+                # `step`, as the synchronous trainer would (its seeds too).
+                self.next_g = max(self.next_g, step * self.B)
         if self.version != step:
             raise RuntimeError(f"async collector at policy version {self.version}, asked for step {step}")
         t0 = time.perf_counter()
