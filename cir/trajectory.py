@@ -48,9 +48,20 @@ class Trajectory:
     # answers, and the group of samples (of one prompt) whose rewards form its baseline.
     problem_id: str = ""
     group: int = -1
+    # Where it sits in its step's global list of samples (over ranks), which fixes the mini-batch
+    # it joins whatever the number of ranks (-1: not placed, e.g. evaluation).
+    position: int = -1
+    # The policy version (weight updates published before it) each token was sampled under; feedback
+    # tokens carry the version of the request before them.
+    # With the synchronous collector every token of a step has the same version; an asynchronous
+    # collector's trajectory may span several (paused, resumed under newer weights). Empty: not
+    # recorded (a trajectory built by hand).
+    versions: list[int] = field(default_factory=list)
 
-    def append(self, token_ids: list[int], logprobs: list[float] | None, trainable: bool) -> tuple[int, int]:
-        """Append tokens; returns their [start, end) span in response_ids."""
+    def append(
+        self, token_ids: list[int], logprobs: list[float] | None, trainable: bool, version: int = 0
+    ) -> tuple[int, int]:
+        """Append tokens (sampled under policy `version`); returns their [start, end) span in response_ids."""
         if logprobs is None:
             logprobs = [0.0] * len(token_ids)
         if len(logprobs) != len(token_ids):
@@ -59,6 +70,7 @@ class Trajectory:
         self.response_ids.extend(token_ids)
         self.loss_mask.extend([1 if trainable else 0] * len(token_ids))
         self.sampler_logprobs.extend(logprobs)
+        self.versions.extend([version] * len(token_ids))
         return start, len(self.response_ids)
 
     @property
@@ -116,10 +128,10 @@ class Trajectory:
         inside the response; every code span is masked 1 (sampled tokens).
         """
         n = len(self.response_ids)
-        if len(self.loss_mask) != n or len(self.sampler_logprobs) != n:
+        if len(self.loss_mask) != n or len(self.sampler_logprobs) != n or len(self.versions) not in (0, n):
             raise ValueError(
                 f"trajectory lengths disagree: response_ids {n}, loss_mask {len(self.loss_mask)}, "
-                f"sampler_logprobs {len(self.sampler_logprobs)}"
+                f"sampler_logprobs {len(self.sampler_logprobs)}, versions {len(self.versions)}"
             )
         for i, call in enumerate(self.tool_calls):
             for name, (start, end), want in (

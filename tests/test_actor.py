@@ -263,3 +263,32 @@ def test_one_gpu_actor_computes_in_bf16_with_fp32_master_weights(tok, tmp_path, 
     saved = load_file(str(tmp_path / "gpu" / "model.safetensors"))
     live = _weights(gpu)
     assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], live[k].cpu()) for k in saved)
+
+
+def test_the_ratio_is_taken_against_the_sampler_when_the_batch_says_so(tok):
+    """`TrainBatch.behaviour="sampler"` (the asynchronous collector's batches): the PPO ratio's old
+    log-probs are the sampler's, not recomputed by the actor. Sampler log-probs equal to the
+    policy's own give the on-policy update; sampler log-probs far from them are clipped."""
+    optim = OptimConfig(lr=1e-2, mini_batches=1)
+    algo = AlgoConfig(logprob_impl="torch", loss_impl="torch")
+    batch = _batch(tok, 0, mini_batches=1)
+    probe = Actor(_model(tok), tok, optim, algo, total_optimizer_steps=1)
+    with torch.no_grad():
+        own = [probe.policy.of(mb, temperature=1.0, with_entropy=False, impl="torch")[0] for mb in batch.micro_batches]
+    as_sampled = dataclasses.replace(
+        batch,
+        mini_batches=[[dataclasses.replace(mb, sampler_logprobs=lp) for mb, lp in zip(batch.micro_batches, own)]],
+        behaviour="sampler",
+    )
+    runs = {}
+    for name, b in (("current", batch), ("own", as_sampled), ("far", dataclasses.replace(batch, behaviour="sampler"))):
+        actor = Actor(_model(tok), tok, optim, algo, total_optimizer_steps=1)
+        runs[name] = (actor.update(b), _weights(actor))
+    (m_cur, w_cur), (m_own, w_own), (m_far, w_far) = runs["current"], runs["own"], runs["far"]
+    assert m_cur["actor/grad_norm"] > 0
+    assert m_own["actor/loss"] == pytest.approx(m_cur["actor/loss"], rel=1e-5, abs=1e-7)
+    for k in w_cur:
+        torch.testing.assert_close(w_own[k], w_cur[k], rtol=0, atol=1e-6, msg=k)
+    clipped = m_far["actor/clipfrac_upper"] + m_far.get("actor/clipfrac_lower", 0.0)
+    assert m_cur["actor/clipfrac_upper"] == 0 and clipped > 0.1, m_far
+    assert any(not torch.equal(w_far[k], w_cur[k]) for k in w_cur)

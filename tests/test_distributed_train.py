@@ -147,6 +147,25 @@ def test_two_ranks_equal_one_process(tmp_path, warm_model_dir):
     _assert_close(_weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2), atol=1e-4)
 
 
+def test_async_collector_two_ranks_sample_what_one_process_samples(tmp_path, warm_model_dir):
+    """`run.collector=async` under torchrun: every rank runs its own collector over its shard of
+    each block of problems, with the seeds of the groups' global admission indices, and the update
+    is the only point where ranks meet. With S=0 two ranks sample and train what one process
+    does; with S=1 they run, each rank on its own, under the bound."""
+    opts = ("run.steps=2", "run.collector=async", "run.max_staleness=0")
+    one = [r for r in _train(tmp_path / "one", warm_model_dir, *opts) if "reward/mean" in r]
+    two = [r for r in _train(tmp_path / "two", warm_model_dir, *opts, ranks=2) if "reward/mean" in r]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    rollout = ("reward/mean", "tool/calls_per_traj", "response/model_tokens_mean", "data/trajectories")
+    assert_metrics_match(two[0], one[0], rollout, where=1)
+    assert_metrics_match(two[0], one[0], ("actor/loss", "actor/grad_norm"), rel=1e-4, abs=1e-6, where=1)
+    _assert_close(_weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2), atol=1e-5)
+    stale = [r for r in _train(tmp_path / "s1", warm_model_dir, "run.steps=2", "run.collector=async", ranks=2)]
+    stale = [r for r in stale if "async/staleness_max" in r]
+    assert [r["async/staleness_max"] for r in stale] == [0, 1]
+    assert all(r["async/groups_carried"] == 4 for r in stale)
+
+
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, warm_model_dir):
     """The optimizer's sharded checkpoint (DCP) written by 2 ranks resumes in 1, and one written by
     1 process resumes on 2; both continue as the uninterrupted run. The 2-rank runs also shard

@@ -21,7 +21,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -980,3 +980,43 @@ def test_sandbox_error_for_a_call_ends_only_that_trajectory(world):
     for traj, name in zip(trajs, ["fence_nl", "error"]):
         assert traj.finish_reason == "sandbox_fault" and traj.tool_calls[-1].status == SANDBOX_FAULT
         assert traj.response_ids == world.segments[name][0]
+
+
+class Cutting:
+    """The real engine, with every request cut after `every` tokens as a pause cuts it: the
+    completion holds what was sampled so far, finish_reason "aborted" (a request that ends on its
+    own within the cut keeps its own finish reason)."""
+
+    max_model_len = None
+
+    def __init__(self, engine, every: int):
+        self.engine, self.every = engine, every
+        self.cuts = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt_ids, params):
+        if params.max_new_tokens <= self.every:
+            return await self.engine.generate(prompt_ids, params)
+        completion = await self.engine.generate(prompt_ids, replace(params, max_new_tokens=self.every))
+        if completion.finish_reason == "length":
+            self.cuts += 1
+            completion = replace(completion, finish_reason="aborted")
+        return completion
+
+
+@pytest.mark.parametrize("every", [1, 3, 7])
+def test_segments_cut_by_a_pause_continue_to_the_same_greedy_trajectory(world, every):
+    """A paused request's partial tokens are kept and the segment continues with a new request;
+    the closing fence, which may fall after a cut (or be split by one), is decided over the whole
+    segment, so greedy trajectories are the ones an uncut engine gives."""
+    names = [n for n in world.expected if n != "session"]
+    engine = Cutting(world.engine, every)
+    trajs = rollout(engine, world.sandbox, [world.prompts[n] for n in names], base_config())
+    assert engine.cuts > len(names)
+    for name, traj in zip(names, trajs):
+        assert traj.response_ids == world.expected[name], (name, every, world.tok.decode(traj.response_ids))
+        assert traj.finish_reason == "eos"
+        assert_mask_exact(traj)

@@ -35,6 +35,13 @@ class AlgoConfig:
     # mean log-ratio is beyond log(cap). Off by default; the gap is logged every step either way.
     rollout_correction: Literal["none", "token_tis", "seq_mis"] = "none"
     rollout_correction_cap: float = 2.0
+    # The behaviour policy of the PPO ratio under the asynchronous collector (run.collector=async),
+    # where a token may be up to run.max_staleness versions old: "sampler" takes the ratio against
+    # the sampler's own log-probs (kept per token); "decoupled" (decoupled PPO) against the policy
+    # as it starts the update (recomputed), with the ratio of that proximal policy to the sampler
+    # truncated per token as rollout_correction does ("token_tis" unless another mode is set).
+    # The synchronous collector ignores it.
+    off_policy_loss: Literal["sampler", "decoupled"] = "sampler"
     logprob_impl: KernelImpl = "auto"  # cir.kernels.linear_logprob
     loss_impl: KernelImpl = "auto"  # the policy loss: fused kernel or the plain reference
 

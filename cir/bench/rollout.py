@@ -66,16 +66,18 @@ def _code(rng: random.Random, expression: str) -> str:
     return f"print({expression})"
 
 
-def latency_traces(rng: random.Random):
+def latency_traces(rng: random.Random, code=None):
     """A `make_trace` for the demo's `warm_start` (same arguments as `cir.tasks.demo.make_trace`,
     which builds the trajectory) whose traces carry the benchmark's mix: reasoning text of varied
-    length, one or two blocks when the tool is used, and blocks that sleep or loop."""
+    length, one or two blocks when the tool is used, and blocks that sleep or loop (`code(rng,
+    expression)` writes each block; default this benchmark's latency profile)."""
+    write = code or _code
     from cir.tasks import demo
 
     def make_trace(tokenizer, problem, use_tool: bool, feedback_template: str):
         reasoning = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(0, 5)))
         blocks = (1 if rng.random() < 0.75 else 2) if use_tool else 0
-        code = [_code(rng, problem.problem) for _ in range(blocks)]
+        code = [write(rng, problem.problem) for _ in range(blocks)]
         # What the model writes before each block and before the answer.
         text = ["Let me verify it another way.\n" if i else "" for i in range(blocks)] + ["The answer is "]
         text[0] = (reasoning + "\n" if reasoning else "") + text[0]

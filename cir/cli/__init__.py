@@ -20,6 +20,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "sandbox"), "cir.bench.sandbox", "sandbox throughput/latency/fidelity vs a process-pool baseline"),
     (("bench", "kernels"), "cir.bench.kernels", "fused log-prob and policy-loss kernels vs torch baselines"),
     (("bench", "rollout"), "cir.bench.rollout", "asynchronous vs turn-synchronous rollout throughput"),
+    (("bench", "train"), "cir.bench.train", "training steps per minute: synchronous vs asynchronous collector"),
     (("bench", "estimate"), "cir.bench.estimate", "expected per-GPU memory and step time of a run (estimates)"),
     (
         ("bench", "step"),

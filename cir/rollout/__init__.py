@@ -40,7 +40,15 @@ evaluation alike).
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import Feedback, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, CodeBlock, fence_closed, find_code_block
-from cir.rollout.loop import rollout, rollout_async, rollout_one, rollout_turn_sync, run_sync
+from cir.rollout.loop import (
+    drive,
+    rollout,
+    rollout_async,
+    rollout_one,
+    rollout_turn_sync,
+    run_sync,
+    trajectory_runs,
+)
 from cir.rollout.seeds import derive_seed, sample_seed
 from cir.rollout.stats import rollout_stats
 
@@ -52,6 +60,7 @@ __all__ = [
     "RolloutConfig",
     "build_feedback",
     "derive_seed",
+    "drive",
     "fence_closed",
     "find_code_block",
     "rollout",
@@ -61,4 +70,5 @@ __all__ = [
     "rollout_turn_sync",
     "run_sync",
     "sample_seed",
+    "trajectory_runs",
 ]

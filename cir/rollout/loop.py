@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from cir.engines.base import Completion, SamplingParams, evaluates_stop_rule, stop_rule_strings
+from cir.engines.base import ABORTED, Completion, SamplingParams, evaluates_stop_rule, stop_rule_strings
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import _decode, _encode, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, fence_closed, find_code_block
@@ -49,6 +49,15 @@ class _TrajectoryRun:
     token where the block closes (a stand-in string split across two calls) is cut at that
     token, so the segment ends exactly where the exact rule would have stopped: greedy
     trajectories are the same either way.
+
+    A paused engine (`Engine.pause`) returns what a request had sampled so far, finish_reason
+    "aborted": the tokens are kept and the next call continues the segment, like a false stop,
+    with the next turn's seed. The continuation's stop condition must see the whole segment (a
+    block may have opened before the cut), and an engine's stop rule sees only its own request's
+    text: so the rest of a cut segment is requested with the stand-in stop strings and the fence
+    decided over the whole segment, as with an engine that does not evaluate the rule.
+    `version()` (default 0) is read as each request is made: the policy version its tokens are
+    sampled under (`Trajectory.versions`).
     """
 
     def __init__(
@@ -63,6 +72,8 @@ class _TrajectoryRun:
         stop_ids,
         max_response_tokens: int,
         exact_stop_rule: bool = True,
+        position: int = -1,
+        version: Callable[[], int] | None = None,
     ):
         self.tokenizer = tokenizer
         self.exact_stop_rule = exact_stop_rule
@@ -72,7 +83,12 @@ class _TrajectoryRun:
         self.max_response_tokens = max_response_tokens
         self.seed = seed
         self.stop_ids = stop_ids
-        self.trajectory = Trajectory(prompt_ids=[int(t) for t in prompt_ids], problem_id=problem_id, group=group)
+        self.trajectory = Trajectory(
+            prompt_ids=[int(t) for t in prompt_ids], problem_id=problem_id, group=group, position=position
+        )
+        self._version = version
+        self._request_version = 0  # the policy version of the request in flight
+        self._segment_cut = False  # the current segment was cut by a pause
         self.turn = 0  # generate calls so far (continuations after a false stop included)
         self.segment_start = 0  # where the current segment starts in response_ids
         self.executions = 0
@@ -103,11 +119,17 @@ class _TrajectoryRun:
             seed=derive_seed(self.seed, self.turn),
             stop_token_ids=self.stop_ids,
         )
-        if self.exact_stop_rule:
+        self._request_version = self._version() if self._version is not None else 0
+        if self._exact:
             params = replace(params, stop_rule=PYTHON_BLOCK_CLOSED)
         else:
             params = replace(params, stop_strings=stop_rule_strings(PYTHON_BLOCK_CLOSED))
         return self.trajectory.prompt_ids + self.trajectory.response_ids, params
+
+    @property
+    def _exact(self) -> bool:
+        """Whether the engine's stop rule decides the fence for this segment's next request."""
+        return self.exact_stop_rule and not self._segment_cut
 
     def take_completion(self, completion: Completion) -> str | None:
         traj, cfg = self.trajectory, self.config
@@ -119,13 +141,13 @@ class _TrajectoryRun:
         written = traj.response_ids[self.segment_start :]  # the segment's earlier parts
         segment = _decode(self.tokenizer, written + token_ids)
         block = find_code_block(segment)
-        if block is not None and not self.exact_stop_rule:
+        if block is not None and not self._exact:
             keep = self._tokens_until_closed(written, token_ids)
             if keep < len(token_ids):
                 token_ids, logprobs = token_ids[:keep], logprobs[:keep]
                 segment = _decode(self.tokenizer, written + token_ids)
                 block = find_code_block(segment)
-        traj.append(token_ids, logprobs, trainable=True)
+        traj.append(token_ids, logprobs, trainable=True, version=self._request_version)
         span = (self.segment_start, len(traj.response_ids))
         self.turn += 1
         if block is None:
@@ -133,6 +155,8 @@ class _TrajectoryRun:
                 self._finish("eos")
             elif completion.finish_reason in ("stop_string", "stop_rule") and self.remaining > 0:
                 pass  # a false stop (e.g. on the opening fence): the next call continues the segment
+            elif completion.finish_reason == ABORTED and self.remaining > 0:
+                self._segment_cut = True  # paused: the next call continues the segment
             else:
                 self._finish("length")
             return None
@@ -200,8 +224,9 @@ class _TrajectoryRun:
             max_tokens=limit,
             marker=cfg.truncation_marker,
         )
-        fb_span = self.trajectory.append(fb.ids, None, trainable=False)
+        fb_span = self.trajectory.append(fb.ids, None, trainable=False, version=self._request_version)
         self.segment_start = fb_span[1]
+        self._segment_cut = False
         self.trajectory.tool_calls.append(
             ToolCall(
                 code=code,
@@ -247,9 +272,11 @@ def _report(progress: Progress | None, trajectory: Trajectory) -> None:
         progress(trajectory)
 
 
-def _make_runs(engine, prompts, config, seeds, problem_ids, groups) -> list[_TrajectoryRun]:
+def _make_runs(
+    engine, prompts, config, seeds, problem_ids, groups, positions=None, version=None
+) -> list[_TrajectoryRun]:
     n = len(prompts)
-    for name, values in (("seeds", seeds), ("problem_ids", problem_ids), ("groups", groups)):
+    for name, values in (("seeds", seeds), ("problem_ids", problem_ids), ("groups", groups), ("positions", positions)):
         if values is not None and len(values) != n:
             raise ValueError(f"{len(values)} {name} for {n} prompts")
     tokenizer = engine.tokenizer
@@ -278,6 +305,8 @@ def _make_runs(engine, prompts, config, seeds, problem_ids, groups) -> list[_Tra
                 stop_ids=stop_ids,
                 max_response_tokens=limit,
                 exact_stop_rule=exact_stop_rule,
+                position=-1 if positions is None else int(positions[i]),
+                version=version,
             )
         )
     return runs
@@ -287,9 +316,13 @@ def _make_runs(engine, prompts, config, seeds, problem_ids, groups) -> list[_Tra
 # Schedules
 
 
-async def _drive(engine, sandbox, run: _TrajectoryRun) -> Trajectory:
+async def _drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
+    """Run one trajectory to its end. `gate`: awaited before each generate call (an asynchronous
+    collector holds new requests there while it updates the weights)."""
     try:
         while not run.done:
+            if gate is not None:
+                await gate()
             ids, params = run.next_request()
             code = run.take_completion(await engine.generate(ids, params))
             if code is not None:
@@ -297,6 +330,27 @@ async def _drive(engine, sandbox, run: _TrajectoryRun) -> Trajectory:
     finally:
         _close_session(sandbox, run)
     return run.trajectory
+
+
+def trajectory_runs(
+    engine,
+    prompts: Sequence[Sequence[int]],
+    config: RolloutConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    problem_ids: Sequence[str] | None = None,
+    groups: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    version: Callable[[], int] | None = None,
+) -> list[_TrajectoryRun]:
+    """One not-yet-started run per prompt, for a caller that schedules them itself (the
+    asynchronous collector) with `drive`; `version()` is read as each generate call is made."""
+    return _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions, version)
+
+
+async def drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
+    """Run one of `trajectory_runs` to its end, awaiting `gate()` before each generate call."""
+    return await _drive(engine, sandbox, run, gate)
 
 
 async def rollout_one(
@@ -323,13 +377,14 @@ async def rollout_async(
     problem_ids: Sequence[str] | None = None,
     groups: Sequence[int] | None = None,
     progress: Progress | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """All trajectories as independent coroutines; results in the order of `prompts`.
 
     A trajectory waiting on the sandbox never stalls the others: their generate requests
     stay in flight and the engine keeps batching them.
     """
-    runs = _make_runs(engine, prompts, config, seeds, problem_ids, groups)
+    runs = _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions)
 
     async def one(run: _TrajectoryRun) -> Trajectory:
         trajectory = await _drive(engine, sandbox, run)
@@ -348,11 +403,12 @@ async def rollout_turn_sync(
     problem_ids: Sequence[str] | None = None,
     groups: Sequence[int] | None = None,
     progress: Progress | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """The turn-synchronous baseline: every live trajectory generates one turn (batched),
     then all closed blocks execute (in parallel), then the next turn starts. Everyone waits
     for the slowest generation and the slowest execution of every turn."""
-    runs = _make_runs(engine, prompts, config, seeds, problem_ids, groups)
+    runs = _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions)
     try:
         active = list(runs)
         while active:
@@ -412,15 +468,25 @@ def rollout(
     problem_ids: Sequence[str] | None = None,
     groups: Sequence[int] | None = None,
     progress: Progress | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Synchronous entry point: mode "async" (per-trajectory) or "turn_sync" (the baseline).
 
-    `problem_ids[i]` and `groups[i]` (default: i) are written into trajectory i when it is
-    created: which problem it answers and which group of samples its advantage is taken in.
+    `problem_ids[i]`, `groups[i]` (default: i) and `positions[i]` (default: -1) are written into
+    trajectory i when it is created: which problem it answers, which group of samples its
+    advantage is taken in, and where it sits in the step's global list.
     """
     if mode not in _MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; known: {', '.join(_MODES)}")
     coro = _MODES[mode](
-        engine, sandbox, prompts, config, seeds=seeds, problem_ids=problem_ids, groups=groups, progress=progress
+        engine,
+        sandbox,
+        prompts,
+        config,
+        seeds=seeds,
+        problem_ids=problem_ids,
+        groups=groups,
+        progress=progress,
+        positions=positions,
     )
     return run_sync(coro)

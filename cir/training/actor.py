@@ -245,10 +245,13 @@ class Actor:
     @torch.no_grad()
     def _fixed_logprobs(self, batch: TrainBatch, on_policy: bool) -> tuple[list[list[FixedLogprobs]], FixedLogprobs]:
         """The fixed log-probs of every micro-batch, by mini-batch as `batch.mini_batches` holds
-        them (old: unless on-policy; ref: with a KL term), and the placeholder's."""
+        them (old: unless on-policy, the sampler's when the batch says so; ref: with a KL term),
+        and the placeholder's."""
         impl, temperature = self.algo.logprob_impl, batch.temperature
-        if on_policy and self.ref_policy is None:
-            return [[FixedLogprobs() for _ in mini] for mini in batch.mini_batches], FixedLogprobs()
+        sampler = batch.behaviour == "sampler"
+        if (on_policy or sampler) and self.ref_policy is None:
+            given = iter(FixedLogprobs(mb.sampler_logprobs if sampler else None) for mb in batch.micro_batches)
+            return [[next(given) for _ in mini] for mini in batch.mini_batches], FixedLogprobs()
 
         def of(policy, mb):
             return policy.of(mb, temperature=temperature, with_entropy=False, impl=impl)[0]
@@ -256,7 +259,7 @@ class Actor:
         fixed = []
         for mb in self._passes(batch.micro_batches):
             step = mb if mb is not None else self.placeholder
-            old = None if on_policy else of(self.policy, step)
+            old = None if on_policy else (step.sampler_logprobs if sampler else of(self.policy, step))
             ref = None if self.ref_policy is None else of(self.ref_policy, step)
             if mb is not None:
                 fixed.append(FixedLogprobs(old, ref))
@@ -268,7 +271,8 @@ class Actor:
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
-        on_policy = oc.on_policy  # the old log-probs come from the update's own forward
+        # Strictly on-policy: the old log-probs come from the update's own forward.
+        on_policy = oc.on_policy and batch.behaviour == "current"
         fixed_by_mini, placeholder_fixed = self._fixed_logprobs(batch, on_policy)
 
         def loss_of(mb: MicroBatch, f: FixedLogprobs):

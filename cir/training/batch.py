@@ -183,6 +183,11 @@ class TrainBatch:
     advantages: torch.Tensor  # [n] per trajectory, in the order they were given
     temperature: float
     max_response_tokens: int
+    # The old log-probs of the PPO ratio: "current" (the policy as the update starts, recomputed,
+    # or the update's own forward when strictly on-policy), "sampler" (the sampler's log-probs:
+    # the behaviour policy of tokens sampled under older weights), "decoupled" (recomputed as
+    # "current", with the correction to the sampler that algo.rollout_correction sets).
+    behaviour: str = "current"
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
@@ -205,6 +210,7 @@ def build_train_batch(
     max_response_tokens: int,
     packing: bool = False,
     positions: Sequence[int] | None = None,
+    behaviour: str = "current",
 ) -> TrainBatch:
     """The trajectory at position j of the step's global list goes to mini-batch j % mini_batches
     (`positions`: each trajectory's global position; default 0, 1, ...: this process holds the
@@ -233,4 +239,5 @@ def build_train_batch(
         advantages,
         temperature=temperature,
         max_response_tokens=max_response_tokens,
+        behaviour=behaviour,
     )

@@ -57,6 +57,16 @@ class RunConfig:
     # the actor's (its shards, gradients, optimizer state, activations). See docs/scaling.md.
     engine_memory_fraction: float = 0.5
     rollout_mode: Literal["async", "turn_sync"] = "async"
+    # Where a step's trajectories come from (cir.training.collector): "sync" rolls out each step's
+    # problems under the weights just published and waits for the last one; "async" keeps
+    # trajectories in flight across steps (the next steps' rollouts go on while a step trains)
+    # under a staleness bound of max_staleness policy versions (0: exactly the synchronous
+    # samples). ("collector", not "async": the word is Python's.)
+    collector: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    # Every wait of the asynchronous collector (groups to finish, the engine to pause): beyond it
+    # the run ends with an error naming what waited instead of hanging.
+    async_timeout_s: float = 600.0
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only before and after training
@@ -73,6 +83,10 @@ class RunConfig:
         for name in ("steps", "save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 0 <= self.max_staleness <= 4:
+            raise ConfigError(f"max_staleness={self.max_staleness}: must be in 0..4")
+        if not self.async_timeout_s > 0:
+            raise ConfigError(f"async_timeout_s={self.async_timeout_s}: must be > 0")
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples={self.eval_samples}: must be >= 1")
         if not 0 < self.engine_memory_fraction < 1:
@@ -133,6 +147,15 @@ class TrainConfig:
         problem = attention_precision_problem(self.model.attn_implementation, compute, device)
         if problem is not None:
             raise ConfigError(problem)
+        if self.run.collector == "async":
+            if self.algo.dynamic_sampling:
+                raise ConfigError(
+                    "run.collector=async with algo.dynamic_sampling=true: not supported; use run.collector=sync"
+                )
+            if self.run.rollout_mode != "async":
+                raise ConfigError(
+                    "run.collector=async drives every trajectory on its own: run.rollout_mode must be async"
+                )
 
 
 def check_run_inputs(cfg: TrainConfig) -> None:

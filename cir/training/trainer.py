@@ -3,17 +3,19 @@
 One step (`Trainer.step`):
 
     stage      = schedule.at(step)                            # tool budget, response length
-    collected  = collect(stage)                               # sample problems, roll out, score
+    collected  = collector.collect(step, stage)               # problems, rollouts, rewards
                                                               # (dynamic sampling refills here;
                                                               # the machine's faults are left out)
     advantages = compute_advantages(rewards, groups)          # group baseline, global whitening
     batch      = build_train_batch(trajectories, advantages)  # the one hand-off to tensors
-    metrics    = actor.update(batch)                          # masked clipped loss, optimizer
-    sync_weights(actor, engine)                               # new weights to the engine
+    with collector.update_window():                           # the engine idle (asleep)
+        metrics = actor.update(batch)                         # masked clipped loss, optimizer
+    collector.publish(actor)                                  # new weights to the engine
     metrics   -> JSONL / TensorBoard / wandb
 
-Each line calls into the module that owns it: `cir.rollout`, `cir.rewards`, `cir.algorithms`,
-`cir.training.batch`, `cir.training.actor`, `cir.metrics`. The trainer names no concrete engine
+Each line calls into the module that owns it: `cir.training.collector` (which drives
+`cir.rollout` and `cir.rewards`), `cir.algorithms`, `cir.training.batch`, `cir.training.actor`,
+`cir.metrics`. The trainer names no concrete engine
 (`cir.engines.make_engine`) and no task (`cir.tasks`). Everything needed to continue exactly is
 checkpointed (`cir.training.checkpoint`); `--resume` continues from the newest checkpoint.
 """
@@ -24,16 +26,16 @@ import contextlib
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informative_groups, missing_groups
+from cir.algorithms import Schedule, compute_advantages
 from cir.config_loader import ConfigError, dump_yaml, to_dict
-from cir.data import DatasetError, Problem, ProblemSampler, drop_or_refuse_overlong, load_problem_set
+from cir.data import DatasetError, Problem, drop_or_refuse_overlong, load_problem_set
 from cir.distributed import DistributedContext
 from cir.engines.factory import engine_dtype, make_engine
 from cir.metrics import (
@@ -47,32 +49,19 @@ from cir.metrics import (
 )
 from cir.models import load_policy
 from cir.prompts import get_prompt, prompt_token_ids
-from cir.rewards import RewardResult, grader_counters, score_trajectories
-from cir.rollout import rollout, sample_seed
+from cir.rewards import grader_counters
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
-from cir.training.actor import Actor, sync_weights
+from cir.training.actor import Actor
+from cir.training.async_collector import AsyncCollector
 from cir.training.batch import build_train_batch
+from cir.training.collector import SyncCollector
 from cir.training.config import check_run_inputs
-from cir.training.faults import Exclusion, FaultWatch, count_groups, counter_delta, fault_survivors, first_groups
+from cir.training.faults import FaultWatch, counter_delta
 from cir.training.stop import StopRequest
-from cir.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from cir.training.config import TrainConfig
-
-
-@dataclass
-class Collected:
-    """One step's rollouts: every trajectory with its reward, and the ones that are trained on."""
-
-    trajectories: list[Trajectory]
-    rewards: list[RewardResult]
-    trained: list[Trajectory]
-    trained_rewards: list[RewardResult]
-    trained_positions: list[int]  # each trained trajectory's position in the step's global list
-    reward_seconds: float
-    excluded: Exclusion  # what faults left out of the loss (`cir.training.faults`)
 
 
 def _log(msg: str) -> None:
@@ -175,19 +164,28 @@ class Trainer:
             model,
             self.tokenizer,
             oc,
-            cfg.algo,
+            _actor_algo(cfg),
             total_optimizer_steps=cfg.run.steps * oc.ppo_epochs * oc.mini_batches,
             sharding=cfg.sharding,
             dist=self.dist,
             reference=reference,
         )
-        self.sampler = ProblemSampler(self.train_problems, batch_size=cfg.algo.prompts_per_step, seed=cfg.run.seed)
         self.schedule = Schedule.from_config(cfg.schedule, cfg.rollout.tool_budget, cfg.rollout.max_response_tokens)
         self.step_count = 0
+        self.sandbox = Sandbox.from_config(cfg.sandbox)
+        collector = AsyncCollector if cfg.run.collector == "async" else SyncCollector
+        self.collector = collector(
+            cfg,
+            engine=self.engine,
+            sandbox=self.sandbox,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            problems=self.train_problems,
+            dist=self.dist,
+            device=self.device,
+        )
         if resume_from is not None:
             self._load_state(resume_from)
-
-        self.sandbox = Sandbox.from_config(cfg.sandbox)
         sc = cfg.sandbox
         self.fault_watch = FaultWatch(
             warn_share=sc.fault_warn_share, stop_share=sc.fault_stop_share, stop_steps=sc.fault_stop_steps
@@ -264,7 +262,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the run (every rank takes part; rank 0 writes)."""
-        extra = {"sampler": self.sampler.state_dict()}
+        extra = self.collector.state_dict()
         return ckpt.save_checkpoint(
             self.out_dir, self.step_count, self.actor, self.dist, extra=extra, keep=self.cfg.run.keep_checkpoints
         )
@@ -273,7 +271,7 @@ class Trainer:
         state = ckpt.load_trainer_state(path)
         self.step_count = int(state["step"])
         self.actor.load_sharded_state(path / ckpt.OPTIMIZER_DIR, state)
-        self.sampler.load_state_dict(state["extra"]["sampler"])
+        self.collector.load_state_dict(state["extra"])
         ckpt.restore_rng(state, self.dist)
 
     # -- one RL step -----------------------------------------------------------------------------
@@ -281,15 +279,15 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg, stage = self.cfg, self.schedule.at(self.step_count)
         t_start = time.perf_counter()
-        collected = self.collect(stage)
+        collected = self.collector.collect(self.step_count, stage)
         sandbox_step, grader_step = self._fault_counters()
         t_rollout = time.perf_counter() - t_start - collected.reward_seconds
 
         t0 = time.perf_counter()
-        trained = collected.trained
+        trained = [s.trajectory for s in collected.trained]
         advantages = compute_advantages(
             cfg.algo.advantage,
-            torch.tensor([r.reward for r in collected.trained_rewards], dtype=torch.float32),
+            torch.tensor([s.reward.reward for s in collected.trained], dtype=torch.float32),
             torch.tensor([t.group for t in trained], dtype=torch.long),
             num_tokens=torch.tensor([t.num_model_tokens for t in trained]),
             dist=self.dist,
@@ -302,21 +300,17 @@ class Trainer:
             mini_batches=cfg.optim.mini_batches,
             micro_batch_tokens=cfg.optim.micro_batch_tokens,
             packing=cfg.optim.packing,
-            positions=collected.trained_positions,
+            positions=[s.position for s in collected.trained],
+            behaviour=_behaviour(cfg),
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             max_response_tokens=stage.max_response_tokens,
         )
         (trained_anywhere,) = self.dist.sum_floats([len(trained)])
-        self.engine.sleep()  # the engine's memory (a GPU's KV cache) is the update's meanwhile
-        update_metrics = self.actor.update(batch) if trained_anywhere else {}
-        if self.device.type == "cuda":
-            # What the update freed is still cached by PyTorch; hand it back to the driver so the
-            # engine's weights and KV cache (sized as a share of the whole GPU) fit again.
-            torch.cuda.empty_cache()
-        self.engine.wake()
+        with self.collector.update_window():
+            update_metrics = self.actor.update(batch) if trained_anywhere else {}
         t_update = time.perf_counter() - t0
 
-        sync_weights(self.actor, self.engine)
+        self.collector.publish(self.actor)
         self.step_count += 1
         times = {
             "rollout": t_rollout,
@@ -329,14 +323,14 @@ class Trainer:
             collected.rewards,
             trained=len(trained),
             stage=stage,
-            epoch=self.sampler.epoch,
+            epoch=self.collector.epoch,
             times=times,
             dist=self.dist,
             grader=grader_step,
             sandbox=sandbox_step,
             excluded=collected.excluded,
         )
-        return {**metrics, **update_metrics}
+        return {**metrics, **(collected.metrics or {}), **update_metrics}
 
     def _fault_counters(self):
         """The sandbox's and the grader's counts (retries, restarts, faults) since the last step's:
@@ -344,96 +338,6 @@ class Trainer:
         sandbox, grader = self.sandbox.counters(), grader_counters()
         seen, self._counters_seen = self._counters_seen, (sandbox, grader)
         return counter_delta(seen[0], sandbox), grader - seen[1]
-
-    def collect(self, stage) -> Collected:
-        """Roll out this rank's share of the step's problems and score them. With dynamic
-        sampling, groups whose rewards are all equal are dropped and the batch is refilled from
-        the next problems, for at most `algo.max_refill_rounds` more rounds; then the step keeps
-        the first `algo.prompts_per_step` informative groups in global order (`groups_to_keep`).
-        Trajectories with a faulted reward, and groups left with too few survivors, are never
-        trained on (`cir.training.faults.fault_survivors`)."""
-        algo = self.cfg.algo
-        rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
-        problems = self.sampler.next_batch()
-        everything, rewards, t_reward, excluded = [], [], 0.0, Exclusion()
-        kept_by_round: list[list[tuple[Trajectory, RewardResult]]] = []
-        for round_ in range(rounds):
-            batch = self.rollout_problems(problems, stage, salt=round_)
-            t0 = time.perf_counter()
-            answers = {self._group(round_, i): p.answer for i, p in enumerate(problems)}
-            scored = score_trajectories(
-                batch, [answers[t.group] for t in batch], self.tokenizer, self.cfg.reward, stage.max_response_tokens
-            )
-            t_reward += time.perf_counter() - t0
-            everything += batch
-            rewards += scored
-            survivors, lost = fault_survivors([r.fault is not None for r in scored], [t.group for t in batch])
-            excluded += lost
-            batch, scored = [batch[i] for i in survivors], [scored[i] for i in survivors]
-            if not algo.dynamic_sampling:
-                first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
-                positions = [first + i for i in survivors]
-                return Collected(everything, rewards, batch, scored, positions, t_reward, excluded)
-            keep = informative_groups(
-                torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
-            ).tolist()
-            kept_by_round.append([(t, r) for t, r, k in zip(batch, scored, keep) if k])
-            found = sum(count_groups([t.group for t, _ in kept]) for kept in kept_by_round)
-            missing = missing_groups(found, algo.prompts_per_step, self.dist)
-            if missing <= 0:
-                break
-            problems = self.sampler.take(missing)
-        keep, first = self._groups_to_keep([count_groups([t.group for t, _ in kept]) for kept in kept_by_round])
-        trained, positions = [], []
-        for kept, n, index in zip(kept_by_round, keep, first):
-            count, slots = first_groups([t.group for t, _ in kept], n, index, algo.group_size)
-            trained += kept[:count]
-            positions += slots
-        return Collected(
-            everything, rewards, [t for t, _ in trained], [r for _, r in trained], positions, t_reward, excluded
-        )
-
-    def _groups_to_keep(self, my_counts: list[int]) -> tuple[list[int], list[int]]:
-        """This rank's share of the step's informative groups per refill round, and where they go
-        in the global list (see `cir.algorithms.groups_to_keep`); every rank's counts come from one
-        sum over ranks."""
-        grid = torch.zeros(self.dist.world_size, len(my_counts), dtype=torch.float64)
-        grid[self.dist.rank] = torch.tensor(my_counts, dtype=torch.float64)
-        counts = self.dist.all_reduce_sum(grid).long().tolist()
-        return groups_to_keep(counts, self.cfg.algo.prompts_per_step, self.dist.rank)
-
-    @staticmethod
-    def _group(round_: int, position: int) -> int:
-        """The group id of the problem at global `position` of refill round `round_`."""
-        return round_ * 1_000_000 + position
-
-    def rollout_problems(self, problems: list[Problem], stage, salt: int = 0) -> list[Trajectory]:
-        """`group_size` trajectories for each of this rank's share of `problems`. Seeds are a pure
-        function of (run seed, step, round, global position, sample), so neither a resumed run
-        nor the number of ranks changes what is sampled."""
-        cfg = self.cfg
-        g = cfg.algo.group_size
-        rollout_cfg = replace(cfg.rollout, tool_budget=stage.tool_budget, max_response_tokens=stage.max_response_tokens)
-        start, end = self.dist.shard_bounds(len(problems))
-        prompts, seeds, ids, groups = [], [], [], []
-        for i in range(start, end):
-            p = problems[i]
-            ids_i = prompt_token_ids(self.template, p.problem, self.tokenizer)
-            for j in range(g):
-                prompts.append(ids_i)
-                seeds.append(sample_seed(cfg.run.seed, self.step_count, salt, i, j))
-                ids.append(p.id)
-                groups.append(self._group(salt, i))
-        return rollout(
-            self.engine,
-            self.sandbox,
-            prompts,
-            rollout_cfg,
-            mode=cfg.run.rollout_mode,
-            seeds=seeds,
-            problem_ids=ids,
-            groups=groups,
-        )
 
     # -- evaluation and the loop ----------------------------------------------------------------
 
@@ -529,6 +433,9 @@ class Trainer:
 
     def _finish(self, before: dict | None, last: dict) -> dict:
         after = None
+        # Rollouts still in flight (asynchronous collector) will not be trained in this run: stop
+        # them before the held-out evaluation (the checkpoint lists them for a resumed run).
+        self.collector.close()
         if self.eval_sets:
             after = self.evaluate()
             self.logger.log(self.step_count, after)
@@ -580,7 +487,7 @@ class Trainer:
             )
 
     def close(self) -> None:
-        for name in ("engine", "sandbox"):
+        for name in ("collector", "engine", "sandbox"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
@@ -592,6 +499,21 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _behaviour(cfg) -> str:
+    """The old log-probs of the PPO ratio (`TrainBatch.behaviour`): the synchronous collector's
+    tokens come from the policy the update starts from; the asynchronous one's may be older."""
+    return "current" if cfg.run.collector == "sync" else cfg.algo.off_policy_loss
+
+
+def _actor_algo(cfg):
+    """`cfg.algo`, with decoupled PPO's truncation of the proximal/sampler ratio ("token_tis"
+    unless `algo.rollout_correction` names another mode)."""
+    algo = cfg.algo
+    if _behaviour(cfg) == "decoupled" and algo.rollout_correction == "none":
+        algo = replace(algo, rollout_correction="token_tis")
+    return algo
 
 
 def _dtype_name(model) -> str:
