@@ -93,17 +93,17 @@ def interpreter_gone(interp: Interpreter, sb: Sandbox):
 def _record(trainer: Trainer):
     """What each step collected and the batch each update got."""
     seen: dict[str, list] = {"collected": [], "batches": []}
-    collect, update = trainer.collect, trainer.actor.update
+    collect, update = trainer.collector.collect, trainer.actor.update
 
-    def collect_and_keep(stage):
-        seen["collected"].append(collect(stage))
+    def collect_and_keep(step, stage):
+        seen["collected"].append(collect(step, stage))
         return seen["collected"][-1]
 
     def update_and_keep(batch):
         seen["batches"].append(batch)
         return update(batch)
 
-    trainer.collect, trainer.actor.update = collect_and_keep, update_and_keep
+    trainer.collector.collect, trainer.actor.update = collect_and_keep, update_and_keep
     return seen
 
 
@@ -144,7 +144,7 @@ def test_training_goes_on_without_the_faulted_trajectories(tmp_path, warm_model_
     assert hit - dropped and dropped, (len(hit), len(dropped))  # both cases happen in this step
     # What reached the loss: survivors only, whole survivor sets of groups not dropped, with the
     # advantages of those trajectories alone (the faulted ones are in no group's baseline).
-    trained = collected.trained
+    trained = [s.trajectory for s in collected.trained]
     assert trained and not any(t.sandbox_fault for t in trained)
     assert sorted(_batch_sequences(batch)) == sorted(tuple(t.response_ids) for t in trained)
     trained_groups = {t.group for t in trained}
@@ -155,7 +155,7 @@ def test_training_goes_on_without_the_faulted_trajectories(tmp_path, warm_model_
         assert trained_groups == set(members) - dropped
     want = compute_advantages(
         cfg.algo.advantage,
-        torch.tensor([r.reward for r in collected.trained_rewards]),
+        torch.tensor([s.reward.reward for s in collected.trained]),
         torch.tensor([t.group for t in trained]),
         num_tokens=torch.tensor([t.num_model_tokens for t in trained]),
     )
@@ -237,8 +237,8 @@ def test_a_grader_that_cannot_decide_is_left_out_of_the_loss(tmp_path, warm_mode
     faulted = [(t, r) for t, r in zip(collected.trajectories, collected.rewards) if r.fault is not None]
     assert faulted and all(r.fault == "grader_timeout" and r.reward == 0.0 for _, r in faulted)
     assert {t.problem_id for t, _ in faulted} == {"train-1"}
-    assert not {id(t) for t, _ in faulted} & {id(t) for t in collected.trained}
-    assert sorted(_batch_sequences(batch)) == sorted(tuple(t.response_ids) for t in collected.trained)
+    assert not {id(t) for t, _ in faulted} & {id(s.trajectory) for s in collected.trained}
+    assert sorted(_batch_sequences(batch)) == sorted(tuple(s.trajectory.response_ids) for s in collected.trained)
     assert m["fault/grader_trajectories"] == len(faulted) and m["fault/sandbox_trajectories"] == 0
     assert (m["grader/timeouts"], m["grader/retries"]) == (len(faulted), 2 * len(faulted))
     assert m["fault/excluded_trajectories"] >= len(faulted)

@@ -54,10 +54,10 @@ import torch
 from cir.data import Problem
 from cir.prompts import prompt_token_ids
 from cir.rewards import score_trajectories
-from cir.training.faults import fault_survivors
 from cir.rollout import drive, sample_seed, trajectory_runs
 from cir.training.actor import sync_weights
 from cir.training.collector import Collected, Sample, SyncCollector, stage_rollout_config
+from cir.training.faults import fault_survivors
 from cir.trajectory import Trajectory
 
 
