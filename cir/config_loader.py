@@ -9,6 +9,13 @@ applies the overrides (dotted paths into nested dataclasses; values parsed as YA
 so ``true``, ``1e-6``, ``[1, 2]`` and ``null`` work) and checks every key and type, naming the
 offending key on error. ``to_dict`` / ``dump_yaml`` give the resolved config back, which the
 trainer prints at start and saves beside the run.
+
+Open sections. A `dict` field whose metadata holds ``{SECTIONS: registry}`` (registry: name ->
+dataclass, filled in at run time) holds one typed section per registered name, read and
+written as top-level keys of its dataclass: the run's config keeps the sections tasks register
+there (``demo:`` in YAML, ``demo.num_heads=2`` as an override).
+
+This module imports nothing heavy (yaml only): a config loads and fails in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -26,6 +34,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+# Field metadata key of an open section field (see the module docstring).
+SECTIONS = "cir.sections"
+
+
+def _open_field(cls: type) -> dataclasses.Field | None:
+    return next((f for f in dataclasses.fields(cls) if SECTIONS in f.metadata), None)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -106,12 +122,22 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    open_field = _open_field(cls)
+    sections: dict[str, type] = {}
+    if open_field is not None:
+        fields.pop(open_field.name)  # its sections are the keys, not its own name
+        sections = open_field.metadata[SECTIONS]
+    unknown = sorted(set(data) - set(fields) - set(sections))
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known under {prefix or 'top level'}: {', '.join(sorted(fields))}"
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known under {prefix or 'top level'}: {', '.join(sorted([*fields, *sections]))}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items() if k in fields}
+    if open_field is not None:
+        kwargs[open_field.name] = {
+            name: _coerce(data[name], section, prefix + name) if name in data else section()
+            for name, section in sections.items()
+        }
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -123,7 +149,14 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if SECTIONS in f.metadata:
+                out.update({name: to_dict(section) for name, section in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -165,9 +198,14 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
 
 
 def load(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: T | None = None
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: T | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> T:
-    """Load `cls` from `base` (or the class defaults), then a YAML file, then overrides."""
+    """Load `cls` from `base` (or the class defaults), then a YAML file, then `values` (dotted
+    key -> value, e.g. a command's flags), then ``key=value`` overrides."""
     data: dict = to_dict(base) if base is not None else to_dict(cls())
     if path is not None:
         p = Path(path)
@@ -180,6 +218,8 @@ def load(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         _merge(data, loaded)
+    for key, value in (values or {}).items():
+        _set_path(data, key.split("."), value)
     for item in overrides:
         keys, value = parse_override(item)
         _set_path(data, keys, value)

@@ -3,7 +3,9 @@
 `load_problems` reads a JSONL / JSON / parquet file, a directory of them, a bundled benchmark
 by short name (``aime24``, ``math500``, ...), or a Hugging Face dataset, and turns every row
 into a `Problem` with one reference answer. A row that cannot be used fails at load time with
-the file, the line and what is wrong, never later inside a training step.
+the file, the line and what is wrong, never later inside a training step. `load_problem_set`
+also knows the problem sets made by code (`register_problem_set`: the demo task registers
+``demo``).
 
 `ProblemSampler` walks the problems in a reshuffled order each epoch; its position is two
 integers, so a resumed run draws exactly the batches the uninterrupted run would have.
@@ -19,6 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,8 @@ import numpy as np
 
 from cir.rewards.answers import extract_boxed
 
-# Bundled evaluation sets: short name -> file name in the benchmark directory.
+# Bundled evaluation sets: short name -> file name in the benchmark directory. The files ship
+# inside the package (cir/benchmarks, with a README on where they come from).
 BENCHMARKS: dict[str, str] = {
     "aime24": "aime24.jsonl",
     "aime25": "aime25.jsonl",
@@ -53,7 +57,7 @@ class DataConfig:
     """`data.*`: where the problems come from and how they are shown to the model."""
 
     # A .jsonl/.json file, a folder, a benchmark short name (aime24, math500, ...), a Hugging
-    # Face dataset name, or a built-in task's name ("demo": the arithmetic task).
+    # Face dataset name, or a registered problem set's name ("demo": the demo task's arithmetic).
     train: str = "demo"
     eval: list[str] = field(default_factory=lambda: ["demo"])
     eval_limit: int | None = None  # at most this many problems per eval set
@@ -67,24 +71,48 @@ class DataConfig:
     drop_overlong: bool = False
 
 
-def load_problem_set(spec: str, *, split: str, cfg, limit: int | None = None) -> list[Problem]:
-    """`load_problems` for the run `cfg` (a TrainConfig), where `spec` may also name a built-in
-    task (`cir.tasks`). Any failure is a `DatasetError` whose message starts with `spec`."""
-    from cir.tasks import get_task
+# ---------------------------------------------------------------------------------------------
+# Problem sets made by code (a task registers its own)
 
-    dc = cfg.data
-    task = get_task(spec)
+
+# (split, *, seed, options) -> problems; see `register_problem_set`.
+ProblemSetFn = Callable[..., list["Problem"]]
+_PROBLEM_SETS: dict[str, ProblemSetFn] = {}
+
+
+def register_problem_set(name: str, load: ProblemSetFn, *, overwrite: bool = False) -> None:
+    """Make `data.train=name` / `data.eval=[name]` call `load(split, seed=..., options=...)`:
+    `split` is "train" or "test", `seed` the run's seed, `options` the config section registered
+    under the same name (None if none)."""
+    if name in _PROBLEM_SETS and not overwrite:
+        raise ValueError(f"a problem set named {name!r} is already registered (pass overwrite=True)")
+    _PROBLEM_SETS[name] = load
+
+
+def load_problem_set(
+    spec: str,
+    *,
+    split: str,
+    limit: int | None = None,
+    seed: int = 0,
+    options: Any = None,
+    benchmark_dir: str | os.PathLike | None = None,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+) -> list[Problem]:
+    """`load_problems`, where `spec` may also name a registered problem set (given `seed` and
+    `options`). Any failure is a `DatasetError` whose message starts with `spec`."""
     try:
-        if task is not None:
-            problems = task.problems(cfg, split)
+        if spec in _PROBLEM_SETS:
+            problems = _PROBLEM_SETS[spec](split, seed=seed, options=options)
             return problems if limit is None else problems[:limit]
         return load_problems(
             spec,
             split=split,
             limit=limit,
-            benchmark_dir=dc.benchmark_dir,
-            problem_field=dc.problem_field,
-            answer_field=dc.answer_field,
+            benchmark_dir=benchmark_dir,
+            problem_field=problem_field,
+            answer_field=answer_field,
         )
     except DatasetError:
         raise
@@ -183,7 +211,7 @@ def load_problems(
     * a directory: its data files whose names start with `split` (``train.jsonl``,
       ``test-00000.parquet``), or, when none does, all its data files, in name order;
     * a bundled benchmark's short name (see `BENCHMARKS`), looked up in `benchmark_dir`, else
-      ``$CIR_BENCHMARK_DIR``, else ``shared/data/benchmarks`` beside the repository;
+      ``$CIR_BENCHMARK_DIR``, else in the package (``cir/benchmarks``);
     * otherwise a Hugging Face dataset name (``datasets.load_dataset(spec, hf_config,
       split=split)``; needs ``pip install datasets``).
 
@@ -221,22 +249,24 @@ def benchmark_path(name: str, benchmark_dir: str | os.PathLike | None = None) ->
     """The file of bundled benchmark `name` (see `load_problems` for where it is looked up)."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    candidates: list[Path] = []
     if benchmark_dir is not None:
-        candidates.append(Path(benchmark_dir))
+        directory = Path(benchmark_dir)
     elif os.environ.get(BENCHMARK_DIR_ENV):
-        candidates.append(Path(os.environ[BENCHMARK_DIR_ENV]))
+        directory = Path(os.environ[BENCHMARK_DIR_ENV])
     else:
-        # A source checkout sits next to shared/data/benchmarks (the repository's CI layout).
-        candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks")
-    for directory in candidates:
-        file = directory / BENCHMARKS[name]
-        if file.is_file():
-            return file
-    raise FileNotFoundError(
-        f"benchmark {name!r}: {BENCHMARKS[name]} not found in {', '.join(str(c) for c in candidates)}; "
-        f"pass benchmark_dir= or set {BENCHMARK_DIR_ENV}"
-    )
+        directory = packaged_benchmark_dir()
+    file = directory / BENCHMARKS[name]
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"benchmark {name!r}: {BENCHMARKS[name]} not found in {directory}; "
+            f"pass benchmark_dir= or set {BENCHMARK_DIR_ENV}"
+        )
+    return file
+
+
+def packaged_benchmark_dir() -> Path:
+    """The benchmark files installed with the package."""
+    return Path(str(resources.files("cir") / "benchmarks"))
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -72,22 +72,14 @@ def register_prompt(template: PromptTemplate, *, overwrite: bool = False) -> Pro
 
 
 def get_prompt(name: str) -> PromptTemplate:
-    """The template registered as `name`, or the `PROMPT` of the built-in task `name`."""
-    if name not in _PROMPTS:
-        from cir.tasks import get_task
-
-        task = get_task(name)
-        if task is not None:
-            register_prompt(task.PROMPT)
+    """The template registered as `name` (the built-ins below, a task's, or your own)."""
     if name not in _PROMPTS:
         raise KeyError(f"unknown prompt template {name!r}; registered: {available_prompts()}")
     return _PROMPTS[name]
 
 
 def available_prompts() -> list[str]:
-    from cir.tasks import TASKS
-
-    return sorted(set(_PROMPTS) | set(TASKS))
+    return sorted(_PROMPTS)
 
 
 def _has_chat_template(tokenizer) -> bool:

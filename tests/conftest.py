@@ -26,6 +26,10 @@ if not _HAS_CUDA:
     # the sandbox's worker processes (or other jobs) for the cores.
     torch.set_num_threads(1)
 
+# The built-in tasks (the demo's data, model, prompt and config section) by name, as the `cir`
+# command registers them.
+import cir.tasks  # noqa: E402, F401
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

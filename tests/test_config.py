@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from cir.config_loader import ConfigError, dump_yaml, load, parse_override
@@ -95,3 +100,54 @@ def test_each_value_has_one_default():
     cfg = load_train_config("paper")
     assert cfg.sandbox.preload == list(DEFAULT_PRELOAD) == SandboxConfig().preload
     assert cfg.algo.kl_cap == 10.0
+
+
+def test_a_task_registers_its_parts_and_its_section_reads_and_prints_like_any_other(tmp_path):
+    """What one task module does (here in a fresh process, to leave this one's registries alone):
+    register a problem set, a prompt and a config section; the run then names them, overrides
+    the section, gets the section back as the problem set's options and prints it as a
+    top-level section."""
+    code = textwrap.dedent(
+        """
+        import json
+        from dataclasses import dataclass
+        from cir.config_loader import ConfigError, dump_yaml
+        from cir.data import Problem, register_problem_set
+        from cir.prompts import PromptTemplate, register_prompt
+        from cir.training.config import load_train_config, register_section
+        from cir.training.trainer import load_run_problems
+
+        @dataclass
+        class ToyConfig:
+            problems: int = 2
+
+        def toy_problems(split, *, seed, options):
+            return [Problem(id=f"{split}-{i}", problem=f"{i}+{seed}", answer=str(i + seed), source="toy")
+                    for i in range(options.problems)]
+
+        try:
+            load_train_config(None, ["toy.problems=3"])
+        except ConfigError as e:
+            unknown = str(e)
+        register_problem_set("toy", toy_problems)
+        register_prompt(PromptTemplate("toy", system="", user_format="{problem}="))
+        register_section("toy", ToyConfig)
+        cfg = load_train_config(None, ["data.train=toy", "data.eval=[toy]", "data.prompt=toy", "toy.problems=3", "run.seed=5"])
+        train, held_out = load_run_problems(cfg)
+        print(json.dumps({
+            "unknown": unknown,
+            "section": cfg.sections["toy"].problems,
+            "train": [p.answer for p in train],
+            "held_out": {k: [p.id for p in v] for k, v in held_out.items()},
+            "yaml": dump_yaml(cfg),
+        }))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout)
+    assert "unknown config key(s) toy" in found["unknown"]
+    assert found["section"] == 3
+    assert found["train"] == ["5", "6", "7"]
+    assert found["held_out"] == {"toy": ["test-0", "test-1", "test-2"]}
+    assert found["yaml"].endswith("toy:\n  problems: 3\n")

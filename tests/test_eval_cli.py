@@ -14,6 +14,7 @@ from math import comb
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cir.cli import main
 from cir.data import BENCHMARKS
@@ -210,3 +211,30 @@ def test_an_out_folder_from_other_settings_is_refused_untouched(first_run, model
     assert main(_args(model_dir, first_run, "--tool-budget", "1")) == 2
     assert "its samples were made with tool_budget=4, now 1; use another --out" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()} == before
+
+
+def test_settings_from_a_config_file_are_those_of_the_flags(first_run, model_dir, tmp_path, capsys):
+    # The same settings as `_args`, written as a file: the run they describe is the first one,
+    # so every sample is reused (an --out made with other settings would be refused).
+    settings = {
+        "model": str(model_dir),
+        "benchmark_dir": str(BENCHMARK_DIR),
+        "limit": 5,
+        "samples": SAMPLES,
+        "max_response_tokens": 48,
+        "workers": 2,
+    }
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "out"
+    shutil.copytree(first_run, out)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert f"{name}: reused {5 * SAMPLES} of {5 * SAMPLES} samples" in printed, name
+    reference, again = (json.loads((d / "results.json").read_text()) for d in (first_run, out))
+    assert again["benchmarks"] == reference["benchmarks"]
+    # A flag given beside the file wins over it.
+    assert main(["eval", "--config", str(config), "--out", str(out), "--tool-budget", "1"]) == 2
+    assert "its samples were made with tool_budget=4, now 1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cir.cli import main
-from cir.sandbox.cli import InputError, read_requests
+from cir.cli.sandbox import InputError, read_requests
 
 
 def write(path, lines):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cir.algorithms.advantages import advantage_names
-from cir.algorithms.losses import policy_loss_names
+from cir.algorithms.registry import advantage_names, policy_loss_names
 from cir.config_loader import ConfigError
 
 Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]

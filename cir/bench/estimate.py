@@ -36,7 +36,7 @@ strictly on-policy (`OptimConfig.on_policy`), one for a KL reference.
 
 What the estimator takes from the parts it models instead of restating them: the bytes of a
 dtype from the policy's dtype table (`cir.models.DTYPES`), what `run.engine_dtype: auto` means on
-a GPU (`cir.training.trainer.engine_dtype`), vLLM's start-up rule and its reload's temporary
+a GPU (`cir.engines.factory.engine_dtype`), vLLM's start-up rule and its reload's temporary
 layer (`cir.engines.vllm.engine_start_bytes`, `reload_temporary_bytes`), and the actor's
 on-policy rule (`cir.training.optim.OptimConfig.on_policy`). `cir bench step` measures a step
 beside this model's prediction.
@@ -69,9 +69,9 @@ def dtype_bytes(name: str) -> int:
 
 
 def dtype_names() -> list[str]:
-    from cir.models import DTYPES
+    from cir.models import DTYPE_NAMES
 
-    return sorted(DTYPES)
+    return sorted(DTYPE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -528,13 +528,11 @@ def estimate(
 
 
 def gpu_engine_dtype(name: str) -> str:
-    """`run.engine_dtype` on a GPU, as the trainer resolves it (`cir.training.trainer.engine_dtype`:
+    """`run.engine_dtype` on a GPU, as the trainer resolves it (`cir.engines.factory.engine_dtype`:
     "auto" is bfloat16 there)."""
-    import torch
+    from cir.engines.factory import engine_dtype
 
-    from cir.training.trainer import engine_dtype
-
-    return str(engine_dtype(name, torch.device("cuda"), None)).removeprefix("torch.")
+    return engine_dtype(name, "cuda")
 
 
 def estimate_run(

@@ -85,7 +85,7 @@ def latency_traces(rng: random.Random):
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from cir.engines import ENGINES
+    from cir.engines import engine_names
 
     parser.add_argument(
         "--model",
@@ -122,7 +122,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=8, help="sandbox workers (default 8; sleeping snippets use no CPU)"
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="sandbox time limit per snippet, s (default 5)")
-    parser.add_argument("--engine", choices=ENGINES, default="hf", help="generation engine (default hf)")
+    parser.add_argument("--engine", choices=engine_names(), default="hf", help="generation engine (default hf)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="engine batch size (default 64)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of problems, model init and sampling (default 0)")

@@ -370,10 +370,11 @@ def run_step_bench(args) -> dict:
     engine = None
     engine_dtype = None
     if args.rollout:
+        from cir.engines.factory import engine_dtype as resolve_engine_dtype
         from cir.engines.factory import make_engine
-        from cir.training.trainer import engine_dtype as resolve_engine_dtype
 
-        engine_dtype = resolve_engine_dtype(args.engine_dtype, device, model)
+        policy_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        engine_dtype = getattr(torch, resolve_engine_dtype(args.engine_dtype, device.type, policy_dtype))
         # As the trainer does: the engine takes its copy while the policy is still on the CPU.
         engine = make_engine("hf", model, None, max_batch_size=num, seed=args.seed, device=device, dtype=engine_dtype)
 

@@ -16,7 +16,7 @@ import sys
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "cir.cli.train", "train a policy with code-integrated RL (no arguments: the built-in CPU demo)"),
     (("eval",), "cir.cli.eval", "evaluate a model on math benchmarks with the code interpreter"),
-    (("sandbox", "run"), "cir.sandbox.cli", "run Python snippets from a JSONL file in the sandbox"),
+    (("sandbox", "run"), "cir.cli.sandbox", "run Python snippets from a JSONL file in the sandbox"),
     (("bench", "sandbox"), "cir.bench.sandbox", "sandbox throughput/latency/fidelity vs a process-pool baseline"),
     (("bench", "kernels"), "cir.bench.kernels", "fused log-prob and policy-loss kernels vs torch baselines"),
     (("bench", "rollout"), "cir.bench.rollout", "asynchronous vs turn-synchronous rollout throughput"),

@@ -1,11 +1,14 @@
 """`cir eval`: evaluate a model on math benchmarks with the code interpreter.
 
+Its settings are one typed section, `cir.evaluation.config.EvalConfig`, read from a YAML file
+(`--config FILE`, keys named as the flags with underscores) and the flags (given flags win).
 Benchmarks are run as in the paper by default: MATH500 greedy, the others 16 samples at
 temperature 1. In `--out`: one JSONL of every sample per benchmark (appended as each problem
 finishes), `results.json`, `report.md` and `pass_at_k.png`. Rerunning with the same `--out`
-reuses the samples already there. Bad input (a model folder, a benchmark or a prompt that does
-not exist, a benchmark row without an answer, an `--out` written with other settings) ends
-with one line and exit code 2 before the model is loaded and before anything is written.
+reuses the samples already there. Bad input (a setting out of range, a model folder, a
+benchmark or a prompt that does not exist, an engine that cannot serve the model, a benchmark
+row without an answer, an `--out` written with other settings) ends with one line and exit
+code 2 before the model is loaded and before anything is written.
 """
 
 from __future__ import annotations
@@ -13,20 +16,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from cir.config_loader import ConfigError
-from cir.engines.factory import ENGINES
+import cir.tasks  # noqa: F401  (registers the built-in tasks' prompts)
+from cir.config_loader import ConfigError, load
+from cir.evaluation.config import EvalConfig, benchmark_stem, flag
 
-# The paper's protocol: MATH500 greedy, the others mean over 16 samples at temperature 1.
-PAPER_PROTOCOL = {
-    "math500": (1, 0.0),
-    "aime24": (16, 1.0),
-    "aime25": (16, 1.0),
-    "amc23": (16, 1.0),
-    "olymmath-en-easy": (16, 1.0),
-    "olymmath-en-hard": (16, 1.0),
-}
 SETTINGS_FILE = "eval_settings.json"
 # Settings that change what a sample is: an `--out` written under other values is not reused.
 SAMPLE_SETTINGS = (
@@ -42,17 +38,23 @@ SAMPLE_SETTINGS = (
 
 
 def register(parser) -> None:
+    d = EvalConfig()
     parser.add_argument(
-        "--model", required=True, help="a Hugging Face model directory or a cir checkpoint (…/checkpoints/step_N)"
+        "--config", default=None, metavar="FILE", help="a YAML file of these settings (keys: the flags' names with _)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="a Hugging Face model directory or a cir checkpoint (…/checkpoints/step_N)"
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument(
         "--benchmarks",
-        default="math500,aime24,aime25,amc23,olymmath-en-easy,olymmath-en-hard",
-        help="comma-separated benchmark short names, JSONL paths or HF dataset names",
+        default=None,
+        help=f"comma-separated benchmark short names, JSONL paths or HF dataset names (default: {','.join(d.benchmarks)})",
     )
     parser.add_argument(
-        "--benchmark-dir", default=None, help="folder holding the benchmark JSONL files (default: $CIR_BENCHMARK_DIR)"
+        "--benchmark-dir",
+        default=None,
+        help="folder holding the benchmark JSONL files (default: $CIR_BENCHMARK_DIR, else the package's own)",
     )
     parser.add_argument(
         "--samples", type=int, default=None, help="samples per problem (default: the paper's protocol per benchmark)"
@@ -61,29 +63,51 @@ def register(parser) -> None:
         "--temperature", type=float, default=None, help="sampling temperature (default: the paper's protocol)"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most this many problems per benchmark")
-    parser.add_argument("--prompt", default="cir", help="prompt template name (cir: plain text; cir-chat: chat)")
-    parser.add_argument("--tool-budget", type=int, default=4, help="executions per sample")
-    parser.add_argument("--max-response-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--prompt", default=None, help=f"prompt template name (cir: plain text; cir-chat: chat; default {d.prompt})"
+    )
+    parser.add_argument(
+        "--tool-budget", type=int, default=None, help=f"executions per sample (default {d.tool_budget})"
+    )
+    parser.add_argument("--max-response-tokens", type=int, default=None, help=f"default {d.max_response_tokens}")
     parser.add_argument(
         "--grade-tool-output",
         action="store_true",
+        default=None,
         help="grade the whole response, interpreter output included (default: the model's own text only)",
     )
     parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPU count)")
-    parser.add_argument("--engine", default="hf", choices=ENGINES, help="generation engine")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--max-batch", type=int, default=64, help="engine: most sequences decoded together")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--engine", default=None, help=f"generation engine, a registered name (hf, vllm; default {d.engine})"
+    )
+    parser.add_argument("--device", default=None, help=f"default {d.device}")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help=f"engine: most sequences decoded together (default {d.max_batch})"
+    )
+    parser.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     parser.add_argument("--out", default=None, help="folder for the samples, results.json and the report")
+
+
+def load_eval_config(args) -> EvalConfig:
+    """The settings: the `--config` file (if any), then the flags given."""
+    names = {f.name for f in fields(EvalConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "benchmarks" in values:
+        values["benchmarks"] = [b.strip() for b in values["benchmarks"].split(",") if b.strip()]
+    cfg = load(EvalConfig, args.config, values=values)
+    if cfg.model is None:
+        raise ConfigError(f"{flag('model')}: give the model folder (or `model:` in the --config file)")
+    return cfg
 
 
 def run(args) -> int:
     try:
-        benchmarks = _check_inputs(args)
-        protocols = {name: _protocol(name, args) for name in benchmarks}
-        settings = _settings(args, protocols)
-        out = Path(args.out) if args.out else None
+        cfg = load_eval_config(args)
+        benchmarks = _check_inputs(cfg)
+        protocols = {name: cfg.protocol(name) for name in benchmarks}
+        settings = _settings(cfg, protocols)
+        out = Path(cfg.out) if cfg.out else None
         before = _check_resumable(out, settings) if out else None
     except ConfigError as e:
         print(f"cir eval: {e}", file=sys.stderr)
@@ -91,22 +115,21 @@ def run(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from cir.engines.factory import make_engine_from_folder
+    from cir.engines.factory import engine_dtype, make_engine_from_folder
     from cir.prompts import get_prompt, prompt_token_ids
     from cir.rewards import RewardConfig
     from cir.rollout import RolloutConfig
     from cir.sandbox import Sandbox
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    template = get_prompt(args.prompt)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # The model folder is loaded in float32 unless told otherwise (it has no training dtype here).
+    dtype = getattr(torch, engine_dtype(cfg.dtype, torch.device(device).type, "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    template = get_prompt(cfg.prompt)
     if template.use_chat_template and not getattr(tokenizer, "chat_template", None):
-        print(f"cir eval: note: the tokenizer has no chat template; --prompt {args.prompt} is sent as plain text")
+        print(f"cir eval: note: the tokenizer has no chat template; --prompt {cfg.prompt} is sent as plain text")
     engine = make_engine_from_folder(
-        args.engine, args.model, tokenizer, dtype=dtype, device=device, max_batch_size=args.max_batch, seed=args.seed
+        cfg.engine, cfg.model, tokenizer, dtype=dtype, device=device, max_batch_size=cfg.max_batch, seed=cfg.seed
     )
     with engine:
         try:
@@ -119,11 +142,11 @@ def run(args) -> int:
             # Benchmarks sampled earlier into this folder stay on record (their temperatures).
             earlier = (before or {}).get("benchmarks", {})
             _write_json(out / SETTINGS_FILE, {**settings, "benchmarks": {**earlier, **settings["benchmarks"]}})
-        rollout_cfg = RolloutConfig(max_response_tokens=args.max_response_tokens, tool_budget=args.tool_budget)
-        reward_cfg = RewardConfig(grade_tool_output=args.grade_tool_output)
-        with Sandbox(workers=args.workers or None) as sandbox:
+        rollout_cfg = RolloutConfig(max_response_tokens=cfg.max_response_tokens, tool_budget=cfg.tool_budget)
+        reward_cfg = RewardConfig(grade_tool_output=cfg.grade_tool_output)
+        with Sandbox(workers=cfg.workers or None) as sandbox:
             results = _evaluate_all(
-                args, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out
+                cfg, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out
             )
     from cir.evaluation.report import markdown_report, plot_pass_at_k, terminal_table, write_results_json
 
@@ -137,7 +160,7 @@ def run(args) -> int:
     return 0
 
 
-def _evaluate_all(args, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out):
+def _evaluate_all(cfg, benchmarks, protocols, settings, engine, sandbox, template, rollout_cfg, reward_cfg, out):
     from cir.evaluation import evaluate
     from cir.evaluation.grading import answer_groups
     from cir.evaluation.metrics import breakdowns, overall, summarise
@@ -146,7 +169,7 @@ def _evaluate_all(args, benchmarks, protocols, settings, engine, sandbox, templa
     summaries, seconds, reused_total = {}, {}, 0
     for name, problems in benchmarks.items():
         samples, temperature = protocols[name]
-        store = SamplesFile(out / f"{_stem(name)}.jsonl") if out else None
+        store = SamplesFile(out / f"{benchmark_stem(name)}.jsonl") if out else None
         done = store.rows if store else {}
         t0 = time.perf_counter()
         res = evaluate(
@@ -158,7 +181,7 @@ def _evaluate_all(args, benchmarks, protocols, settings, engine, sandbox, templa
             reward_config=reward_cfg,
             samples=samples,
             temperature=temperature,
-            seed=args.seed,
+            seed=cfg.seed,
             progress=_progress(len(problems) * samples, name),
             done=done,
             on_problem=store.append if store else None,
@@ -192,34 +215,19 @@ def _evaluate_all(args, benchmarks, protocols, settings, engine, sandbox, templa
     }
 
 
-def _protocol(name: str, args) -> tuple[int, float]:
-    samples, temperature = PAPER_PROTOCOL.get(_stem(name), (1, 0.0))
-    samples = args.samples if args.samples is not None else samples
-    temperature = args.temperature if args.temperature is not None else temperature
-    if samples < 1:
-        raise ConfigError(f"--samples {samples}: must be >= 1")
-    if temperature < 0:
-        raise ConfigError(f"--temperature {temperature}: must be >= 0")
-    return samples, temperature
-
-
-def _stem(name: str) -> str:
-    return Path(name).stem if name.lower().endswith((".jsonl", ".json", ".parquet")) else name.replace("/", "__")
-
-
-def _settings(args, protocols: dict) -> dict:
+def _settings(cfg: EvalConfig, protocols: dict) -> dict:
     return {
         # A local folder by its full path, so `./m` and `/abs/m` are the same model on resume.
-        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model),
-        "tokenizer": args.tokenizer,
-        "prompt": args.prompt,
-        "tool_budget": args.tool_budget,
-        "max_response_tokens": args.max_response_tokens,
-        "seed": args.seed,
-        "grade_tool_output": bool(args.grade_tool_output),
-        "engine": args.engine,
+        "model": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else str(cfg.model),
+        "tokenizer": cfg.tokenizer,
+        "prompt": cfg.prompt,
+        "tool_budget": cfg.tool_budget,
+        "max_response_tokens": cfg.max_response_tokens,
+        "seed": cfg.seed,
+        "grade_tool_output": cfg.grade_tool_output,
+        "engine": cfg.engine,
         "benchmarks": {name: {"samples": s, "temperature": t} for name, (s, t) in protocols.items()},
-        "limit": args.limit,
+        "limit": cfg.limit,
     }
 
 
@@ -275,44 +283,41 @@ def _progress(total: int, desc: str):
     return lambda traj: bar.update(1)
 
 
-def _check_inputs(args) -> dict:
-    """The model path, prompt and every benchmark, checked and loaded before the model is."""
+def _check_inputs(cfg: EvalConfig) -> dict:
+    """The model path, prompt, engine and every benchmark, checked and loaded before the model is."""
     from cir.data import BENCHMARKS, DatasetError, load_problems
-    from cir.models import check_model_path
+    from cir.engines.factory import engine_refuses
+    from cir.models import check_model_path, model_architecture
     from cir.prompts import get_prompt
 
-    check_model_path(args.model, key="--model")
-    if args.tokenizer:
-        check_model_path(args.tokenizer, key="--tokenizer")
+    check_model_path(cfg.model, key=flag("model"))
+    if cfg.tokenizer:
+        check_model_path(cfg.tokenizer, key=flag("tokenizer"))
     try:
-        get_prompt(args.prompt)
+        get_prompt(cfg.prompt)
     except KeyError as e:
-        raise ConfigError(f"--prompt {args.prompt}: {e.args[0]}") from None
-    for flag, value, least in (
-        ("--tool-budget", args.tool_budget, 0),
-        ("--max-response-tokens", args.max_response_tokens, 1),
-    ):
-        if value < least:
-            raise ConfigError(f"{flag} {value}: must be >= {least}")
-    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    if not names:
-        raise ConfigError("--benchmarks: no benchmark named")
+        raise ConfigError(f"{flag('prompt')} {cfg.prompt}: {e.args[0]}") from None
+    problem = engine_refuses(cfg.engine, model_architecture(cfg.model))
+    if problem is not None:
+        raise ConfigError(f"{flag('engine')} {cfg.engine} with {flag('model')} {cfg.model}: {problem}")
     benchmarks = {}
-    for name in names:
+    for name in cfg.benchmarks:
         if not Path(name).expanduser().exists() and name not in BENCHMARKS and "/" not in name:
             # Not a file, not a bundled benchmark, and not "org/name": a typo, not a hub dataset.
             raise ConfigError(
-                f"--benchmarks: {name}: unknown benchmark; known: {', '.join(BENCHMARKS)}, "
+                f"{flag('benchmarks')}: {name}: unknown benchmark; known: {', '.join(BENCHMARKS)}, "
                 "or a .jsonl/.json/.parquet file, or a Hugging Face dataset (org/name)"
             )
         try:
-            benchmarks[name] = load_problems(name, split="test", limit=args.limit, benchmark_dir=args.benchmark_dir)
+            benchmarks[name] = load_problems(name, split="test", limit=cfg.limit, benchmark_dir=cfg.benchmark_dir)
         except (DatasetError, OSError, KeyError, ImportError, ValueError) as e:
-            raise ConfigError(f"--benchmarks: {name}: {e}") from None
+            raise ConfigError(f"{flag('benchmarks')}: {name}: {e}") from None
         seen: set[str] = set()
         for problem in benchmarks[name]:
             if problem.id in seen:
                 # Samples are stored and resumed by (problem id, sample).
-                raise ConfigError(f"--benchmarks: {name}: problem id {problem.id!r} appears twice; ids must be unique")
+                raise ConfigError(
+                    f"{flag('benchmarks')}: {name}: problem id {problem.id!r} appears twice; ids must be unique"
+                )
             seen.add(problem.id)
     return benchmarks

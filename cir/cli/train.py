@@ -1,15 +1,24 @@
 """`cir train`: load and check the config, run the trainer, print the before/after table.
 
-Bad input (a config key or value, a missing data file or model folder, a benchmark name)
-ends with one line naming the key and value and exit code 2, before anything heavy starts.
+Bad input (a config key or value, a missing data file or model folder, a benchmark name, an
+engine that cannot serve the model) ends with one line naming the key and value and exit code
+2, before anything heavy starts: loading and checking the config imports neither torch nor
+transformers. `--print-config` writes the resolved config to stdout (`cir train --print-config
+> run.yaml`); everything else the run says goes to stderr.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 
+import cir.tasks  # noqa: F401  (registers the built-in tasks: the demo's data, model, prompt, section)
 from cir.config_loader import ConfigError
+
+# A KEY=VALUE override (`optim.lr=2e-6`), as opposed to a checkpoint path given to --resume.
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 
 
 def register(parser) -> None:
@@ -23,19 +32,29 @@ def register(parser) -> None:
         nargs="?",
         const="latest",
         default=None,
-        help="continue from the newest checkpoint in run.out_dir (or from the given checkpoint folder)",
+        metavar="CKPT",
+        help="continue from the newest checkpoint in run.out_dir (or from the given checkpoint folder; a KEY=VALUE "
+        "after --resume is an override, not a folder)",
     )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML, to stdout) and exit"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. optim.lr=2e-6 algo.group_size=8"
     )
 
 
 def run(args) -> int:
-    from cir.training.config import dump_yaml, load_train_config
+    from cir.training.config import check_run_inputs, dump_yaml, load_train_config
 
+    resume, overrides = _resume_and_overrides(args.resume, args.overrides)
     try:
-        cfg = load_train_config(args.config, args.overrides)
+        cfg = load_train_config(args.config, overrides)
+        if args.print_config:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only (no process group needed)
+                print(dump_yaml(cfg), end="")
+            return 0
+        check_run_inputs(cfg)  # this machine: the run folder, the engine, the model, the prompt
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2
@@ -46,13 +65,11 @@ def run(args) -> int:
     dist = init_distributed(device=cfg.run.device)
     if dist.is_main:
         print(dump_yaml(cfg), file=sys.stderr)
-    if args.print_config:
-        return 0
     from cir.training.trainer import Trainer
 
     t0 = time.perf_counter()
     try:
-        trainer = Trainer(cfg, resume=args.resume or False, dist=dist)
+        trainer = Trainer(cfg, resume=resume or False, dist=dist)
     except ConfigError as e:
         print(f"cir train: {e}", file=sys.stderr)
         return 2
@@ -72,6 +89,15 @@ def run(args) -> int:
         f"{time.perf_counter() - t0:.0f}s in all"
     )
     return 0
+
+
+def _resume_and_overrides(resume: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`--resume` takes the word after it as a checkpoint folder unless that word is a KEY=VALUE
+    override (`cir train --resume optim.lr=1e-6`): then it resumes from the newest checkpoint and
+    the word is the first override."""
+    if resume is not None and _OVERRIDE.match(resume):
+        return "latest", [resume, *overrides]
+    return resume, list(overrides)
 
 
 def categories_of(metrics: dict) -> list[str]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # A text stop condition: called with the decoded text of the completion so far (after each
 # new token); the completion ends at the first token for which it returns True. The token that
@@ -23,15 +24,32 @@ StopPredicate = Callable[[str], bool]
 
 # Stop rules by name, so a request names its rule as plain data that can cross a process
 # boundary; the engine resolves the name where it runs. Values are the predicate itself or
-# "module:attribute", imported on first use.
-_STOP_RULES: dict[str, StopPredicate | str] = {"python_block_closed": "cir.rollout.fences:fence_closed"}
+# "module:attribute", imported on first use. The rollout registers its rule (a python block's
+# closing fence) when it is imported: engines know no rule of their own.
+_STOP_RULES: dict[str, StopPredicate | str] = {}
+
+# Stop strings that stand in for a stop rule at an engine that cannot run the rule's predicate
+# after every token (vLLM). Each rule's strings must be such that the token on which the rule
+# turns true completes one of them; they may also fire earlier (a false stop, e.g. on the
+# opening fence), so the caller checks the rule on what came back and continues if it does not
+# hold yet (see `cir.rollout.loop`).
+_STOP_RULE_STRINGS: dict[str, tuple[str, ...]] = {}
 
 
-def register_stop_rule(name: str, predicate: StopPredicate | str, *, overwrite: bool = False) -> None:
-    """Make `predicate` (or "module:attribute") available to engines as `SamplingParams.stop_rule`."""
+def register_stop_rule(
+    name: str, predicate: StopPredicate | str, *, stand_in: Sequence[str] = (), overwrite: bool = False
+) -> None:
+    """Make `predicate` (or "module:attribute") available to engines as `SamplingParams.stop_rule`.
+
+    `stand_in`: stop strings an engine that cannot run the predicate after every token sends
+    instead (see `stop_rule_strings`)."""
     if name in _STOP_RULES and not overwrite:
         raise ValueError(f"stop rule {name!r} is already registered (pass overwrite=True)")
     _STOP_RULES[name] = predicate
+    if stand_in:
+        _STOP_RULE_STRINGS[name] = tuple(stand_in)
+    else:
+        _STOP_RULE_STRINGS.pop(name, None)
 
 
 def stop_rule(name: str) -> StopPredicate:
@@ -43,14 +61,6 @@ def stop_rule(name: str) -> StopPredicate:
         module, attribute = rule.split(":")
         rule = _STOP_RULES[name] = getattr(importlib.import_module(module), attribute)
     return rule
-
-
-# Stop strings that stand in for a stop rule at an engine that cannot run the rule's predicate
-# after every token (vLLM). Each rule's strings must be such that the token on which the rule
-# turns true completes one of them; they may also fire earlier (a false stop, e.g. on the
-# opening fence), so the caller checks the rule on what came back and continues if it does not
-# hold yet (see `cir.rollout.loop`).
-_STOP_RULE_STRINGS: dict[str, tuple[str, ...]] = {"python_block_closed": ("```",)}
 
 
 def stop_rule_strings(name: str) -> tuple[str, ...]:

@@ -10,8 +10,10 @@ appends them to its JSONL there, so a killed run loses only the problems in flig
 `done` (read back from that JSONL) are not generated again.
 
 `evaluate_sharded` splits the problems over the ranks of a `torchrun` job and gathers the rows
-to rank 0; a sample's seed follows its problem's position in the whole set, so the rows are
-the same whatever the number of ranks.
+to rank 0. A sample's seed is `sample_seed(seed, position, sample)` (`cir.rollout.seeds`, the
+trainer's derivation too): it follows its problem's position in the whole set, so the rows are
+the same whatever the number of ranks, and a resumed run draws the samples an uninterrupted one
+would.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from cir.rewards import (
     model_text,
     reward_info_from_trajectory,
 )
-from cir.rollout import RolloutConfig, rollout
+from cir.rollout import RolloutConfig, rollout, sample_seed
 from cir.trajectory import Trajectory
 
 
@@ -41,12 +43,6 @@ class EvalResult:
     metrics: dict[str, float]  # the trainer's numbers (accuracy, tool calls, ...), per category too
     rows: list[dict] = field(default_factory=list)  # one per (problem, sample), in that order
     reused: int = 0  # rows taken from `done` instead of generated
-
-
-def sample_seed(seed: int, problem_index: int, sample: int) -> int:
-    """The sampling seed of one (problem, sample): fixed by position, so a resumed run draws
-    the same samples as an uninterrupted one."""
-    return seed * 1_000_003 + problem_index * 101 + sample
 
 
 def evaluate(

@@ -33,13 +33,15 @@ engine whose per-request sampling is seeded both schedules produce the same traj
 
 Modules: `config` (RolloutConfig), `fences` (where a python block closes), `feedback` (the
 output block as tokens), `loop` (one trajectory as a state machine and the two schedules),
-`stats` (batch numbers for metrics).
+`stats` (batch numbers for metrics), `seeds` (sampling seeds by position, for training and
+evaluation alike).
 """
 
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import Feedback, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, CodeBlock, fence_closed, find_code_block
-from cir.rollout.loop import derive_seed, rollout, rollout_async, rollout_one, rollout_turn_sync, run_sync
+from cir.rollout.loop import rollout, rollout_async, rollout_one, rollout_turn_sync, run_sync
+from cir.rollout.seeds import derive_seed, sample_seed
 from cir.rollout.stats import rollout_stats
 
 __all__ = [
@@ -58,4 +60,5 @@ __all__ = [
     "rollout_stats",
     "rollout_turn_sync",
     "run_sync",
+    "sample_seed",
 ]

@@ -2,14 +2,17 @@
 
 Generation stops on the first token after which the segment's text holds an opening
 ```` ```python ```` (or ```` ```py ````) line followed by a line that starts with ```` ``` ````
-(indented by at most three spaces). `fence_closed` is that rule as a predicate; engines reach it
-by the name `PYTHON_BLOCK_CLOSED` (a stop condition as data, see `cir.engines.base`).
+(indented by at most three spaces). `fence_closed` is that rule as a predicate; this module
+registers it with the engines under the name `PYTHON_BLOCK_CLOSED` (a stop condition as data, see
+`cir.engines.base`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from cir.engines.base import register_stop_rule
 
 # The name under which engines find `fence_closed` (cir.engines.base.stop_rule).
 PYTHON_BLOCK_CLOSED = "python_block_closed"
@@ -54,3 +57,9 @@ def fence_closed(text: str) -> bool:
     if text.count("```") < 2:  # cheap reject: called after every sampled token
         return False
     return find_code_block(text) is not None
+
+
+# An engine that cannot run the predicate after every token (vLLM) stops on "```" instead: the
+# token that closes the block completes one; the opening fence may stop it early too, and the
+# rollout then checks the rule itself and continues.
+register_stop_rule(PYTHON_BLOCK_CLOSED, fence_closed, stand_in=("```",))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -15,23 +14,12 @@ from cir.engines.base import Completion, SamplingParams, evaluates_stop_rule, st
 from cir.rollout.config import OUTPUT_PLACEHOLDER, RolloutConfig
 from cir.rollout.feedback import _decode, _encode, build_feedback
 from cir.rollout.fences import PYTHON_BLOCK_CLOSED, fence_closed, find_code_block
+from cir.rollout.seeds import derive_seed
 from cir.sandbox import ExecResult, SandboxError
 from cir.trajectory import BUDGET_EXHAUSTED, SANDBOX_FAULT, ToolCall, Trajectory
 
 # ---------------------------------------------------------------------------------------------
 # One trajectory as a state machine, shared by both schedules
-
-
-def derive_seed(seed: int | None, turn: int) -> int | None:
-    """The seed of generate call number `turn` of a trajectory seeded `seed` (None: unseeded).
-
-    A hash, so neighbouring trajectories' and turns' streams are unrelated, and a pure
-    function of (seed, turn), so a trajectory is the same under any scheduling.
-    """
-    if seed is None:
-        return None
-    digest = hashlib.blake2b(f"cir.rollout:{int(seed)}:{int(turn)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _eos_ids(tokenizer, config: RolloutConfig) -> tuple[int, ...]:

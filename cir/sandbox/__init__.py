@@ -25,7 +25,7 @@ FAULT_REASONS, classify and its helpers), `config` (SandboxConfig, DEFAULT_PRELO
 (IsolationPolicy), `rootfs` (what a snippet sees: the allow-list), `isolation` (the snippet
 environment and the description of the isolation in effect), `reference` (run_fresh:
 the same snippet alone in a fresh ``python -c``, what the sandbox is compared against),
-`zygote` (the warm interpreter's own code), `cli` (``cir sandbox run``).
+`zygote` (the warm interpreter's own code). The ``cir sandbox run`` command is `cir.cli.sandbox`.
 """
 
 import importlib

@@ -8,9 +8,11 @@ traces, some answering directly and some calling the interpreter, and then train
 with the real rollout loop, sandbox, rewards and trainer. On held-out problems, accuracy and
 tool use on the hard problems rise; on the easy ones there is nothing to gain from the tool.
 
-As a task (see `cir.tasks`) it provides what a dataset and a model folder would: `problems`
-(`data.train=demo`, `data.eval=[demo]`), `build_policy` (`model.path=demo`: a tiny model,
-warm-started) and the `demo` prompt template. Its settings are the `demo.*` config section.
+As a task (see `cir.tasks`) it registers what a dataset and a model folder would provide:
+`problems` (`data.train=demo`, `data.eval=[demo]`), `build_policy` (`model.path=demo`: a tiny
+model, warm-started) and the `demo` prompt template. Its settings are the `demo.*` config
+section (`DemoConfig`). torch is imported by the functions that build and train the model, so
+registering the task costs nothing.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from cir.data import Problem
-from cir.distributed import DistributedContext
-from cir.prompts import PromptTemplate, prompt_token_ids
-from cir.rollout import build_feedback
+from cir.data import Problem, register_problem_set
+from cir.models import register_model_builder
+from cir.prompts import PromptTemplate, prompt_token_ids, register_prompt
+from cir.rollout import RolloutConfig, build_feedback
+from cir.training.config import register_section
 from cir.trajectory import Trajectory
 
-PROMPT = PromptTemplate("demo", system="", user_format="Q: {problem}=?\n", use_chat_template=False)
+if TYPE_CHECKING:
+    import torch
+
+NAME = "demo"
+PROMPT = PromptTemplate(NAME, system="", user_format="Q: {problem}=?\n", use_chat_template=False)
 
 
 @dataclass
@@ -50,7 +56,8 @@ class DemoConfig:
     # misses being digits miscopied from the output; with 2000, ~98%).
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
+    # Two heads of 32: a head size both engines take (vLLM's CPU backend needs 32 or more).
+    num_heads: int = 2
 
 
 def _log(msg: str) -> None:
@@ -58,13 +65,13 @@ def _log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The task's interface (cir.tasks)
+# The task's interface (cir.tasks): what it registers
 
 
-def problems(cfg, split: str) -> list[Problem]:
+def problems(split: str, *, seed: int, options: DemoConfig | None = None) -> list[Problem]:
     """The held-out set (`split="test"`), or the training set (any other split), which never
-    holds a hard problem of the held-out set. `cfg`: the run's TrainConfig."""
-    d, seed = cfg.demo, cfg.run.seed
+    holds a hard problem of the held-out set. `seed`: the run's; `options`: the `demo` section."""
+    d = options or DemoConfig()
     held_out = demo_problems(d.eval_problems, seed=seed + 7_000_001, easy_share=d.easy_share)
     if split == "test":
         return held_out
@@ -73,26 +80,48 @@ def problems(cfg, split: str) -> list[Problem]:
     )
 
 
-def build_policy(cfg, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, metrics): the demo's tiny Qwen2 after its supervised warm start."""
-    d = cfg.demo
+def architecture(options: DemoConfig | None = None) -> dict:
+    """The demo model's Hugging Face config, as far as an engine's checks need it (built by
+    `demo_model`)."""
+    d = options or DemoConfig()
+    return {
+        "model_type": "qwen2",
+        "hidden_size": d.hidden_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": _kv_heads(d.num_heads),
+    }
+
+
+def build_policy(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    options: DemoConfig | None = None,
+    feedback_template: str | None = None,
+    progress: bool = False,
+):
+    """(model, tokenizer, metrics): the demo's tiny Qwen2 after its supervised warm start on
+    traces whose output blocks follow `feedback_template` (the rollout's)."""
+    from cir.distributed import DistributedContext
+
+    d = options or DemoConfig()
     tokenizer = demo_tokenizer()
-    model = demo_model(tokenizer, d.hidden_size, d.num_layers, d.num_heads, seed=cfg.run.seed).to(
-        device=device, dtype=dtype
-    )
+    model = demo_model(tokenizer, d.hidden_size, d.num_layers, d.num_heads, seed=seed).to(device=device, dtype=dtype)
     # Under torchrun rank 0 warm-starts and the others receive its weights: the same model, once
     # (every rank computing the identical warm start would only split the CPU between them).
     dist = DistributedContext.from_environment()
     info: dict[str, float] = {}
     if dist.is_main:
-        info = _warm_start_demo(cfg, model, tokenizer)
+        template = feedback_template if feedback_template is not None else RolloutConfig().feedback_template
+        info = _warm_start_demo(d, model, tokenizer, seed=seed, feedback_template=template, progress=progress)
     dist.broadcast_module(model)
     return model, tokenizer, info
 
 
-def _warm_start_demo(cfg, model, tokenizer) -> dict[str, float]:
-    d = cfg.demo
-    exclude = {p.problem for p in problems(cfg, "test")}
+def _warm_start_demo(d: DemoConfig, model, tokenizer, *, seed: int, feedback_template: str, progress: bool) -> dict:
+    exclude = {p.problem for p in problems("test", seed=seed, options=d)}
     size = sum(p.numel() for p in model.parameters()) / 1e6
     _log(f"demo: warm-starting a {size:.2f}M-parameter Qwen2 on mixed traces ({d.warmup_steps} steps)")
     info = warm_start(
@@ -103,10 +132,10 @@ def _warm_start_demo(cfg, model, tokenizer) -> dict[str, float]:
         lr=d.warmup_lr,
         tool_share={"hard": d.warmup_tool_share_hard, "easy": d.warmup_tool_share_easy},
         easy_share=d.easy_share,
-        feedback_template=cfg.rollout.feedback_template,
-        seed=cfg.run.seed,
+        feedback_template=feedback_template,
+        seed=seed,
         exclude=exclude,
-        progress=cfg.run.progress and sys.stderr.isatty(),
+        progress=progress,
     )
     _log(f"demo: warm start done in {info['warmup/seconds']:.0f}s (loss {info['warmup/loss']:.3f})")
     return info
@@ -160,6 +189,10 @@ def demo_tokenizer():
     return byte_tokenizer()
 
 
+def _kv_heads(num_heads: int) -> int:
+    return max(1, num_heads // 2)
+
+
 def demo_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, seed: int):
     from cir.models import tiny_causal_lm
 
@@ -168,7 +201,7 @@ def demo_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, see
         hidden_size=hidden_size,
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=max(1, num_heads // 2),
+        num_kv_heads=_kv_heads(num_heads),
         intermediate_size=3 * hidden_size,
         max_position_embeddings=512,
         tie_word_embeddings=True,
@@ -229,6 +262,8 @@ def warm_start(
     problem, use_tool, feedback_template); `cir bench rollout` passes a variant with more
     varied traces. The draws of `use_tool` are the same either way.
     """
+    import torch
+
     from cir.training.batch import collate
     from cir.training.logprobs import token_logprobs
 
@@ -278,3 +313,12 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+register_problem_set(NAME, problems)
+register_model_builder(NAME, build_policy, architecture=architecture)
+register_prompt(PROMPT)
+register_section(NAME, DemoConfig)

@@ -39,6 +39,12 @@ class StopRequest:
             flush=True,
         )
 
+    def agreed(self, dist) -> bool:
+        """Whether any rank was asked to stop, as every rank learns it at this step boundary (the
+        launcher may signal them at different moments): they stop together, after the same step.
+        `dist`: the run's `DistributedContext` (a collective: every rank calls this)."""
+        return bool(dist.max_int(int(self.requested)))
+
     def __enter__(self) -> StopRequest:
         # Python runs signal handlers on the main thread only, and only it may install them.
         if threading.current_thread() is threading.main_thread():

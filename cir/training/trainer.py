@@ -19,13 +19,13 @@ checkpointed (`cir.training.checkpoint`); `--resume` continues from the newest c
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import random
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from cir.algorithms import Schedule, compute_advantages, groups_to_keep, informa
 from cir.config_loader import ConfigError, dump_yaml, to_dict
 from cir.data import DatasetError, Problem, ProblemSampler, drop_or_refuse_overlong, load_problem_set
 from cir.distributed import DistributedContext
-from cir.engines.factory import DEFAULT_ENGINE, EngineName, make_engine
+from cir.engines.factory import engine_dtype, make_engine
 from cir.metrics import (
     MetricsLogger,
     NullMetricsLogger,
@@ -44,58 +44,20 @@ from cir.metrics import (
     truncate_metrics,
     write_jsonl,
 )
-from cir.models import check_model_path, load_policy
+from cir.models import load_policy
 from cir.prompts import get_prompt, prompt_token_ids
 from cir.rewards import RewardResult, score_trajectories
-from cir.rollout import rollout
+from cir.rollout import rollout, sample_seed
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
 from cir.training.actor import Actor, sync_weights
 from cir.training.batch import build_train_batch
+from cir.training.config import check_run_inputs
 from cir.training.stop import StopRequest
 from cir.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from cir.training.config import TrainConfig
-
-
-@dataclass
-class RunConfig:
-    """`run.*`: the loop around the steps (length, engine, evaluation, checkpoints, logging)."""
-
-    steps: int = 200
-    seed: int = 0
-    out_dir: str = "runs/cir"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    engine: EngineName = DEFAULT_ENGINE  # cir.engines.ENGINES
-    engine_max_batch: int = 256
-    # The engine's copy of the policy: "auto" is bfloat16 on a GPU (the actor keeps model.dtype
-    # master weights; the engine only samples) and the policy's own dtype on the CPU.
-    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # vLLM on a GPU: the share of the GPU's memory it takes for weights and KV cache; the rest is
-    # the actor's (its shards, gradients, optimizer state, activations). See docs/scaling.md.
-    engine_memory_fraction: float = 0.5
-    rollout_mode: Literal["async", "turn_sync"] = "async"
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: only before and after training
-    eval_samples: int = 1
-    eval_temperature: float = 0.0
-    eval_at_start: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "cir"
-    progress: bool = True
-    plot: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"steps={self.steps}: must be >= 0")
-        if self.eval_samples < 1:
-            raise ConfigError(f"eval_samples={self.eval_samples}: must be >= 1")
-        if not 0 < self.engine_memory_fraction < 1:
-            raise ConfigError(f"engine_memory_fraction={self.engine_memory_fraction}: must be in (0, 1)")
 
 
 @dataclass
@@ -126,47 +88,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def engine_dtype(name: str, device: torch.device, model) -> torch.dtype:
-    """The engine's dtype for `run.engine_dtype` (see RunConfig)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-    return getattr(torch, name)
-
-
-def sample_seed(*parts: int) -> int:
-    """A sampling seed that is a pure function of its parts (stable across processes)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
-
-
 def load_run_problems(cfg: TrainConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:
     """The training problems and the held-out sets; a bad source is a ConfigError naming its key."""
     dc = cfg.data
+
+    def load(spec: str, split: str, limit: int | None = None) -> list[Problem]:
+        # A problem set a task registered gets that task's config section (None otherwise).
+        return load_problem_set(
+            spec,
+            split=split,
+            limit=limit,
+            seed=cfg.run.seed,
+            options=cfg.sections.get(spec),
+            benchmark_dir=dc.benchmark_dir,
+            problem_field=dc.problem_field,
+            answer_field=dc.answer_field,
+        )
+
     try:
-        eval_sets = {
-            Path(name).stem: load_problem_set(name, split="test", cfg=cfg, limit=dc.eval_limit) for name in dc.eval
-        }
+        eval_sets = {Path(name).stem: load(name, "test", dc.eval_limit) for name in dc.eval}
     except DatasetError as e:
         raise ConfigError(f"data.eval: {e}") from None
     try:
-        train = load_problem_set(dc.train, split="train", cfg=cfg)
+        train = load(dc.train, "train")
     except DatasetError as e:
         raise ConfigError(f"data.train={dc.train!r}: {e}") from None
     if not train:
         raise ConfigError(f"data.train={dc.train!r} holds no problems")
     return train, eval_sets
-
-
-def check_run_inputs(cfg: TrainConfig) -> None:
-    """What can be checked in milliseconds, before anything heavy starts: the model and
-    tokenizer paths, the prompt template. (Data is loaded, hence checked, right after.)"""
-    check_model_path(cfg.model.path)
-    if cfg.model.tokenizer is not None:
-        check_model_path(cfg.model.tokenizer, key="model.tokenizer")
-    try:
-        get_prompt(cfg.data.prompt)
-    except KeyError as e:
-        raise ConfigError(f"data.prompt={cfg.data.prompt!r}: {e.args[0]}") from None
 
 
 class Trainer:
@@ -193,7 +142,7 @@ class Trainer:
         # KV cache from the memory it finds free), then the actor moves the model onto the GPU
         # (FSDP2 one layer at a time, so no rank ever holds the whole model there).
         load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
-        model, self.tokenizer, self.extra_metrics = load_policy(cfg, load_device, checkpoint=resume_from)
+        model, self.tokenizer, self.extra_metrics = self._load_policy(load_device, checkpoint=resume_from)
         # With the tokenizer at hand and before the engine starts: a prompt with no room for a
         # response in the model's context is refused (or dropped) now, not hours in when drawn.
         self._check_prompt_lengths(getattr(model.config, "max_position_embeddings", None))
@@ -208,7 +157,7 @@ class Trainer:
             max_batch_size=cfg.run.engine_max_batch,
             seed=cfg.run.seed,
             device=self.device,
-            dtype=engine_dtype(cfg.run.engine_dtype, self.device, model),
+            dtype=getattr(torch, engine_dtype(cfg.run.engine_dtype, self.device.type, _dtype_name(model))),
             memory_fraction=cfg.run.engine_memory_fraction,
         )
         if self.dist.world_size == 1:
@@ -216,7 +165,7 @@ class Trainer:
         # The KL reference is the run's initial policy: a resumed run loads it from model.path again.
         reference = None
         if resume_from is not None and cfg.algo.kl_coef > 0:
-            reference = load_policy(cfg, load_device)[0]
+            reference = self._load_policy(load_device)[0]
             if self.dist.world_size == 1:
                 reference.to(self.device)
         self.actor = Actor(
@@ -258,6 +207,20 @@ class Trainer:
         )
         if self.dist.is_main:
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def _load_policy(self, device: torch.device, checkpoint: Path | None = None):
+        """(model, tokenizer, metrics): `model.path`'s, or the checkpoint's when resuming. A
+        builder a task registered gets that task's config section."""
+        cfg = self.cfg
+        return load_policy(
+            cfg.model,
+            device,
+            checkpoint=checkpoint,
+            seed=cfg.run.seed,
+            options=cfg.sections.get(cfg.model.path),
+            feedback_template=cfg.rollout.feedback_template,
+            progress=cfg.run.progress and sys.stderr.isatty(),
+        )
 
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -485,50 +448,52 @@ class Trainer:
         write_jsonl(folder / f"step_{self.step_count:06d}_{name}.jsonl", rows)
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        start_step = self.step_count
-        before = None
-        if cfg.run.eval_at_start and self.eval_sets and start_step == 0:
-            t0 = time.perf_counter()
-            before = self.evaluate()
-            self.logger.log(0, {**before, **self.extra_metrics})
-            self._say(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
-        elif start_step > 0:
-            before = self._logged_before
-        bar = None
-        if cfg.run.progress and sys.stderr.isatty() and self.dist.is_main:
-            from tqdm.auto import tqdm
+        """Evaluate, train `run.steps` steps, evaluate again and save; a stop request (Ctrl-C,
+        SIGTERM) ends the loop after the current step with a checkpoint instead."""
+        before = self._evaluate_before()
+        last: dict = {}
+        with StopRequest() as stop, self._progress_bar() as bar:
+            while self.step_count < self.cfg.run.steps:
+                last = self._step_and_log(bar)
+                if stop.agreed(self.dist):
+                    return self._stopped(before, last)
+                if self._due(self.cfg.run.save_every):
+                    self.save()
+        return self._finish(before, last)
 
-            bar = tqdm(
-                total=cfg.run.steps,
-                initial=start_step,
-                desc="train",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                mininterval=1.0,
-            )
-        last = {}
-        with StopRequest() as stop:
-            try:
-                while self.step_count < cfg.run.steps:
-                    metrics = self.step()
-                    step = self.step_count
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                        metrics.update(self.evaluate())
-                    self.logger.log(step, metrics)
-                    last = metrics
-                    self._show_progress(step, metrics, bar)
-                    # Every rank learns whether any was asked to stop (the launcher may signal
-                    # them at different moments); they stop together, after the same step.
-                    if self.dist.max_int(int(stop.requested)):
-                        path = self.save()
-                        self._say(f"stopped at step {step}; saved {path} (continue with --resume)")
-                        return {"before": before, "after": None, "last": last, "checkpoint": str(path), "stopped": True}
-                    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
-                        self.save()
-            finally:
-                if bar is not None:
-                    bar.close()
+    def _evaluate_before(self) -> dict | None:
+        """The held-out numbers before training: measured now, or on resume the ones logged then."""
+        if self.step_count > 0:
+            return self._logged_before
+        if not (self.cfg.run.eval_at_start and self.eval_sets):
+            return None
+        t0 = time.perf_counter()
+        before = self.evaluate()
+        self.logger.log(0, {**before, **self.extra_metrics})
+        self._say(f"held-out before training: {_brief(before)} ({time.perf_counter() - t0:.0f}s)")
+        return before
+
+    def _step_and_log(self, bar) -> dict:
+        """One step, the held-out evaluation when it is due, then its metrics logged and shown."""
+        metrics = self.step()
+        if self._due(self.cfg.run.eval_every):
+            metrics.update(self.evaluate())
+        self.logger.log(self.step_count, metrics)
+        self._show_progress(self.step_count, metrics, bar)
+        return metrics
+
+    def _due(self, every: int) -> bool:
+        """Whether a thing done every `every` steps (0: never) falls after this step; the last
+        step is left to `_finish`."""
+        step = self.step_count
+        return bool(every) and step % every == 0 and step < self.cfg.run.steps
+
+    def _stopped(self, before: dict | None, last: dict) -> dict:
+        path = self.save()
+        self._say(f"stopped at step {self.step_count}; saved {path} (continue with --resume)")
+        return {"before": before, "after": None, "last": last, "checkpoint": str(path), "stopped": True}
+
+    def _finish(self, before: dict | None, last: dict) -> dict:
         after = None
         if self.eval_sets:
             after = self.evaluate()
@@ -537,7 +502,7 @@ class Trainer:
         path = self.save()
         self._say(f"checkpoint: {path}")
         plot = None
-        if cfg.run.plot and self.dist.is_main:
+        if self.cfg.run.plot and self.dist.is_main:
             plot = plot_curves(read_metrics(self.logger.path), self.out_dir / "curves.png")
             if plot:
                 self._say(f"curves: {plot}")
@@ -549,6 +514,21 @@ class Trainer:
             "plot": str(plot) if plot else None,
             "stopped": False,
         }
+
+    def _progress_bar(self):
+        """A progress bar on rank 0's terminal (a context manager yielding None elsewhere)."""
+        if not (self.cfg.run.progress and sys.stderr.isatty() and self.dist.is_main):
+            return contextlib.nullcontext(None)
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.cfg.run.steps,
+            initial=self.step_count,
+            desc="train",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
 
     def _show_progress(self, step: int, metrics: dict, bar) -> None:
         if bar is not None:
@@ -577,6 +557,10 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _brief(m: dict) -> str:
