@@ -20,7 +20,7 @@ from cir.distributed import DistributedContext
 from cir.models import tiny_causal_lm
 from cir.tokenization import byte_tokenizer
 from cir.training import export
-from cir.training.actor import Actor, UpdateMetrics
+from cir.training.actor import Actor, UpdateMetrics, micro_batch_loss
 from cir.training.batch import build_train_batch
 from cir.training.optim import OptimConfig, ShardingConfig, attention_precision_problem
 from cir.training.sharding import compute_dtype, device_mesh, mixed_precision, should_shard
@@ -228,6 +228,20 @@ def test_where_the_fused_lm_head_and_loss_apply(tok):
         fused(on, rollout_correction="token_tis", fused_loss="always")
     with pytest.raises(ConfigError, match="logprob_impl"):
         AlgoConfig(fused_loss="always", logprob_impl="reference")
+
+
+def test_the_placeholder_pass_runs_fused_off_policy_with_a_rollout_correction(tok):
+    """A rank with fewer micro-batches runs the placeholder: off-policy with a rollout correction
+    the fused pass needs its old log-probs before it runs, which the actor hands it (zeros)."""
+    algo = AlgoConfig(kl_coef=0.05, rollout_correction="token_tis")
+    actor = Actor(_model(tok), tok, OptimConfig(ppo_epochs=2), algo, total_optimizer_steps=2)
+    assert actor.fused_loss
+    _, fixed = actor._fixed_logprobs(_batch(tok, 0), on_policy=False)
+    loss, metrics = micro_batch_loss(
+        actor.policy, actor.placeholder, algo, fixed, temperature=1.0, max_response_tokens=8, fused=True
+    )
+    (loss * 0.0).backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
 
 
 def test_update_metrics_are_token_weighted_means_and_maxima():

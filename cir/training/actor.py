@@ -319,11 +319,13 @@ class Actor:
             ref = None if self.ref_policy is None else of(self.ref_policy, step)
             if mb is not None:
                 fixed.append(FixedLogprobs(old, ref))
-        # The placeholder's loss pass needs reference log-probs when there is a KL term; any of
-        # the right shape do, as its loss is multiplied by zero.
-        ref = None if self.ref_policy is None else torch.zeros_like(self.placeholder.sampler_logprobs)
+        # The placeholder's loss pass needs reference log-probs when there is a KL term, and old
+        # ones off-policy (the fused pass weighs a rollout correction by them before it runs); any
+        # of the right shape do, as its loss is multiplied by zero.
+        zeros = torch.zeros_like(self.placeholder.sampler_logprobs)
+        placeholder = FixedLogprobs(None if on_policy else zeros, None if self.ref_policy is None else zeros)
         in_order = iter(fixed)
-        return [[next(in_order) for _ in mini] for mini in batch.mini_batches], FixedLogprobs(None, ref)
+        return [[next(in_order) for _ in mini] for mini in batch.mini_batches], placeholder
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
