@@ -175,7 +175,7 @@ FUSED_CASES = {
 def test_the_fused_lm_head_and_loss_update_as_the_composition(tok, case):
     """Two updates of a float64 tiny model through each path: the same metrics (rel 1e-9) and
     the same weights (1e-10 absolute; Adam's steps are ~1e-2, so rounding, not a wrong term, could
-    only differ there). The fused path is the CPU's default where it applies."""
+    only differ there). `auto` takes the fused path on a CPU where it applies."""
     optim, algo, tied, temperature, packing = FUSED_CASES[case]
     actors = {
         path: Actor(
@@ -215,15 +215,20 @@ def _weights_of(model):
 def test_where_the_fused_lm_head_and_loss_apply(tok):
     """auto: on this CPU wherever the loss can be taken a token at a time; not with an on-policy
     rollout correction (its weights need the pass's own log-probs first) nor when a kernel is
-    forced to its plain reference; always: an error where it cannot apply."""
+    forced to its plain reference; always: an error where it cannot apply; never: the default."""
 
     def fused(optim, **algo):
+        algo = {"fused_loss": "auto", **algo}
         return Actor(_model(tok), tok, optim, AlgoConfig(**algo), total_optimizer_steps=1).fused_loss
 
     on, off = OptimConfig(), OptimConfig(ppo_epochs=2)
     assert fused(on) and fused(off, rollout_correction="token_tis") and fused(on, logprob_impl="torch")
     assert not fused(on, rollout_correction="seq_mis") and not fused(on, fused_loss="never")
     assert not fused(on, loss_impl="reference") and not fused(on, logprob_impl="reference")
+    assert (
+        AlgoConfig().fused_loss == "never"
+        and not Actor(_model(tok), tok, on, AlgoConfig(), total_optimizer_steps=1).fused_loss
+    )
     with pytest.raises(ConfigError, match="rollout_correction"):
         fused(on, rollout_correction="token_tis", fused_loss="always")
     with pytest.raises(ConfigError, match="logprob_impl"):
@@ -233,7 +238,7 @@ def test_where_the_fused_lm_head_and_loss_apply(tok):
 def test_the_placeholder_pass_runs_fused_off_policy_with_a_rollout_correction(tok):
     """A rank with fewer micro-batches runs the placeholder: off-policy with a rollout correction
     the fused pass needs its old log-probs before it runs, which the actor hands it (zeros)."""
-    algo = AlgoConfig(kl_coef=0.05, rollout_correction="token_tis")
+    algo = AlgoConfig(kl_coef=0.05, rollout_correction="token_tis", fused_loss="auto")
     actor = Actor(_model(tok), tok, OptimConfig(ppo_epochs=2), algo, total_optimizer_steps=2)
     assert actor.fused_loss
     _, fixed = actor._fixed_logprobs(_batch(tok, 0), on_policy=False)

@@ -41,7 +41,9 @@ class AlgoConfig:
     # in the forward, 6NHV instead of linear_logprob's 8NHV, bounded memory): "auto" where the
     # log-prob kernel would take its torch path (the CPU) and the update allows it, "always"
     # wherever the update allows it (any device), "never": linear_logprob, then the policy loss.
-    fused_loss: Literal["auto", "always", "never"] = "auto"
+    # Off by default for now: 2 ranks vs 1 process (tests/test_distributed_train.py) differ in one
+    # weight by more than that test allows (see kernels/NOTES_linear_logprob.md).
+    fused_loss: Literal["auto", "always", "never"] = "never"
 
     def __post_init__(self) -> None:
         if self.advantage not in advantage_names():

@@ -711,8 +711,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fused-loss",
         choices=["auto", "always", "never"],
-        default="auto",
-        help="algo.fused_loss: the LM head and the policy loss in one pass (auto: on a CPU)",
+        default="never",
+        help="algo.fused_loss: the LM head and the policy loss in one pass (auto: on a CPU; default never, as algo)",
     )
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--ppo-epochs", type=int, default=1)
