@@ -203,14 +203,22 @@ def step_metrics(
     times: dict[str, float],
     dist=None,
     grader=None,
+    sandbox=None,
+    excluded=None,
 ) -> dict[str, float]:
     """The numbers of one RL step over every rank (`trajectories`: this rank's, all rolled out;
     `trained` of them kept): reward, tool use, response shape, schedule, data, faults and time.
 
     Reward and accuracy are those of the graded trajectories: a result with a fault
     (`RewardResult.fault`) is no verdict and is counted under ``fault/`` instead. `grader`: the
-    step's `cir.rewards.GraderCounters` (``grader_counters()`` after the step's grading minus
-    before), logged as ``grader/retries``, ``grader/faults``, ``grader/restarts``, ...
+    step's `cir.rewards.GraderCounters` (``grader_counters()`` now minus at the previous step),
+    logged as ``grader/retries``, ``grader/faults``, ``grader/restarts``, ... `sandbox`: the step's
+    `Sandbox.counters()` (now minus at the previous step, `cir.training.faults.counter_delta`), logged
+    as ``sandbox/retries``, ``sandbox/restarts``, ``sandbox/faults``, ``sandbox/faults_<reason>``,
+    ... `excluded`: what faults left out of the loss (`cir.training.faults.Exclusion`), logged as
+    ``fault/excluded_trajectories``, ``fault/excluded_groups``, ``fault/partial_groups``. Tool calls
+    that ended in a sandbox fault are ``fault/sandbox_calls`` (of ``tool/calls``), never the
+    model's errors (``tool/error_rate`` is over the calls the code itself decided).
 
     Counts are summed over ranks first and turned into means and rates afterwards, so a rate is
     the global one (not an average of per-rank rates); times are this rank's."""
@@ -227,7 +235,11 @@ def step_metrics(
     local["fault_grader"] = len(rewards) - len(graded) - local["fault_sandbox"]
     local["trained"] = trained
     grader_metrics = grader.as_metrics() if grader is not None else {}
+    sandbox_metrics = {f"sandbox/{k}": float(v) for k, v in (sandbox or {}).items()}
+    excluded_metrics = excluded.as_totals() if excluded is not None else {}
     local.update(grader_metrics)
+    local.update(sandbox_metrics)
+    local.update(excluded_metrics)
     totals = dict(zip(local, dist.sum_floats(list(local.values()))))
     stats = rates(totals)
     graded_total = max(totals["graded"], 1)
@@ -236,10 +248,13 @@ def step_metrics(
         "reward/accuracy": totals["correct"] / graded_total,
         "fault/sandbox_trajectories": totals["fault_sandbox"],
         "fault/grader_trajectories": totals["fault_grader"],
-        **{name: totals[name] for name in grader_metrics},
+        "fault/sandbox_calls": totals["sandbox_faults"],
+        **{name: totals[name] for name in (*grader_metrics, *sandbox_metrics, *excluded_metrics)},
+        "tool/calls": totals["tool_calls"],
         "tool/calls_per_traj": stats.get("tool_calls_per_traj", 0.0),
         "tool/error_rate": stats.get("exec_error_rate", 0.0),
         "tool/timeout_rate": stats.get("timeout_rate", 0.0),
+        "tool/sandbox_fault_rate": stats.get("sandbox_fault_rate", 0.0),
         "response/model_tokens_mean": stats.get("model_tokens_mean", 0.0),
         "response/feedback_token_share": stats.get("feedback_token_share", 0.0),
         "response/truncated_share": stats.get("finish_length", 0.0),

@@ -76,8 +76,15 @@ class Trajectory:
 
     @property
     def num_exec_errors(self) -> int:
-        """Executions that did not end "ok" (errors, timeouts, memory or output limits, ...)."""
-        return sum(1 for call in self.tool_calls if call.executed and call.status != "ok")
+        """Executions that did not end "ok" by the model's doing (errors, timeouts, memory or
+        output limits, ...). A sandbox fault is the machine's, not the model's error: it is
+        counted apart (`num_sandbox_faults`)."""
+        return sum(1 for call in self.tool_calls if call.executed and call.status not in ("ok", SANDBOX_FAULT))
+
+    @property
+    def num_sandbox_faults(self) -> int:
+        """Tool calls the sandbox could not bring to a verdict (at most one: the trajectory ends there)."""
+        return sum(1 for call in self.tool_calls if call.status == SANDBOX_FAULT)
 
     @property
     def sandbox_fault(self) -> bool:
@@ -94,6 +101,7 @@ class Trajectory:
             "tool_calls": self.num_tool_calls,
             "budget_notices": len(self.tool_calls) - self.num_tool_calls,
             "exec_errors": self.num_exec_errors,
+            "sandbox_faults": self.num_sandbox_faults,
             "timeouts": self.num_timeouts,
             "model_tokens": self.num_model_tokens,
             "feedback_tokens": self.num_feedback_tokens,

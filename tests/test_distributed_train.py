@@ -72,7 +72,15 @@ def _assert_close(a, b, atol):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-HELD_OUT = ["data.eval=[demo]", "demo.eval_problems=11", "run.eval_at_start=true", "run.eval_temperature=1.0"]
+# Room for a hard problem's call, its output and the boxed answer (66 tokens), so that the warm
+# model's held-out rows are graded both ways and the comparison is not a weak one.
+HELD_OUT = [
+    "data.eval=[demo]",
+    "demo.eval_problems=11",
+    "run.eval_at_start=true",
+    "run.eval_temperature=1.0",
+    "rollout.max_response_tokens=80",
+]
 
 
 def _eval_rows(out, step):
@@ -133,7 +141,10 @@ def test_two_ranks_equal_one_process(tmp_path, warm_model_dir):
     # last bits (sums over ranks come in another order), which can flip a sampled token now and
     # then; in a group with no reward variance that changes the entropy but not the gradient.
     assert one[0]["actor/entropy"] == pytest.approx(two[0]["actor/entropy"], rel=1e-5)
-    _assert_close(_weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2), atol=1e-5)
+    # Two steps of AdamW moved the weights by up to 2e-3. Sharded and unsharded sums of the same
+    # gradients differ in the last bits, and Adam divides by sqrt(v): on embedding rows of bytes
+    # seen once or twice (gradients near zero) those bits become up to 5e-5 (2% of a step there).
+    _assert_close(_weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2), atol=1e-4)
 
 
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, warm_model_dir):

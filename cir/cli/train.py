@@ -5,6 +5,10 @@ engine that cannot serve the model) ends with one line naming the key and value 
 2, before anything heavy starts: loading and checking the config imports neither torch nor
 transformers. `--print-config` writes the resolved config to stdout (`cir train --print-config
 > run.yaml`); everything else the run says goes to stderr.
+
+Exit codes: 0 done; 2 bad input; 3 stopped because sandbox faults stayed above
+`sandbox.fault_stop_share` (a checkpoint is saved: `--resume` continues); 130 stopped by Ctrl-C
+or SIGTERM (a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def run(args) -> int:
         return 2
     with trainer:
         result = trainer.fit()
+    if result["fault"]:
+        return 3  # the machine's faults stopped it (the trainer said which, and saved a checkpoint)
     if result["stopped"]:
         return 130  # the shell's code for "ended by Ctrl-C"; the checkpoint is already written
     if not dist.is_main:

@@ -19,6 +19,7 @@ def rollout_totals(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         "trajectories": len(trajectories),
         "tool_calls": sum(t.num_tool_calls for t in trajectories),
         "exec_errors": sum(t.num_exec_errors for t in trajectories),
+        "sandbox_faults": sum(t.num_sandbox_faults for t in trajectories),
         "timeouts": sum(t.num_timeouts for t in trajectories),
         "budget_notices": sum(len(t.tool_calls) - t.num_tool_calls for t in trajectories),
         "model_tokens": sum(t.num_model_tokens for t in trajectories),
@@ -32,13 +33,18 @@ def rollout_totals(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 def rates(totals: dict[str, float]) -> dict[str, float]:
     """Means per trajectory and rates per call from `rollout_totals` (summed over any ranks)."""
     n, calls = totals["trajectories"], totals["tool_calls"]
+    faults = totals.get("sandbox_faults", 0)
+    judged = calls - faults
     if n == 0:
         return {}
     tokens = totals["model_tokens"] + totals["feedback_tokens"]
     stats = {
         "tool_calls_per_traj": calls / n,
-        "exec_error_rate": totals["exec_errors"] / calls if calls else 0.0,
-        "timeout_rate": totals["timeouts"] / calls if calls else 0.0,
+        # The model's errors and timeouts are rates over the calls that reached a verdict of the
+        # code's own: a sandbox fault is the machine's, counted apart (its rate is over all calls).
+        "exec_error_rate": totals["exec_errors"] / judged if judged else 0.0,
+        "timeout_rate": totals["timeouts"] / judged if judged else 0.0,
+        "sandbox_fault_rate": faults / calls if calls else 0.0,
         "budget_notices_per_traj": totals["budget_notices"] / n,
         "response_tokens_mean": tokens / n,
         "model_tokens_mean": totals["model_tokens"] / n,

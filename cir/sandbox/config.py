@@ -30,6 +30,12 @@ class SandboxConfig:
     accept_weaker_isolation: run where the machine cannot isolate snippets (no mount or user
         namespaces); they then see the host's files as far as permissions allow. Without it
         the sandbox refuses to start there, naming what is missing.
+    fault_warn_share, fault_stop_share, fault_stop_steps: how much of the machine's failure a
+        training run takes. Each step, the share of tool calls that ended in a sandbox fault
+        (after the sandbox's own retries) is compared with them: above `fault_warn_share` (1%)
+        the run warns; above `fault_stop_share` (5%) for `fault_stop_steps` (3) steps in a row
+        it saves a checkpoint and stops with exit code 3, naming the figures (`--resume`
+        continues once the machine is fixed). `fault_stop_share=1` never stops.
     """
 
     workers: int = 2
@@ -39,6 +45,9 @@ class SandboxConfig:
     preload: list[str] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
     extra_readonly_paths: list[str] = field(default_factory=list)
     accept_weaker_isolation: bool = False
+    fault_warn_share: float = 0.01
+    fault_stop_share: float = 0.05
+    fault_stop_steps: int = 3
 
     def __post_init__(self) -> None:
         # Imported here: cir.sandbox stays importable (and `cir sandbox run` fast) without the
@@ -50,6 +59,11 @@ class SandboxConfig:
         for name in ("timeout_s", "memory_mb", "max_output_bytes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("fault_warn_share", "fault_stop_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.fault_stop_steps < 1:
+            raise ConfigError(f"fault_stop_steps must be >= 1, got {self.fault_stop_steps}")
         if isinstance(self.preload, str) or not all(isinstance(m, str) for m in self.preload):
             raise ConfigError(f"preload must be a list of module names, got {self.preload!r}")
         paths = self.extra_readonly_paths

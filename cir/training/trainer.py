@@ -4,7 +4,8 @@ One step (`Trainer.step`):
 
     stage      = schedule.at(step)                            # tool budget, response length
     collected  = collect(stage)                               # sample problems, roll out, score
-                                                              # (dynamic sampling refills here)
+                                                              # (dynamic sampling refills here;
+                                                              # the machine's faults are left out)
     advantages = compute_advantages(rewards, groups)          # group baseline, global whitening
     batch      = build_train_batch(trajectories, advantages)  # the one hand-off to tensors
     metrics    = actor.update(batch)                          # masked clipped loss, optimizer
@@ -46,13 +47,14 @@ from cir.metrics import (
 )
 from cir.models import load_policy
 from cir.prompts import get_prompt, prompt_token_ids
-from cir.rewards import RewardResult, score_trajectories
+from cir.rewards import RewardResult, grader_counters, score_trajectories
 from cir.rollout import rollout, sample_seed
 from cir.sandbox import Sandbox
 from cir.training import checkpoint as ckpt
 from cir.training.actor import Actor, sync_weights
 from cir.training.batch import build_train_batch
 from cir.training.config import check_run_inputs
+from cir.training.faults import Exclusion, FaultWatch, count_groups, counter_delta, fault_survivors, first_groups
 from cir.training.stop import StopRequest
 from cir.trajectory import Trajectory
 
@@ -70,6 +72,7 @@ class Collected:
     trained_rewards: list[RewardResult]
     trained_positions: list[int]  # each trained trajectory's position in the step's global list
     reward_seconds: float
+    excluded: Exclusion  # what faults left out of the loss (`cir.training.faults`)
 
 
 def _log(msg: str) -> None:
@@ -185,6 +188,11 @@ class Trainer:
             self._load_state(resume_from)
 
         self.sandbox = Sandbox.from_config(cfg.sandbox)
+        sc = cfg.sandbox
+        self.fault_watch = FaultWatch(
+            warn_share=sc.fault_warn_share, stop_share=sc.fault_stop_share, stop_steps=sc.fault_stop_steps
+        )
+        self._counters_seen = (self.sandbox.counters(), grader_counters())
         # On resume, the held-out evaluation logged at step 0 (if any) is the run's "before".
         self._logged_before: dict | None = None
         if resume_from is not None and self.dist.is_main:
@@ -274,6 +282,7 @@ class Trainer:
         cfg, stage = self.cfg, self.schedule.at(self.step_count)
         t_start = time.perf_counter()
         collected = self.collect(stage)
+        sandbox_step, grader_step = self._fault_counters()
         t_rollout = time.perf_counter() - t_start - collected.reward_seconds
 
         t0 = time.perf_counter()
@@ -323,18 +332,30 @@ class Trainer:
             epoch=self.sampler.epoch,
             times=times,
             dist=self.dist,
+            grader=grader_step,
+            sandbox=sandbox_step,
+            excluded=collected.excluded,
         )
         return {**metrics, **update_metrics}
+
+    def _fault_counters(self):
+        """The sandbox's and the grader's counts (retries, restarts, faults) since the last step's:
+        nothing they went through between steps (an evaluation, a restart) goes uncounted."""
+        sandbox, grader = self.sandbox.counters(), grader_counters()
+        seen, self._counters_seen = self._counters_seen, (sandbox, grader)
+        return counter_delta(seen[0], sandbox), grader - seen[1]
 
     def collect(self, stage) -> Collected:
         """Roll out this rank's share of the step's problems and score them. With dynamic
         sampling, groups whose rewards are all equal are dropped and the batch is refilled from
         the next problems, for at most `algo.max_refill_rounds` more rounds; then the step keeps
-        the first `algo.prompts_per_step` informative groups in global order (`groups_to_keep`)."""
+        the first `algo.prompts_per_step` informative groups in global order (`groups_to_keep`).
+        Trajectories with a faulted reward, and groups left with too few survivors, are never
+        trained on (`cir.training.faults.fault_survivors`)."""
         algo = self.cfg.algo
         rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
         problems = self.sampler.next_batch()
-        everything, rewards, t_reward = [], [], 0.0
+        everything, rewards, t_reward, excluded = [], [], 0.0, Exclusion()
         kept_by_round: list[list[tuple[Trajectory, RewardResult]]] = []
         for round_ in range(rounds):
             batch = self.rollout_problems(problems, stage, salt=round_)
@@ -346,26 +367,31 @@ class Trainer:
             t_reward += time.perf_counter() - t0
             everything += batch
             rewards += scored
+            survivors, lost = fault_survivors([r.fault is not None for r in scored], [t.group for t in batch])
+            excluded += lost
+            batch, scored = [batch[i] for i in survivors], [scored[i] for i in survivors]
             if not algo.dynamic_sampling:
                 first = self.dist.shard_bounds(len(problems))[0] * algo.group_size
-                positions = list(range(first, first + len(batch)))
-                return Collected(everything, rewards, batch, scored, positions, t_reward)
+                positions = [first + i for i in survivors]
+                return Collected(everything, rewards, batch, scored, positions, t_reward, excluded)
             keep = informative_groups(
                 torch.tensor([r.reward for r in scored]), torch.tensor([t.group for t in batch])
             ).tolist()
             kept_by_round.append([(t, r) for t, r, k in zip(batch, scored, keep) if k])
-            found = sum(len(kept) for kept in kept_by_round) // algo.group_size
+            found = sum(count_groups([t.group for t, _ in kept]) for kept in kept_by_round)
             missing = missing_groups(found, algo.prompts_per_step, self.dist)
             if missing <= 0:
                 break
             problems = self.sampler.take(missing)
-        g = algo.group_size
-        keep, first = self._groups_to_keep([len(kept) // g for kept in kept_by_round])
+        keep, first = self._groups_to_keep([count_groups([t.group for t, _ in kept]) for kept in kept_by_round])
         trained, positions = [], []
         for kept, n, index in zip(kept_by_round, keep, first):
-            trained += kept[: n * g]
-            positions += range(index * g, (index + n) * g)
-        return Collected(everything, rewards, [t for t, _ in trained], [r for _, r in trained], positions, t_reward)
+            count, slots = first_groups([t.group for t, _ in kept], n, index, algo.group_size)
+            trained += kept[:count]
+            positions += slots
+        return Collected(
+            everything, rewards, [t for t, _ in trained], [r for _, r in trained], positions, t_reward, excluded
+        )
 
     def _groups_to_keep(self, my_counts: list[int]) -> tuple[list[int], list[int]]:
         """This rank's share of the step's informative groups per refill round, and where they go
@@ -455,6 +481,11 @@ class Trainer:
         with StopRequest() as stop, self._progress_bar() as bar:
             while self.step_count < self.cfg.run.steps:
                 last = self._step_and_log(bar)
+                verdict = self.fault_watch.check(self.step_count, last["fault/sandbox_calls"], last["tool/calls"])
+                if verdict.action == "stop":
+                    return self._stopped(before, last, fault=verdict.message)
+                if verdict.action == "warn":
+                    self._say(verdict.message)
                 if stop.agreed(self.dist):
                     return self._stopped(before, last)
                 if self._due(self.cfg.run.save_every):
@@ -488,10 +519,13 @@ class Trainer:
         step = self.step_count
         return bool(every) and step % every == 0 and step < self.cfg.run.steps
 
-    def _stopped(self, before: dict | None, last: dict) -> dict:
+    def _stopped(self, before: dict | None, last: dict, fault: str | None = None) -> dict:
+        """Save and end the loop: asked to (a signal), or with `fault`, the message of a run whose
+        sandbox kept failing (`cir.training.faults.FaultWatch`; `cir train` exits 3 with it)."""
         path = self.save()
-        self._say(f"stopped at step {self.step_count}; saved {path} (continue with --resume)")
-        return {"before": before, "after": None, "last": last, "checkpoint": str(path), "stopped": True}
+        why = f": {fault}" if fault else ""
+        self._say(f"stopped at step {self.step_count}{why}; saved {path} (continue with --resume)")
+        return {"before": before, "after": None, "last": last, "checkpoint": str(path), "stopped": True, "fault": fault}
 
     def _finish(self, before: dict | None, last: dict) -> dict:
         after = None
@@ -513,6 +547,7 @@ class Trainer:
             "checkpoint": str(path),
             "plot": str(plot) if plot else None,
             "stopped": False,
+            "fault": None,
         }
 
     def _progress_bar(self):
