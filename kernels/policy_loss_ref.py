@@ -238,6 +238,64 @@ def _sequence_ids(layout: Layout, total: int, device: torch.device) -> Tensor:
     return torch.arange(layout.num_seqs, device=device).repeat_interleave(lengths, output_size=total)
 
 
+@dataclass(frozen=True)
+class TokenTerms:
+    """The per-token quantities of the loss, before the mask and the aggregation."""
+
+    loss: Tensor  # l = pg + kl_coef * kl - entropy_coef * entropy
+    pg: Tensor
+    kl: Tensor | None  # capped; None without a reference
+    ratio: Tensor
+    dual_active: Tensor  # bool: the dual clip holds the token's loss
+
+
+def _token_terms(
+    lp: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    ref: Tensor | None,
+    kl_coef: float,
+    kl_type: str,
+    cap: float | None,
+    ent: Tensor | None,
+    entropy_coef: float,
+) -> TokenTerms:
+    """Each token's loss from its own values alone (the definitions of the module docstring):
+    what `policy_loss_reference` aggregates and `ppo_clip_token_loss` hands to a fused pass."""
+    log_ratio = torch.clamp(lp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    dual_active = torch.zeros(pg.shape, dtype=torch.bool, device=pg.device)
+    if dual_clip is not None:
+        pg_dual = -adv * dual_clip
+        dual_active = (adv < 0) & (pg > pg_dual)
+        pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
+    per_token = pg
+
+    kl = None
+    if ref is not None:
+        if kl_type == "k1":
+            kl = lp - ref
+        elif kl_type == "k2":
+            kl = 0.5 * (lp - ref) ** 2
+        else:
+            d = torch.clamp(ref - lp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            kl = torch.exp(d) - d - 1.0
+        if cap is not None:
+            # Gradient 0 where the cap holds the value (torch.clamp's; the kernel copies it).
+            kl = torch.clamp(kl, -cap, cap)
+        per_token = per_token + kl_coef * kl
+    if ent is not None:
+        per_token = per_token - entropy_coef * ent
+    return TokenTerms(per_token, pg, kl, ratio, dual_active)
+
+
 def policy_loss_reference(
     logprob: Tensor,
     old_logprob: Tensor,
@@ -305,36 +363,23 @@ def policy_loss_reference(
         adv = adv.reshape(B, 1).expand(B, layout.seq_len) if layout.padded else adv.reshape(-1)[seq_id]
     adv = clean(adv).detach()
 
-    log_ratio = torch.clamp(lp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    dual_active = torch.zeros_like(valid)
-    if dual_clip is not None:
-        pg_dual = -adv * dual_clip
-        dual_active = (adv < 0) & (pg > pg_dual)
-        pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
-    per_token = pg
-
-    kl = None
-    if ref_logprob is not None:
-        ref = clean(ref_logprob).detach()
-        if kl_type == "k1":
-            kl = lp - ref
-        elif kl_type == "k2":
-            kl = 0.5 * (lp - ref) ** 2
-        else:
-            d = torch.clamp(ref - lp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            kl = torch.exp(d) - d - 1.0
-        if cap is not None:
-            # Gradient 0 where the cap holds the value (torch.clamp's; the kernel copies it).
-            kl = torch.clamp(kl, -cap, cap)
-        per_token = per_token + kl_coef * kl
-    ent = None
-    if entropy is not None:
-        ent = clean(entropy)
-        per_token = per_token - entropy_coef * ent
+    ref = None if ref_logprob is None else clean(ref_logprob).detach()
+    ent = None if entropy is None else clean(entropy)
+    terms = _token_terms(
+        lp,
+        old,
+        adv,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ref=ref,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        cap=cap,
+        ent=ent,
+        entropy_coef=entropy_coef,
+    )
+    per_token, pg, kl, ratio, dual_active = terms.loss, terms.pg, terms.kl, terms.ratio, terms.dual_active
 
     # Per-sequence masked sums, then the aggregation's weights.
     def seq_sum(x: Tensor) -> Tensor:
@@ -379,3 +424,167 @@ def policy_loss_reference(
         if ent is not None:
             metrics["entropy"] = aggregate(ent)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------- the loss token by token
+#
+# Every aggregation above is linear in the per-token loss: loss = sum_t w_t * l_t with weights
+# that depend only on the mask and the layout (`aggregation_weights`), and l_t depends only on
+# token t's own values (`_token_terms`). A pass that sees the tokens a slice at a time (the fused
+# LM head + loss, `cir.kernels.linear_loss`) can therefore compute each slice's share of the loss
+# and its gradient, the slices adding up to `policy_loss_reference`'s loss.
+
+
+def ppo_clip_token_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+    ref_logprob: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k1",
+    kl_cap: float | None = KL_CAP,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> Tensor:
+    """The per-token loss l_t of `policy_loss_reference` (its definition, before the mask and
+    the aggregation) on per-token inputs of one shape; differentiable in logprob and entropy."""
+    return _token_terms(
+        logprob,
+        old_logprob.detach(),
+        advantages.detach(),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ref=None if ref_logprob is None else ref_logprob.detach(),
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        cap=effective_kl_cap(kl_cap),
+        ent=entropy,
+        entropy_coef=entropy_coef,
+    ).loss
+
+
+def aggregation_weights(loss_mask: Tensor, layout: Layout, aggregation: str, dtype: torch.dtype) -> Tensor:
+    """Per-token weights w of the flattened batch with aggregate(x) == sum_t w_t x_t for the
+    aggregation's formula (module docstring); 0 on masked tokens."""
+    mask_w = loss_mask.reshape(-1).to(dtype)
+    B = layout.num_seqs
+    if aggregation == "token-mean":
+        return mask_w / mask_w.sum().clamp(min=torch.finfo(dtype).tiny)
+    if aggregation == "seq-mean-token-sum":
+        return mask_w / B
+    if aggregation == "seq-mean-token-sum-norm":
+        return mask_w / (B * layout.norm_len)
+    if aggregation != "seq-mean-token-mean":
+        raise ValueError(f"policy_loss: aggregation={aggregation!r}; expected one of {AGGREGATIONS}")
+    if layout.padded:
+        n_seq = mask_w.view(B, layout.seq_len).sum(dim=1)
+        per_token_n = n_seq.repeat_interleave(layout.seq_len)
+    else:
+        seq_id = _sequence_ids(layout, mask_w.numel(), mask_w.device)
+        n_seq = torch.zeros(B, dtype=dtype, device=mask_w.device).index_add(0, seq_id, mask_w)
+        per_token_n = n_seq[seq_id]
+    n_valid = (n_seq > 0).sum().clamp(min=1)
+    return torch.where(mask_w != 0, mask_w / (per_token_n * n_valid), torch.zeros_like(mask_w))
+
+
+class TokenSeparableLoss:
+    """A policy loss over one batch as a sum over its tokens, evaluated a slice of tokens at a
+    time: `loss(rows, logprob, entropy)` is the share of the tokens `rows` (a slice of the
+    flattened batch), sum over them of w_t * l_t, differentiable in `logprob` and `entropy`
+    (those tokens' values, [rows]). The slices of a partition add up to the batch's loss.
+
+    `per_token` computes l_t from per-token tensors (`ppo_clip_token_loss`'s signature); the
+    other arguments are those of `policy_loss_reference`, checked the same way. `old_logprob`
+    None means strictly on-policy: each token's own log-prob, detached. `uses_entropy` says
+    whether the loss depends on the entropy (entropy_coef != 0), so that a pass that does not
+    need its gradient can skip it.
+    """
+
+    def __init__(
+        self,
+        per_token,
+        old_logprob: Tensor | None,
+        advantages: Tensor,
+        loss_mask: Tensor,
+        *,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        dual_clip: float | None = 3.0,
+        aggregation: str = "token-mean",
+        ref_logprob: Tensor | None = None,
+        kl_coef: float = 0.0,
+        kl_type: str = "k1",
+        kl_cap: float | None = KL_CAP,
+        entropy_coef: float = 0.0,
+        cu_seqlens: Tensor | None = None,
+        max_seq_len_norm: int | None = None,
+    ):
+        shape_of = loss_mask.to(torch.float32)  # stands for the log-probs and entropies not computed yet
+        layout = check_inputs(
+            shape_of,
+            shape_of if old_logprob is None else old_logprob,
+            advantages,
+            loss_mask,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            aggregation=aggregation,
+            ref_logprob=ref_logprob,
+            kl_coef=kl_coef,
+            kl_type=kl_type,
+            kl_cap=kl_cap,
+            entropy=shape_of,
+            entropy_coef=entropy_coef,
+            cu_seqlens=cu_seqlens,
+            max_seq_len_norm=max_seq_len_norm,
+        )
+        self.per_token = per_token
+        # Held in float64 and cast to the slice's dtype (the pass's: fp32, or float64) on use.
+        wide = torch.float64
+        self.weights = aggregation_weights(loss_mask, layout, aggregation, wide)
+        self.valid = self.weights != 0
+        zero = torch.zeros((), dtype=wide, device=self.weights.device)
+
+        def clean(t: Tensor) -> Tensor:
+            return torch.where(self.valid, t.reshape(-1).to(wide), zero).detach()
+
+        adv = advantages.to(wide)
+        if layout.per_seq_advantages:
+            B = layout.num_seqs
+            if layout.padded:
+                adv = adv.reshape(B, 1).expand(B, layout.seq_len)
+            else:
+                adv = adv.reshape(-1)[_sequence_ids(layout, loss_mask.numel(), adv.device)]
+        self.advantages = clean(adv)
+        self.old = None if old_logprob is None else clean(old_logprob)
+        self.ref = None if ref_logprob is None else clean(ref_logprob)
+        self.uses_entropy = entropy_coef != 0.0
+        self.kwargs = dict(
+            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
+            kl_cap=kl_cap, entropy_coef=entropy_coef,
+        )  # fmt: skip
+
+    def __call__(self, rows: slice, logprob: Tensor, entropy: Tensor | None) -> Tensor:
+        dtype = torch.promote_types(logprob.dtype, torch.float32)
+        valid = self.valid[rows]
+        zero = torch.zeros((), dtype=dtype, device=valid.device)
+        lp = torch.where(valid, logprob.to(dtype), zero)
+        ent = None
+        if self.uses_entropy:
+            if entropy is None:
+                raise ValueError("policy_loss: entropy_coef != 0 needs the entropy of every token")
+            ent = torch.where(valid, entropy.to(dtype), zero)
+        per_token = self.per_token(
+            lp,
+            lp.detach() if self.old is None else self.old[rows].to(dtype),
+            self.advantages[rows].to(dtype),
+            ref_logprob=None if self.ref is None else self.ref[rows].to(dtype),
+            entropy=ent,
+            **self.kwargs,
+        )
+        return (self.weights[rows].to(dtype) * per_token).sum()

@@ -20,7 +20,7 @@ from cir.distributed import DistributedContext
 from cir.models import tiny_causal_lm
 from cir.tokenization import byte_tokenizer
 from cir.training import export
-from cir.training.actor import Actor, UpdateMetrics
+from cir.training.actor import Actor, UpdateMetrics, micro_batch_loss
 from cir.training.batch import build_train_batch
 from cir.training.optim import OptimConfig, ShardingConfig, attention_precision_problem
 from cir.training.sharding import compute_dtype, device_mesh, mixed_precision, should_shard
@@ -40,7 +40,7 @@ def _model(tok, *, tied=False, dtype=torch.float32):
     )
 
 
-def _batch(tok, seed, *, mini_batches=2, device="cpu"):
+def _batch(tok, seed, *, mini_batches=2, device="cpu", temperature=1.0, packing=False):
     """10 random trajectories (feedback tokens in the longer ones), in micro-batches of <= 64 slots."""
     g = torch.Generator().manual_seed(seed)
     trajs = []
@@ -60,8 +60,9 @@ def _batch(tok, seed, *, mini_batches=2, device="cpu"):
         device=device,
         mini_batches=mini_batches,
         micro_batch_tokens=64,
-        temperature=1.0,
+        temperature=temperature,
         max_response_tokens=32,
+        packing=packing,
     )
 
 
@@ -143,6 +144,109 @@ def test_the_update_leaves_the_hand_off_as_built(tok):
             same = torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value
             assert same, name
     assert not any("logprobs" in f.name and f.name != "sampler_logprobs" for f in dataclasses.fields(type(mb)))
+
+
+# The LM head and the loss in one pass against linear_logprob then the loss: (optim, algo, tied,
+# temperature, packed micro-batches). On-policy with an entropy bonus; off-policy (2 epochs x 2
+# mini-batches: old log-probs) with a capped k3 KL, the token-level rollout correction and a
+# sequence-mean aggregation; the sequence-level correction with the length-normalised sum.
+FUSED_CASES = {
+    "on-policy+entropy": (OptimConfig(lr=1e-2), AlgoConfig(entropy_coef=0.01), False, 0.7, False),
+    "off-policy+kl+token_tis": (
+        OptimConfig(lr=1e-2, ppo_epochs=2, mini_batches=2),
+        AlgoConfig(kl_coef=0.05, kl_type="k3", rollout_correction="token_tis", aggregation="seq-mean-token-mean"),
+        True,
+        1.0,
+        True,
+    ),
+    "off-policy+seq_mis+entropy": (
+        OptimConfig(lr=1e-2, ppo_epochs=2),
+        AlgoConfig(
+            rollout_correction="seq_mis", aggregation="seq-mean-token-sum-norm", entropy_coef=0.02, kl_coef=0.02
+        ),
+        False,
+        1.3,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_the_fused_lm_head_and_loss_update_as_the_composition(tok, case):
+    """Two updates of a float64 tiny model through each path: the same metrics (rel 1e-9) and
+    the same weights (1e-10 absolute; Adam's steps are ~1e-2, so rounding, not a wrong term, could
+    only differ there). `auto` takes the fused path on a CPU where it applies."""
+    optim, algo, tied, temperature, packing = FUSED_CASES[case]
+    actors = {
+        path: Actor(
+            _model(tok, tied=tied, dtype=torch.float64),
+            tok,
+            optim,
+            dataclasses.replace(algo, fused_loss=path),
+            total_optimizer_steps=4,
+        )
+        for path in ("never", "auto")
+    }
+    assert not actors["never"].fused_loss and actors["auto"].fused_loss
+    for step in range(2):
+        mini = optim.mini_batches
+        want, got = (
+            a.update(_batch(tok, step, mini_batches=mini, temperature=temperature, packing=packing))
+            for a in (actors["never"], actors["auto"])
+        )
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), (step, k)
+    assert want["actor/grad_norm"] > 0 and want["actor/entropy"] > 0
+    if algo.kl_coef:
+        assert want["actor/kl_loss"] != 0
+    w_want, w_got = _weights(actors["never"]), _weights(actors["auto"])
+    moved = max((w_want[k] - p).abs().max().item() for k, p in _weights_of(_model(tok, tied=tied)).items())
+    assert moved > 1e-3  # the updates did change the weights
+    for k in w_want:
+        assert torch.isfinite(w_got[k]).all(), k
+        torch.testing.assert_close(w_got[k], w_want[k], rtol=0, atol=1e-10, msg=k)
+
+
+def _weights_of(model):
+    return {k: v.detach().double() for k, v in model.state_dict().items()}
+
+
+def test_where_the_fused_lm_head_and_loss_apply(tok):
+    """auto: on this CPU wherever the loss can be taken a token at a time; not with an on-policy
+    rollout correction (its weights need the pass's own log-probs first) nor when a kernel is
+    forced to its plain reference; always: an error where it cannot apply; never: the default."""
+
+    def fused(optim, **algo):
+        algo = {"fused_loss": "auto", **algo}
+        return Actor(_model(tok), tok, optim, AlgoConfig(**algo), total_optimizer_steps=1).fused_loss
+
+    on, off = OptimConfig(), OptimConfig(ppo_epochs=2)
+    assert fused(on) and fused(off, rollout_correction="token_tis") and fused(on, logprob_impl="torch")
+    assert not fused(on, rollout_correction="seq_mis") and not fused(on, fused_loss="never")
+    assert not fused(on, loss_impl="reference") and not fused(on, logprob_impl="reference")
+    assert (
+        AlgoConfig().fused_loss == "never"
+        and not Actor(_model(tok), tok, on, AlgoConfig(), total_optimizer_steps=1).fused_loss
+    )
+    with pytest.raises(ConfigError, match="rollout_correction"):
+        fused(on, rollout_correction="token_tis", fused_loss="always")
+    with pytest.raises(ConfigError, match="logprob_impl"):
+        AlgoConfig(fused_loss="always", logprob_impl="reference")
+
+
+def test_the_placeholder_pass_runs_fused_off_policy_with_a_rollout_correction(tok):
+    """A rank with fewer micro-batches runs the placeholder: off-policy with a rollout correction
+    the fused pass needs its old log-probs before it runs, which the actor hands it (zeros)."""
+    algo = AlgoConfig(kl_coef=0.05, rollout_correction="token_tis", fused_loss="auto")
+    actor = Actor(_model(tok), tok, OptimConfig(ppo_epochs=2), algo, total_optimizer_steps=2)
+    assert actor.fused_loss
+    _, fixed = actor._fixed_logprobs(_batch(tok, 0), on_policy=False)
+    loss, metrics = micro_batch_loss(
+        actor.policy, actor.placeholder, algo, fixed, temperature=1.0, max_response_tokens=8, fused=True
+    )
+    (loss * 0.0).backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
 
 
 def test_update_metrics_are_token_weighted_means_and_maxima():

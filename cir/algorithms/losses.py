@@ -4,7 +4,9 @@ A policy loss is registered (`cir.algorithms.registry`) with two implementations
 function: the plain torch `reference` (the definition, in `cir.kernels.policy_loss_ref`) and the
 `fused` one (the Triton kernel behind `cir.kernels.policy_loss`, which falls back to the
 reference off CUDA).
-Tests compare the two on random inputs; `algo.loss_impl` picks the path at run time.
+Tests compare the two on random inputs; `algo.loss_impl` picks the path at run time. A loss that
+also registers its `per_token` term can be computed a slice of tokens at a time (`token_loss`),
+which is what the LM head and the loss in one pass (`cir.kernels.linear_loss`) need.
 
 Aggregation across micro-batches and ranks. Each micro-batch's loss comes back normalised
 over that micro-batch alone (a token mean, a sequence mean, ...). `micro_batch_weight` is the
@@ -17,7 +19,7 @@ Data-parallel training averages gradients over ranks, so the weight carries a fa
 from __future__ import annotations
 
 from cir.algorithms.registry import get_policy_loss
-from cir.kernels.policy_loss_ref import AGGREGATIONS
+from cir.kernels.policy_loss_ref import AGGREGATIONS, TokenSeparableLoss
 
 
 def compute_policy_loss(name: str, *args, impl: str = "auto", **kwargs):
@@ -27,6 +29,16 @@ def compute_policy_loss(name: str, *args, impl: str = "auto", **kwargs):
     if impl == "reference":
         return entry.reference(*args, **kwargs)
     return entry.fused(*args, impl=impl, **kwargs)
+
+
+def token_loss(name: str, old_logprob, advantages, loss_mask, **kwargs) -> TokenSeparableLoss:
+    """The loss `name` as a sum over tokens, evaluated a slice of tokens at a time (for the fused
+    LM-head pass): the arguments of `compute_policy_loss` less the log-probs and entropies, which
+    the pass computes (`old_logprob` None: on-policy, each token's own log-prob detached)."""
+    entry = get_policy_loss(name)
+    if entry.per_token is None:
+        raise ValueError(f"policy loss {name!r} has no per-token term registered: the fused pass cannot compute it")
+    return TokenSeparableLoss(entry.per_token, old_logprob, advantages, loss_mask, **kwargs)
 
 
 def micro_batch_weight(

@@ -79,26 +79,38 @@ def get_advantage(name: str) -> AdvantageFn:
 @dataclass(frozen=True)
 class PolicyLoss:
     """One loss, two implementations with the same signature (see `cir.kernels.policy_loss`):
-    the plain torch `reference` and the `fused` one."""
+    the plain torch `reference` and the `fused` one; and optionally its `per_token` term (the
+    loss of each token from that token's values alone, before the mask and the aggregation:
+    `cir.kernels.policy_loss_ref.ppo_clip_token_loss`'s signature), with which the LM head and
+    the loss run in one pass (`cir.algorithms.losses.token_loss`, `cir.kernels.linear_loss`)."""
 
     name: str
     reference: Callable
     fused: Callable
+    per_token: Callable | None = None
 
 
-# name -> the loss, or (reference, fused) as "module:attribute" until first used.
-_POLICY_LOSSES: dict[str, PolicyLoss | tuple[str, str]] = {
+# name -> the loss, or (reference, fused, per_token) as "module:attribute" until first used.
+_POLICY_LOSSES: dict[str, PolicyLoss | tuple[str, str, str]] = {
     # The clipped surrogate of PPO / GRPO / REINFORCE++ with asymmetric clip ("clip-higher"),
     # optional dual clip, KL to a reference (capped per token) and an entropy bonus.
-    "ppo_clip": ("cir.kernels.policy_loss_ref:policy_loss_reference", "cir.kernels:policy_loss"),
+    "ppo_clip": (
+        "cir.kernels.policy_loss_ref:policy_loss_reference",
+        "cir.kernels:policy_loss",
+        "cir.kernels.policy_loss_ref:ppo_clip_token_loss",
+    ),
 }
 
 
-def register_policy_loss(name: str, *, reference: Callable, fused: Callable | None = None) -> PolicyLoss:
-    """Register a policy loss; without a fused implementation the reference serves both."""
+def register_policy_loss(
+    name: str, *, reference: Callable, fused: Callable | None = None, per_token: Callable | None = None
+) -> PolicyLoss:
+    """Register a policy loss; without a fused implementation the reference serves both. With
+    `per_token` (each token's loss alone, which the reference aggregates with the mask and
+    `algo.aggregation`) the LM head and the loss can run in one pass."""
     if name in _POLICY_LOSSES:
         raise ValueError(f"policy loss {name!r} is already registered")
-    entry = PolicyLoss(name, reference, fused or reference)
+    entry = PolicyLoss(name, reference, fused or reference, per_token)
     _POLICY_LOSSES[name] = entry
     return entry
 
@@ -112,6 +124,6 @@ def get_policy_loss(name: str) -> PolicyLoss:
         raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(policy_loss_names())}")
     entry = _POLICY_LOSSES[name]
     if isinstance(entry, tuple):
-        reference, fused = entry
-        entry = _POLICY_LOSSES[name] = PolicyLoss(name, _resolve(reference), _resolve(fused))
+        reference, fused, per_token = entry
+        entry = _POLICY_LOSSES[name] = PolicyLoss(name, _resolve(reference), _resolve(fused), _resolve(per_token))
     return entry

@@ -386,6 +386,7 @@ def run_step_bench(args) -> dict:
         prompts_per_step=args.prompts,
         kl_coef=0.01 if args.kl else 0.0,
         logprob_impl=args.logprob_impl,
+        fused_loss=args.fused_loss,
     )
     total_steps = (args.warmup + args.steps) * args.ppo_epochs * args.mini_batches
     if cuda:
@@ -580,6 +581,8 @@ def run_step_bench(args) -> dict:
             "sharded": bool(sharded),
             "gradient_checkpointing": bool(args.gradient_checkpointing),
             "logprob_impl": args.logprob_impl,
+            "fused_loss": args.fused_loss,
+            "fused_loss_used": bool(actor.fused_loss),
             "ppo_epochs": args.ppo_epochs,
             "mini_batches": args.mini_batches,
             "kl_reference": bool(args.kl),
@@ -651,7 +654,8 @@ def format_report(r: dict) -> str:
         f"{b['prompts']} prompts x {b['samples']} samples x {b['response_tokens']} response tokens "
         f"(prompt {b['prompt_tokens']}), {s['param_dtype']} weights, {s['compute_dtype']} compute"
         + (", FSDP2 (1 rank)" if s["sharded"] else "")
-        + f", log-probs impl={s['logprob_impl']}",
+        + f", log-probs impl={s['logprob_impl']}"
+        + (", LM head and loss fused" if s["fused_loss_used"] else ", LM head then loss (unfused)"),
         "",
         f"{'':28s}{'measured':>16s}{'predicted':>16s}   how",
         f"{'update (best of ' + str(s['timed_steps']) + ')':28s}{m['update_s_best']:>15.3f}s{p['update_s']:>15.3f}s"
@@ -704,6 +708,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharded", action="store_true", help="shard on a CPU too (on CUDA the actor always shards)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--logprob-impl", choices=["auto", "triton", "torch", "reference"], default="auto")
+    parser.add_argument(
+        "--fused-loss",
+        choices=["auto", "always", "never"],
+        default="never",
+        help="algo.fused_loss: the LM head and the policy loss in one pass (auto: on a CPU; default never, as algo)",
+    )
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--ppo-epochs", type=int, default=1)
     parser.add_argument("--mini-batches", type=int, default=1)

@@ -40,10 +40,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from cir.algorithms import AlgoConfig, compute_policy_loss, micro_batch_weight
+from cir.algorithms import AlgoConfig, compute_policy_loss, get_policy_loss, micro_batch_weight
 from cir.algorithms.correction import importance_weights, mismatch_metrics
+from cir.algorithms.losses import token_loss
 from cir.config_loader import ConfigError
 from cir.distributed import DistributedContext
+from cir.kernels.linear_logprob import HAS_TRITON
 from cir.training import export
 from cir.training.batch import MicroBatch, TrainBatch
 from cir.training.logprobs import ResponseLogprobs
@@ -82,42 +84,51 @@ def micro_batch_loss(
     *,
     temperature: float,
     max_response_tokens: int,
+    fused: bool = False,
 ):
-    """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient."""
-    logprob, entropy = policy.of(mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
-    old = fixed.old if fixed.old is not None else logprob.detach()
-    advantages = mb.advantages
-    weights = importance_weights(
-        old,
-        mb.sampler_logprobs,
-        mb.loss_mask,
-        mb.cu_seqlens,
-        mode=algo.rollout_correction,
-        cap=algo.rollout_correction_cap,
-    )
-    if weights is not None:  # per-token advantages carry the sampler/trainer correction
-        lengths = mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]
-        advantages = torch.repeat_interleave(mb.advantages, lengths) * weights
-    loss, metrics = compute_policy_loss(
-        algo.policy_loss,
-        logprob,
-        old,
-        advantages,
-        mb.loss_mask,
+    """Loss (self-normalised over `mb`) and metrics of one micro-batch, with gradient.
+
+    Unfused: `linear_logprob`, then the policy loss on its log-probs (the plain composition).
+    `fused`: the LM head and the loss in one pass (`cir.kernels.linear_loss`), the per-token loss
+    handed to it as `cir.algorithms.losses.token_loss`; its gradients are computed in the forward,
+    and the metrics come from the registered loss on the pass's log-probs, as unfused. Fused needs
+    the old log-probs before the pass when a rollout correction reweights the advantages (see
+    `fused_loss_problem`).
+    """
+    loss_args = dict(
         clip_low=algo.clip_low,
         clip_high=algo.clip_high,
         dual_clip=algo.dual_clip,
         aggregation=algo.aggregation,
-        ref_logprob=fixed.ref,
         kl_coef=algo.kl_coef,
         kl_type=algo.kl_type,
         kl_cap=algo.kl_cap,
-        entropy=entropy,
         entropy_coef=algo.entropy_coef,
         cu_seqlens=mb.cu_seqlens,
         max_seq_len_norm=max_response_tokens,
-        impl=algo.loss_impl,
     )
+    if fused:
+        advantages, weights = _corrected_advantages(mb, algo, fixed.old)
+        per_token = token_loss(
+            algo.policy_loss, fixed.old, advantages, mb.loss_mask, ref_logprob=fixed.ref, **loss_args
+        )
+        loss, logprob, entropy = policy.of(
+            mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl, token_loss=per_token
+        )
+        old = fixed.old if fixed.old is not None else logprob
+        with torch.no_grad():
+            _, metrics = compute_policy_loss(
+                algo.policy_loss, logprob, old, advantages, mb.loss_mask, ref_logprob=fixed.ref, entropy=entropy,
+                impl=algo.loss_impl, **loss_args,
+            )  # fmt: skip
+    else:
+        logprob, entropy = policy.of(mb, temperature=temperature, with_entropy=True, impl=algo.logprob_impl)
+        old = fixed.old if fixed.old is not None else logprob.detach()
+        advantages, weights = _corrected_advantages(mb, algo, old)
+        loss, metrics = compute_policy_loss(
+            algo.policy_loss, logprob, old, advantages, mb.loss_mask, ref_logprob=fixed.ref, entropy=entropy,
+            impl=algo.loss_impl, **loss_args,
+        )  # fmt: skip
     # How far the trainer's log-probs are from the sampler's (same weights): ~0 when engine and
     # trainer compute alike; large when they disagree (precision, kernels, a tokenization drift).
     m = mb.loss_mask
@@ -128,6 +139,52 @@ def micro_batch_loss(
     if entropy is not None and "entropy" not in metrics:
         metrics["entropy"] = (entropy.detach() * m).sum() / n
     return loss, metrics
+
+
+def _corrected_advantages(mb: MicroBatch, algo: AlgoConfig, old: torch.Tensor | None):
+    """The advantages the loss sees (per trajectory, or per token once the sampler/trainer
+    correction weights them) and the correction's weights (None without one)."""
+    if algo.rollout_correction == "none":
+        return mb.advantages, None
+    if old is None:
+        raise ValueError("a rollout correction needs the old log-probs before the fused pass (off-policy)")
+    weights = importance_weights(
+        old,
+        mb.sampler_logprobs,
+        mb.loss_mask,
+        mb.cu_seqlens,
+        mode=algo.rollout_correction,
+        cap=algo.rollout_correction_cap,
+    )
+    lengths = mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]
+    return torch.repeat_interleave(mb.advantages, lengths) * weights, weights
+
+
+def fused_loss_problem(algo: AlgoConfig, on_policy: bool) -> str | None:
+    """Why the update cannot compute the LM head and the loss in one pass, or None if it can."""
+    if get_policy_loss(algo.policy_loss).per_token is None:
+        return f"the policy loss {algo.policy_loss!r} registers no per-token term"
+    for name in ("logprob_impl", "loss_impl"):
+        if getattr(algo, name) in ("reference", "triton"):
+            return f"algo.{name}={getattr(algo, name)} asks for the unfused kernels"
+    if on_policy and algo.rollout_correction != "none":
+        # The correction's weights need every old log-prob first; on-policy they are the pass's own.
+        return f"algo.rollout_correction={algo.rollout_correction} on-policy weighs by the pass's own log-probs"
+    return None
+
+
+def uses_fused_loss(algo: AlgoConfig, on_policy: bool, device: torch.device) -> bool:
+    """`algo.fused_loss` resolved: "never"; "always" (a ConfigError where it cannot apply); "auto":
+    where it applies and `linear_logprob` would take its torch path (no Triton on this device)."""
+    if algo.fused_loss == "never":
+        return False
+    problem = fused_loss_problem(algo, on_policy)
+    if algo.fused_loss == "always":
+        if problem is not None:
+            raise ConfigError(f"algo.fused_loss=always: {problem}")
+        return True
+    torch_path = algo.logprob_impl == "torch" or not (torch.device(device).type == "cuda" and HAS_TRITON)
+    return problem is None and torch_path
 
 
 class UpdateMetrics:
@@ -218,6 +275,8 @@ class Actor:
         self.policy = self._prepare(ResponseLogprobs(model), mesh, sharding)
         self.ref_policy = None if ref is None else self._prepare(ResponseLogprobs(ref), mesh, sharding)
         self.device = next(self.policy.parameters()).device
+        # The LM head and the policy loss in one pass, or linear_logprob then the loss (algo.fused_loss).
+        self.fused_loss = uses_fused_loss(algo, optim.on_policy, self.device)
         # What a rank runs, its loss multiplied by zero, when others have more micro-batches than it.
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.placeholder = MicroBatch.placeholder(pad_id, self.device)
@@ -263,11 +322,13 @@ class Actor:
             ref = None if self.ref_policy is None else of(self.ref_policy, step)
             if mb is not None:
                 fixed.append(FixedLogprobs(old, ref))
-        # The placeholder's loss pass needs reference log-probs when there is a KL term; any of
-        # the right shape do, as its loss is multiplied by zero.
-        ref = None if self.ref_policy is None else torch.zeros_like(self.placeholder.sampler_logprobs)
+        # The placeholder's loss pass needs reference log-probs when there is a KL term, and old
+        # ones off-policy (the fused pass weighs a rollout correction by them before it runs); any
+        # of the right shape do, as its loss is multiplied by zero.
+        zeros = torch.zeros_like(self.placeholder.sampler_logprobs)
+        placeholder = FixedLogprobs(None if on_policy else zeros, None if self.ref_policy is None else zeros)
         in_order = iter(fixed)
-        return [[next(in_order) for _ in mini] for mini in batch.mini_batches], FixedLogprobs(None, ref)
+        return [[next(in_order) for _ in mini] for mini in batch.mini_batches], placeholder
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         oc, algo = self.optim_config, self.algo
@@ -277,7 +338,13 @@ class Actor:
 
         def loss_of(mb: MicroBatch, f: FixedLogprobs):
             return micro_batch_loss(
-                self.policy, mb, algo, f, temperature=batch.temperature, max_response_tokens=batch.max_response_tokens
+                self.policy,
+                mb,
+                algo,
+                f,
+                temperature=batch.temperature,
+                max_response_tokens=batch.max_response_tokens,
+                fused=self.fused_loss,
             )
 
         self.policy.train()

@@ -2,14 +2,16 @@
 
 Computed from the decoder's last hidden states and the LM-head weight by
 `cir.kernels.linear_logprob` (Triton on CUDA, a bounded-memory chunked path on CPU), so the
-[tokens, vocab] logits are never materialised, and only for response positions.
+[tokens, vocab] logits are never materialised, and only for response positions. Given a
+token-separable loss, the same module computes that loss in the LM head's pass instead
+(`cir.kernels.linear_loss`: the gradients during the forward).
 """
 
 from __future__ import annotations
 
 import torch
 
-from cir.kernels import linear_logprob
+from cir.kernels import linear_logprob, linear_loss
 from cir.training.batch import MicroBatch
 
 
@@ -32,7 +34,8 @@ def token_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: b
 
 class ResponseLogprobs(torch.nn.Module):
     """A causal LM whose forward returns the log-probs (and entropies) of a micro-batch's
-    response tokens, [n] fp32 each.
+    response tokens, [n] fp32 each; or, given `token_loss` (a `cir.kernels.linear_loss` loss),
+    (loss, log-probs, entropies) from the fused pass, the log-probs and entropies detached.
 
     This is the module the actor calls, and the one FSDP2 wraps as its root: the fused kernel
     reads the LM-head weight, which is whole only inside the sharded module's forward (outside
@@ -53,6 +56,7 @@ class ResponseLogprobs(torch.nn.Module):
         temperature: float,
         with_entropy: bool,
         impl: str,
+        token_loss=None,
     ):
         decoder, weight = decoder_and_head(self.lm)
         # A packed row comes with position ids that restart at each sequence and no attention
@@ -62,9 +66,11 @@ class ResponseLogprobs(torch.nn.Module):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
+        if token_loss is not None:
+            return linear_loss(rows, weight, targets, token_loss, temperature=temperature, with_entropy=with_entropy)
         return linear_logprob(rows, weight, targets, temperature=temperature, with_entropy=with_entropy, impl=impl)
 
-    def of(self, mb: MicroBatch, *, temperature: float, with_entropy: bool, impl: str = "auto"):
+    def of(self, mb: MicroBatch, *, temperature: float, with_entropy: bool, impl: str = "auto", token_loss=None):
         return self(
             mb.input_ids,
             mb.attention_mask,
@@ -74,4 +80,5 @@ class ResponseLogprobs(torch.nn.Module):
             temperature,
             with_entropy,
             impl,
+            token_loss,
         )
