@@ -106,3 +106,24 @@ def test_a_stuck_engine_ends_the_step_with_a_clear_error(tmp_path, warm_model_di
         t.collector.engine = _StuckEngine(t.engine)
         with pytest.raises(CollectorTimeout, match="run.async_timeout_s"):
             t.step()
+
+
+def test_sandbox_time_overlapped_with_an_update_is_the_union_of_its_snippets():
+    """Two snippets sleeping 0.6 s side by side, an update window from 0.2 s to 0.4 s: the sandbox
+    was busy for the whole window (0.2 s), not twice that."""
+    from cir.sandbox import Sandbox
+    from cir.training.async_collector import _TimedSandbox
+
+    async def scenario(timed):
+        runs = [asyncio.ensure_future(timed.arun("import time; time.sleep(0.6)", timeout_s=5)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        timed.window_opens()
+        await asyncio.sleep(0.2)
+        timed.window_closes()
+        return await asyncio.gather(*runs)
+
+    with Sandbox(workers=2, timeout_s=5) as sandbox:
+        timed = _TimedSandbox(sandbox)
+        results = asyncio.run(scenario(timed))
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert timed.overlap_s == pytest.approx(0.2, abs=0.05)

@@ -28,7 +28,8 @@ goes up, the engine resumes and the gate opens. Trajectories that were cut conti
 segment with a new request under the new weights (`cir.rollout.loop`); each token keeps the
 version it was sampled under (`Trajectory.versions`) and its sampler log-prob, which the loss
 takes as the behaviour policy. Snippets already running in the sandbox go on during the update
-(their output is waiting at resume): ``async/sandbox_overlap_s`` measures that time.
+(their output is waiting at resume): ``async/sandbox_overlap_s`` is the time of the update
+during which the sandbox held a snippet (running or queued; summed over ranks).
 
 Every wait has a timeout (`run.async_timeout_s`): a stuck engine or sandbox ends the run with an
 error naming what waited, not a hang.
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,43 +81,48 @@ class _Group:
 
 
 class _TimedSandbox:
-    """The sandbox as the rollout sees it, timing each execution against the update windows:
-    the seconds snippets ran while the actor was updating (`overlap_s`)."""
+    """The sandbox as the rollout sees it, timing its executions against the update windows:
+    `overlap_s` is the wall time, within the windows, during which at least one snippet was in
+    the sandbox (running or queued for a worker): the sandbox's work the update hid."""
 
     def __init__(self, sandbox):
         self._sandbox = sandbox
         self._lock = threading.Lock()
-        self._running: dict[int, float] = {}  # execution number -> start time
-        self._numbers = itertools.count()
-        self._window_start: float | None = None
+        self._in_flight = 0
+        self._window_open = False
+        self._last = time.perf_counter()
         self.overlap_s = 0.0
 
     def __getattr__(self, name):
         return getattr(self._sandbox, name)
 
+    def _advance(self) -> None:
+        """Count the time since the last event if it was overlapped (under the lock)."""
+        now = time.perf_counter()
+        if self._window_open and self._in_flight:
+            self.overlap_s += now - self._last
+        self._last = now
+
     async def arun(self, code, **kwargs):
-        key, start = next(self._numbers), time.perf_counter()
         with self._lock:
-            self._running[key] = start
+            self._advance()
+            self._in_flight += 1
         try:
             return await self._sandbox.arun(code, **kwargs)
         finally:
-            end = time.perf_counter()
             with self._lock:
-                del self._running[key]
-                if self._window_start is not None:
-                    self.overlap_s += end - max(start, self._window_start)
+                self._advance()
+                self._in_flight -= 1
 
     def window_opens(self) -> None:
         with self._lock:
-            self._window_start = time.perf_counter()
+            self._advance()
+            self._window_open = True
 
     def window_closes(self) -> None:
         with self._lock:
-            now = time.perf_counter()
-            if self._window_start is not None:
-                self.overlap_s += sum(now - max(s, self._window_start) for s in self._running.values())
-            self._window_start = None
+            self._advance()
+            self._window_open = False
 
 
 class AsyncCollector(SyncCollector):
