@@ -17,7 +17,15 @@ import cir
 # Bottom to top, as the README's Architecture section shows them. A module may import modules
 # of its own layer and of the layers below.
 LAYERS: list[tuple[str, ...]] = [
-    ("cir.config_loader", "cir.trajectory", "cir.distributed", "cir.tokenization", "cir.sandbox", "cir.kernels"),
+    (
+        "cir.lazy",
+        "cir.config_loader",
+        "cir.trajectory",
+        "cir.distributed",
+        "cir.tokenization",
+        "cir.sandbox",
+        "cir.kernels",
+    ),
     ("cir.data", "cir.prompts", "cir.models", "cir.engines", "cir.rewards"),
     ("cir.rollout",),
     ("cir.algorithms",),

@@ -9,25 +9,16 @@ the settings load without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cir.lazy import lazy_attributes
 
 _LAZY_NAMES = {"EvalResult": "run", "evaluate": "run", "evaluate_sharded": "run", "EvalConfig": "config"}
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_sharded"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups find it without coming back here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES)
 
 
 if TYPE_CHECKING:
