@@ -45,6 +45,11 @@ def main() -> None:
     report["sum_after_close"] = all_reduce_sum(ctx.rank + 1, ctx.device)
     with open(f"{sys.argv[1]}.{ctx.rank}", "w") as f:
         json.dump(report, f)
+    # Both ranks leave the process group together before the interpreter exits: a rank that tears
+    # it down while the other still uses it can abort ("terminate called without an active
+    # exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
