@@ -396,3 +396,45 @@ def test_the_ratio_is_taken_against_the_sampler_when_the_batch_says_so(tok):
     clipped = m_far["actor/clipfrac_upper"] + m_far.get("actor/clipfrac_lower", 0.0)
     assert m_cur["actor/clipfrac_upper"] == 0 and clipped > 0.1, m_far
     assert any(not torch.equal(w_far[k], w_cur[k]) for k in w_cur)
+
+
+def test_decoupled_ppo_clips_against_the_recomputed_policy_and_weighs_by_the_sampler_ratio(tok):
+    """`TrainBatch.behaviour="decoupled"` (`algo.off_policy_loss=decoupled`): the PPO ratio is taken
+    against the proximal policy, recomputed as the update starts, so a sampler far from it clips
+    nothing; the proximal/sampler ratio weighs each token, truncated at the cap. The sampler
+    thought every token 3x less likely than the policy does: every weight is 3 truncated to 2, so
+    the gradient is twice the on-policy one; a sampler equal to the policy gives the on-policy
+    update."""
+    optim = OptimConfig(lr=1e-2, mini_batches=1)
+    plain = AlgoConfig(logprob_impl="torch", loss_impl="torch")
+    corrected = dataclasses.replace(plain, rollout_correction="token_tis", rollout_correction_cap=2.0)
+    batch = _batch(tok, 1, mini_batches=1)
+    probe = Actor(_model(tok), tok, optim, plain, total_optimizer_steps=1)
+    with torch.no_grad():
+        own = [probe.policy.of(mb, temperature=1.0, with_entropy=False, impl="torch")[0] for mb in batch.micro_batches]
+
+    def sampled(shift: float, behaviour: str):
+        minis = [[dataclasses.replace(mb, sampler_logprobs=lp + shift) for mb, lp in zip(batch.micro_batches, own)]]
+        return dataclasses.replace(batch, mini_batches=minis, behaviour=behaviour)
+
+    runs = {}
+    for name, algo, b in (
+        ("current", plain, batch),
+        ("decoupled, same", corrected, sampled(0.0, "decoupled")),
+        ("decoupled, far", corrected, sampled(-1.0986122886681098, "decoupled")),  # log(1/3)
+        ("sampler, far", plain, sampled(-1.0986122886681098, "sampler")),
+    ):
+        actor = Actor(_model(tok), tok, optim, algo, total_optimizer_steps=1)
+        runs[name] = (actor.update(b), _weights(actor))
+    m_cur, w_cur = runs["current"]
+    m_same, w_same = runs["decoupled, same"]
+    m_far, _ = runs["decoupled, far"]
+    m_plain_far, _ = runs["sampler, far"]
+    assert m_cur["actor/grad_norm"] > 0
+    assert m_same["actor/rollout_correction_weight"] == pytest.approx(1.0, abs=1e-5)
+    for k in w_cur:
+        torch.testing.assert_close(w_same[k], w_cur[k], rtol=0, atol=1e-6, msg=k)
+    assert m_far["actor/rollout_correction_weight"] == pytest.approx(2.0, rel=1e-5)
+    assert m_far["actor/grad_norm"] == pytest.approx(2 * m_cur["actor/grad_norm"], rel=1e-4)
+    clipped = lambda m: m.get("actor/clipfrac_upper", 0.0) + m.get("actor/clipfrac_lower", 0.0)  # noqa: E731
+    assert clipped(m_far) == 0 and clipped(m_plain_far) > 0.1, (m_far, m_plain_far)

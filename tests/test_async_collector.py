@@ -41,22 +41,36 @@ def _weights(model):
 def test_staleness_zero_trains_what_the_synchronous_trainer_trains(tmp_path, warm_model_dir):
     """S=0: the same samples (same seeds, same weights at each step), so the same weights to float
     tolerance (the async loss takes the ratio against the sampler's log-probs, the synchronous one
-    against the trainer's: equal up to the engine/trainer rounding gap)."""
+    against the trainer's: equal up to the engine/trainer rounding gap). Decoupled PPO too: its
+    proximal policy is the sampler's, so every truncated sampler ratio is 1."""
     runs = {}
-    for name, extra in (("sync", []), ("async", ["run.collector=async", "run.max_staleness=0"])):
+    async_s0 = ["run.collector=async", "run.max_staleness=0"]
+    for name, extra in (
+        ("sync", []),
+        ("async", async_s0),
+        ("decoupled", [*async_s0, "algo.off_policy_loss=decoupled"]),
+    ):
         with Trainer(_cfg(tmp_path / name, warm_model_dir, "run.steps=3", *extra)) as t:
             w0 = _weights(t.actor.model)
             t.fit()
             runs[name] = _weights(t.actor.model)
     assert any(not torch.equal(w0[k], runs["sync"][k]) for k in w0), "training did not change the weights"
-    for k in w0:
-        torch.testing.assert_close(runs["async"][k], runs["sync"][k], atol=2e-5, rtol=1e-4, msg=k)
     sync_rows = read_metrics(tmp_path / "sync" / "metrics.jsonl")
-    async_rows = read_metrics(tmp_path / "async" / "metrics.jsonl")
-    for a, b in zip(sync_rows, async_rows):
-        # The same trajectories: the same rewards and tool calls at every step.
-        assert a["reward/mean"] == b["reward/mean"] and a["tool/calls_per_traj"] == b["tool/calls_per_traj"]
-        assert b["async/staleness_max"] == 0 and b["async/groups_carried"] == 0
+    # The synchronous collector says how busy the engine was while it collected.
+    assert all(0 < r["engine/rollout_busy_share"] <= 1 for r in sync_rows), sync_rows
+    for name in ("async", "decoupled"):
+        for k in w0:
+            torch.testing.assert_close(runs[name][k], runs["sync"][k], atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
+        async_rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        assert len(async_rows) == len(sync_rows) == 3
+        for a, b in zip(sync_rows, async_rows):
+            # The same trajectories: the same rewards and tool calls at every step.
+            assert a["reward/mean"] == b["reward/mean"] and a["tool/calls_per_traj"] == b["tool/calls_per_traj"]
+            assert b["async/staleness_max"] == 0 and b["async/groups_carried"] == 0
+            if name == "decoupled":  # the truncated sampler ratio weighs the loss, and is 1 here
+                assert b["actor/rollout_correction_weight"] == pytest.approx(1.0, abs=1e-3), b
+            else:
+                assert "actor/rollout_correction_weight" not in b
 
 
 def test_staleness_bound_holds_and_survives_resume(tmp_path, warm_model_dir):

@@ -106,3 +106,20 @@ def test_train_with_vllm_then_evaluate_the_checkpoint_with_vllm(tmp_path):
     assert len(samples) == 8
     results = json.loads((out / "results.json").read_text())
     assert "sums" in json.dumps(results)
+
+
+def test_asynchronous_training_with_vllm_keeps_the_staleness_bound(tmp_path):
+    """`run.collector=async` on vLLM: the engine is paused (requests in flight return what they
+    sampled), takes the new weights and resumes them, step after step. With S=1 the second step
+    trains the first step's leftovers, sampled under the first weights (one version old); no
+    token is older than that."""
+    run = tmp_path / "run"
+    opts = ["run.collector=async", "run.max_staleness=1", "run.steps=3", "run.eval_at_start=false", "data.eval=[]"]
+    _run(["train", *TRAIN, *opts, f"run.out_dir={run}"], tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "async/staleness_max" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["data/trajectories_trained"] == 16 for r in steps), steps
+    assert all(r["async/staleness_max"] <= 1 and r["async/over_bound_groups"] == 0 for r in steps), steps
+    assert steps[1]["async/staleness_max"] == 1 and steps[1]["async/stale_token_share"] > 0
+    assert all(r["async/groups_carried"] == 4 for r in steps), steps

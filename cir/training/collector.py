@@ -104,6 +104,20 @@ class SyncCollector:
     # -- collect -------------------------------------------------------------------------------
 
     def collect(self, step: int, stage) -> Collected:
+        """This rank's samples of the step (`_collect`), with the engine's busy share over the
+        collection: the share of its wall time the engine spent in forward passes, averaged over
+        ranks (`engine/rollout_busy_share`). Near 1, generation is the bottleneck and the
+        asynchronous collector has little idle time to fill; well below 1, the step waits on
+        the sandbox or a long tail, which it can hide."""
+        before = self.engine.activity()
+        collected = self._collect(step, stage)
+        spent = self.engine.activity() - before
+        busy = spent.busy_s / spent.wall_s if spent.wall_s > 0 else 0.0
+        share = self.dist.mean_metrics({"engine/rollout_busy_share": busy})
+        collected.metrics = {**(collected.metrics or {}), **share}
+        return collected
+
+    def _collect(self, step: int, stage) -> Collected:
         """Roll out this rank's share of the step's problems and score them. With dynamic
         sampling, groups whose rewards are all equal are dropped and the batch is refilled from
         the next problems, for at most `algo.max_refill_rounds` more rounds; then the step keeps
