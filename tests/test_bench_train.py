@@ -3,17 +3,29 @@ one timed step of a tiny batch)."""
 
 import json
 
+import pytest
+
 from cir.cli import main
 
 
 def test_both_collectors_are_measured_side_by_side(tmp_path, warm_model_dir, capsys):
     out = tmp_path / "bench.json"
     args = ["bench", "train", "--workload", "long-tail", "--model", str(warm_model_dir), "--steps", "1"]
-    assert main([*args, "--prompts", "2", "--samples", "2", "--json", str(out)]) == 0
+    # --set reaches both modes' trainers (and wins over the workload's own 320-token limit).
+    short = ["--set", "rollout.max_response_tokens=24"]
+    assert main([*args, "--prompts", "2", "--samples", "2", *short, "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| long-tail | sync |" in table and "| long-tail | async |" in table, table
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["sync", "async"]
     for r in rows:
         assert r["steps_per_min"] > 0 and r["trained_trajectories_per_step"] == 4, r
+        assert 0 < r["trained_tokens_per_step"] <= 4 * 24, r
     assert rows[1]["staleness_max"] <= 1
+
+
+def test_a_bad_override_ends_the_command_before_any_work(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "train", "--set", "optim.nope=1", "--workload", "long-tail"])
+    assert stop.value.code == 2
+    assert "--set: unknown config key(s) optim.nope" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
     steps = {s["name"]: s for s in summary["steps"]}
     assert proc.returncode == 0, (proc.stdout[-3000:], {n: (s["status"], s["errors"]) for n, s in steps.items()})
     assert summary["mode"] == "cpu" and summary["ok"] and summary["total_s"] < summary["budget_s"] == 120
-    assert list(steps) == ["environment", "install", "gpu tests", "cpu torchrun tests", "kernels", "step", "train"]
+    assert list(steps) == [
+        "environment", "install", "gpu tests", "cpu torchrun tests", "kernels", "step", "train", "async"
+    ]  # fmt: skip
     assert steps["install"]["status"] == "skipped" and all(
         s["status"] == "ok" for n, s in steps.items() if n != "install"
     )
@@ -42,10 +44,13 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
     assert set(step["phase_shares"]) >= {"forward", "backward", "optimizer"}
     train = steps["train"]["figures"]
     assert train["device"] == "cpu" and train["steps_logged"] == 2 and "reward/mean" in train
+    both = steps["async"]["figures"]  # the collectors' long-tail benchmark, side by side
+    assert both["device"] == "cpu" and both["async_over_sync"] > 0 and both["sync_steps_per_min"] > 0
+    assert both["model_parameters_m"] > 0 and both["staleness_max"] <= 1
     # The GPU targets are listed, not judged, on a CPU; what the image cannot measure is named.
     assert set(summary["targets"]) and all(t["result"] == "not applicable (CPU)" for t in summary["targets"].values())
     assert any("sleep level 1" in k for k in summary["unmeasured"])
     md = (out / "summary.md").read_text()
     assert "| kernels | ok |" in md and "## Targets" in md and "## Not measured here" in md
-    assert (out / "kernels.json").exists() and (out / "step.json").exists() and (out / "log.txt").exists()
+    assert all((out / name).exists() for name in ("kernels.json", "step.json", "async.json", "log.txt"))
     assert not (tmp_path / "unused").exists()  # --out wins over $OUT

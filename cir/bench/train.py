@@ -76,6 +76,23 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--demo-model", type=Path, default=None, metavar="DIR", help="a warm-started demo model to use instead"
     )
     parser.add_argument("--hidden-size", type=int, default=64, help="long-tail model's width (default 64, the demo's)")
+    parser.add_argument("--layers", type=int, default=2, help="long-tail model's decoder layers (default 2)")
+    parser.add_argument(
+        "--warmup-lr", type=float, default=3e-3, help="long-tail model's warm start learning rate (default 3e-3)"
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda, for the warm start and the runs (default: the trainer's, run.device)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training config override for both modes (repeatable), e.g. --set optim.lr=1e-5",
+    )
     parser.add_argument(
         "--model", type=Path, default=None, metavar="DIR", help="the long-tail model saved by an earlier --save-model"
     )
@@ -86,23 +103,28 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the results here")
 
 
-def _long_tail_model(out: Path, steps: int, hidden: int, seed: int, log) -> Path:
-    """The demo's tiny model warm-started on long-tail traces, saved as a folder for model.path."""
+def _long_tail_model(out: Path, args, log) -> tuple[Path, int]:
+    """The demo's model (`--hidden-size`, `--layers`) warm-started on long-tail traces on
+    `--device`, saved as a folder for model.path; and its parameter count."""
     import torch
 
     from cir.rollout import RolloutConfig
     from cir.tasks import demo
 
+    seed, hidden, steps = args.seed, args.hidden_size, args.warmup_steps
     torch.manual_seed(seed)
     tok = demo.demo_tokenizer()
-    model = demo.demo_model(tok, hidden_size=hidden, num_layers=2, num_heads=max(1, hidden // 32), seed=seed)
+    model = demo.demo_model(tok, hidden_size=hidden, num_layers=args.layers, num_heads=max(1, hidden // 32), seed=seed)
+    model.to(args.device or "cpu")
+    params = sum(p.numel() for p in model.parameters())
+    log(f"long-tail model: {params / 1e6:.2f}M parameters, {args.layers} layers of width {hidden}")
     rng = random.Random(seed + 1)
     info = demo.warm_start(
         model,
         tok,
         steps=steps,
         batch_size=16,
-        lr=3e-3,
+        lr=args.warmup_lr,
         tool_share={"hard": 0.8, "easy": 0.8},
         easy_share=demo.DemoConfig.easy_share,
         feedback_template=RolloutConfig().feedback_template,
@@ -112,9 +134,9 @@ def _long_tail_model(out: Path, steps: int, hidden: int, seed: int, log) -> Path
         make_trace=latency_traces(rng, code=_long_tail_code),
     )
     log(f"long-tail model: {steps} warm-start steps, loss {info['warmup/loss']:.3f} ({info['warmup/seconds']:.0f} s)")
-    model.save_pretrained(out)
+    model.to("cpu").save_pretrained(out)
     tok.save_pretrained(out)
-    return out
+    return out, params
 
 
 def _demo_model(out: Path, steps: int, seed: int, log) -> Path:
@@ -132,6 +154,11 @@ def _demo_model(out: Path, steps: int, seed: int, log) -> Path:
 
 
 def _overrides(workload: str, model_dir: Path | None, args) -> list[str]:
+    """The trainer's settings for `workload`, then the user's `--set` overrides (which win)."""
+    return [*_workload_overrides(workload, model_dir, args), *args.extra]
+
+
+def _workload_overrides(workload: str, model_dir: Path | None, args) -> list[str]:
     common = [
         f"algo.prompts_per_step={args.prompts}",
         f"algo.group_size={args.samples}",
@@ -144,6 +171,7 @@ def _overrides(workload: str, model_dir: Path | None, args) -> list[str]:
         "run.tensorboard=false",
         "run.plot=false",
         "schedule=[]",
+        *([f"run.device={args.device}"] if args.device else []),
     ]
     if workload == "demo":
         return [*common, f"model.path={model_dir}", "data.prompt=demo"]
@@ -215,14 +243,15 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"cir bench train: --workload {w!r}: choose from {', '.join(WORKLOADS)}")
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("cir bench train: --steps and --repeats must be >= 1")
+    _check_overrides(args.extra)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cir-bench-train-") as tmp:
         tmp = Path(tmp)
-        model_dir = None
+        model_dir, params = None, None
         if "long-tail" in workloads:
-            model_dir = args.model or _long_tail_model(
-                args.save_model or tmp / "long-tail-model", args.warmup_steps, args.hidden_size, args.seed, log
-            )
+            model_dir = args.model
+            if model_dir is None:
+                model_dir, params = _long_tail_model(args.save_model or tmp / "long-tail-model", args, log)
         for workload in workloads:
             if workload == "demo":
                 model_dir = args.demo_model or _demo_model(tmp / "demo-model", args.demo_warmup_steps, args.seed, log)
@@ -234,8 +263,22 @@ def run(args: argparse.Namespace) -> int:
     table = _table(rows, modes, workloads)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "table": table}, indent=2))
+        report = {"rows": rows, "table": table, "long_tail_model_parameters": params}
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _check_overrides(extra: list[str]) -> None:
+    """`--set` overrides that the config would refuse end the command now, before the minutes of
+    a warm start, naming the key or value (exit 2)."""
+    from cir.config_loader import ConfigError
+    from cir.training.config import load_train_config
+
+    try:
+        load_train_config(None, list(extra))
+    except ConfigError as error:
+        print(f"cir bench train: --set: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _median(values):
