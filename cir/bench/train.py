@@ -82,8 +82,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device",
+        choices=("cpu", "cuda"),
         default=None,
-        help="cpu or cuda, for the warm start and the runs (default: the trainer's, run.device)",
+        help="where the warm start and the runs compute (default: the trainer's run.device)",
     )
     parser.add_argument(
         "--set",
@@ -243,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"cir bench train: --workload {w!r}: choose from {', '.join(WORKLOADS)}")
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("cir bench train: --steps and --repeats must be >= 1")
+    if args.layers < 1 or args.hidden_size < 1 or args.warmup_steps < 1 or not args.warmup_lr > 0:
+        raise SystemExit("cir bench train: --layers, --hidden-size and --warmup-steps must be >= 1, --warmup-lr > 0")
     _check_overrides(args.extra)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cir-bench-train-") as tmp:
