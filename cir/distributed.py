@@ -59,6 +59,12 @@ class DistributedContext:
             return [float(v) for v in values]
         return self.all_reduce_sum(torch.tensor(list(values), dtype=torch.float64)).tolist()
 
+    def counts_by_rank(self, counts: Sequence[int]) -> list[list[int]]:
+        """Every rank's `counts` (the same length on each), rows in rank order, in one reduction."""
+        grid = torch.zeros(self.world_size, len(counts), dtype=torch.float64)
+        grid[self.rank] = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+        return self.all_reduce_sum(grid).long().tolist()
+
     def max_int(self, value: int) -> int:
         """The largest `value` over ranks."""
         if self.world_size == 1:

@@ -40,6 +40,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# The demo at test size, for trainer runs in one process: few problems, a small batch, short
+# responses, no held-out evaluation between steps, one thread, no progress bar or plots.
+SMALL_DEMO_RUN = [
+    "demo.eval_problems=24",
+    "demo.train_problems=400",
+    "algo.prompts_per_step=4",
+    "algo.group_size=4",
+    "run.eval_every=0",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.plot=false",
+    "run.threads=1",
+    "sandbox.workers=2",
+    "schedule=[]",
+    "rollout.max_response_tokens=96",
+]
+
+
 def save_warm_demo_model(out, *, num_heads: int, steps: int, batch_size: int, lr: float, tool_share: float):
     """Build the demo's tiny model (seed 0), warm-start it on mixed traces (`tool_share` of them
     call the interpreter) and save it, with its tokenizer, as a Hugging Face folder at `out`."""

@@ -5,29 +5,14 @@ import asyncio
 
 import pytest
 import torch
+from conftest import SMALL_DEMO_RUN
 
 from cir.metrics import read_metrics
 from cir.training.async_collector import CollectorTimeout
 from cir.training.config import load_train_config
 from cir.training.trainer import Trainer
 
-FAST = [
-    "demo.eval_problems=24",
-    "demo.train_problems=400",
-    "algo.prompts_per_step=4",
-    "algo.group_size=4",
-    "run.eval_every=0",
-    "run.progress=false",
-    "run.tensorboard=false",
-    "run.plot=false",
-    "run.threads=1",
-    "sandbox.workers=2",
-    "schedule=[]",
-    "rollout.max_response_tokens=96",
-    "run.eval_at_start=false",
-    "data.eval=[]",
-    "data.prompt=demo",
-]
+FAST = [*SMALL_DEMO_RUN, "run.eval_at_start=false", "data.eval=[]", "data.prompt=demo"]
 
 
 def _cfg(out, warm, *extra):

@@ -30,6 +30,7 @@ def test_world_of_one_reductions_equal_the_plain_computation():
     total, mean, var = dist.weighted_mean_var(x, torch.zeros_like(w))
     assert (float(total), float(mean), float(var)) == (0.0, 0.0, 0.0)
     assert dist.mean_metrics({"a": 1.25, "b": -2.0}, weight=7) == {"a": 1.25, "b": -2.0}
+    assert dist.counts_by_rank([3, 0, 7]) == [[3, 0, 7]]
 
 
 def test_reinforce_pp_whitening_is_the_token_weighted_formula():
@@ -75,6 +76,8 @@ print(f"rank {dist.rank} backend {torch.distributed.get_backend()} device {dist.
 # Uneven and nested, as a held-out evaluation's rows are: rank r sends r + 1 rows.
 got = dist.gather_to_main([{"rank": dist.rank, "row": i} for i in range(dist.rank + 1)])
 print(f"rank {dist.rank} got " + json.dumps(got), flush=True)
+# Every rank learns every rank's counts, rows in rank order.
+print(f"rank {dist.rank} counts " + json.dumps(dist.counts_by_rank([dist.rank + 1, 10 * dist.rank])), flush=True)
 # Both ranks done before either tears the group down (a rank leaving while the other is still in a
 # collective aborts the process).
 torch.distributed.barrier()
@@ -82,7 +85,7 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_gather_to_main_brings_every_rank_object_to_rank_0_in_rank_order(tmp_path):
+def test_gather_to_main_and_counts_by_rank_across_two_ranks(tmp_path):
     assert DistributedContext().gather_to_main({"a": 1}) == [{"a": 1}]
     script = tmp_path / "gather.py"
     script.write_text(textwrap.dedent(GATHER_SCRIPT))
@@ -92,6 +95,7 @@ def test_gather_to_main_brings_every_rank_object_to_rank_0_in_rank_order(tmp_pat
     expected = [[{"rank": 0, "row": 0}], [{"rank": 1, "row": 0}, {"rank": 1, "row": 1}]]
     assert f"rank 0 got {json.dumps(expected)}" in proc.stdout, proc.stdout
     assert "rank 1 got null" in proc.stdout, proc.stdout
+    assert "rank 0 counts [[1, 0], [2, 10]]" in proc.stdout and "rank 1 counts [[1, 0], [2, 10]]" in proc.stdout
     assert "rank 0 backend gloo device cpu" in proc.stdout and "rank 1 backend gloo device cpu" in proc.stdout
 
 

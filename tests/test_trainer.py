@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from conftest import SMALL_DEMO_RUN
 from safetensors.torch import load_file
 
 from cir.cli import main
@@ -13,22 +14,7 @@ from cir.training.config import load_train_config
 from cir.training.trainer import Trainer
 
 # A small, fast version of the demo (its 2-layer 64-wide model, a short warm start).
-FAST = [
-    "demo.warmup_steps=40",
-    "demo.warmup_batch=32",
-    "demo.eval_problems=24",
-    "demo.train_problems=400",
-    "algo.prompts_per_step=4",
-    "algo.group_size=4",
-    "run.eval_every=0",
-    "run.progress=false",
-    "run.tensorboard=false",
-    "run.plot=false",
-    "run.threads=1",
-    "sandbox.workers=2",
-    "schedule=[]",
-    "rollout.max_response_tokens=96",
-]
+FAST = ["demo.warmup_steps=40", "demo.warmup_batch=32", *SMALL_DEMO_RUN]
 
 
 def _cfg(tmp_path, *extra):

@@ -316,9 +316,9 @@ def _make_runs(
 # Schedules
 
 
-async def _drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
-    """Run one trajectory to its end. `gate`: awaited before each generate call (an asynchronous
-    collector holds new requests there while it updates the weights)."""
+async def drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
+    """Run one trajectory (one of `trajectory_runs`) to its end. `gate`: awaited before each
+    generate call (an asynchronous collector holds new requests there while it updates the weights)."""
     try:
         while not run.done:
             if gate is not None:
@@ -348,11 +348,6 @@ def trajectory_runs(
     return _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions, version)
 
 
-async def drive(engine, sandbox, run: _TrajectoryRun, gate: Callable[[], Awaitable] | None = None) -> Trajectory:
-    """Run one of `trajectory_runs` to its end, awaiting `gate()` before each generate call."""
-    return await _drive(engine, sandbox, run, gate)
-
-
 async def rollout_one(
     engine,
     sandbox,
@@ -365,7 +360,7 @@ async def rollout_one(
     """Generate one trajectory: generate -> (closed python block? run it, append the output,
     go on) until EOS, the length limit or the budget stop."""
     (run,) = _make_runs(engine, [prompt_ids], config, None if seed is None else [seed], [problem_id], None)
-    return await _drive(engine, sandbox, run)
+    return await drive(engine, sandbox, run)
 
 
 async def rollout_async(
@@ -387,7 +382,7 @@ async def rollout_async(
     runs = _make_runs(engine, prompts, config, seeds, problem_ids, groups, positions)
 
     async def one(run: _TrajectoryRun) -> Trajectory:
-        trajectory = await _drive(engine, sandbox, run)
+        trajectory = await drive(engine, sandbox, run)
         _report(progress, trajectory)
         return trajectory
 

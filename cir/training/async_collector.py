@@ -49,8 +49,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from cir.data import Problem
 from cir.prompts import prompt_token_ids
 from cir.rewards import score_trajectories
@@ -327,10 +325,8 @@ class AsyncCollector(SyncCollector):
 
     def _global_offset(self, count: int) -> int:
         """How many groups ranks before this one train this step (their samples come first)."""
-        grid = torch.zeros(self.dist.world_size, dtype=torch.float64)
-        grid[self.dist.rank] = count
-        counts = self.dist.all_reduce_sum(grid).long().tolist()
-        return sum(counts[: self.dist.rank])
+        counts = self.dist.counts_by_rank([count])
+        return sum(row[0] for row in counts[: self.dist.rank])
 
     def _forget_blocks(self) -> None:
         keep = {g // self.B for g in self.groups} | {g // self.B for g in self._todo}

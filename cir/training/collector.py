@@ -166,9 +166,7 @@ class SyncCollector:
         """This rank's share of the step's informative groups per refill round, and where they go
         in the global list (see `cir.algorithms.groups_to_keep`); every rank's counts come from one
         sum over ranks."""
-        grid = torch.zeros(self.dist.world_size, len(my_counts), dtype=torch.float64)
-        grid[self.dist.rank] = torch.tensor(my_counts, dtype=torch.float64)
-        counts = self.dist.all_reduce_sum(grid).long().tolist()
+        counts = self.dist.counts_by_rank(my_counts)
         return groups_to_keep(counts, self.cfg.algo.prompts_per_step, self.dist.rank)
 
     def rollout_problems(self, problems: list[Problem], stage, *, step: int, salt: int = 0) -> list[Trajectory]:
